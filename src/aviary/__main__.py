@@ -1,0 +1,5 @@
+import sys
+
+from aviary.cli import main
+
+sys.exit(main())

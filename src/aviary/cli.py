@@ -1,0 +1,46 @@
+"""The `aviary` command. One verb per user intent; `--help` comes from the same table that dispatches.
+
+Each verb lives in `aviary/commands/<verb>.py` and defines `HELP` (one line), `add_arguments(parser)`
+and `run(args) -> int`. Command modules import heavy dependencies (torch, ...) inside `run`, so
+`aviary --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, str] = {
+    "info": "aviary.commands.info",
+    "convert": "aviary.commands.convert",
+    "tokenize": "aviary.commands.tokenize",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aviary", description="RWKV-4/5/6/7: load official checkpoints, inspect, convert, tokenize.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, OSError) as e:  # user errors: one clear line, no traceback
+        print(f"aviary {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

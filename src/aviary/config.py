@@ -1,0 +1,129 @@
+"""Model configuration: a frozen dataclass, inferred from a checkpoint's keys and shapes.
+
+`infer_config` is the one place that knows how to read an official (BlinkDL key names) state dict
+and say which RWKV generation it is and how big every part is. Detection follows the rule in the
+reference doc (section 7.2): v7 keys (`att.r_k`) first, then v6 (`time_maa`), then v5 (`ln_x`), else v4.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["ModelConfig", "ConfigError", "infer_config"]
+
+VERSIONS = (4, 5, 6, 7)
+
+
+class ConfigError(ValueError):
+    """A state dict whose keys or shapes do not describe a supported RWKV model."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every size a model needs. LoRA ranks that a version lacks are 0.
+
+    version:    4, 5 (5.2 "Eagle"), 6 ("Finch") or 7 ("Goose")
+    n_layer:    number of blocks L
+    n_embd:     model width C
+    vocab_size: V (rows of emb.weight; 65536 for World models)
+    dim_ffn:    channel-mix hidden width F
+    head_size:  N, channels per head (v5-v7; C for v4, which has no heads)
+    rank_mix, rank_decay:            v6 LoRA ranks of time_maa_w1 / time_decay_w1
+    rank_w, rank_a, rank_v, rank_g:  v7 LoRA ranks of w1 / a1 / v1 / g1
+    """
+
+    version: int
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    dim_ffn: int
+    head_size: int = 64
+    rank_mix: int = 0
+    rank_decay: int = 0
+    rank_w: int = 0
+    rank_a: int = 0
+    rank_v: int = 0
+    rank_g: int = 0
+
+    def __post_init__(self) -> None:
+        if self.version not in VERSIONS:
+            raise ConfigError(f"version must be one of {VERSIONS}, got {self.version}")
+        for name in ("n_layer", "n_embd", "vocab_size", "dim_ffn", "head_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.head_size:
+            raise ConfigError(f"n_embd={self.n_embd} is not a multiple of head_size={self.head_size}")
+
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // self.head_size
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise ConfigError(f"missing tensor '{key}'")
+    return tuple(sd[key].shape)
+
+
+def detect_version(sd: Mapping[str, torch.Tensor]) -> int:
+    """Which RWKV generation an official-named state dict belongs to (reference doc section 7.2)."""
+    if "emb.weight" not in sd or not any(_BLOCK.match(k) for k in sd):
+        raise ConfigError(
+            "unknown key layout: expected official RWKV names ('emb.weight', 'blocks.0.att...'); "
+            f"first keys are {sorted(sd)[:5]}"
+        )
+    if "blocks.0.att.r_k" in sd or "blocks.0.att.k_k" in sd:
+        return 7
+    if any("time_maa" in k for k in sd):
+        return 6
+    if any(".ln_x." in k for k in sd):
+        decay = sd.get("blocks.0.att.time_decay")
+        if "blocks.0.att.gate.weight" in sd and decay is not None and decay.dim() == 2 and decay.shape[1] > 1:
+            return 5
+        raise ConfigError("RWKV-5.0/5.1 checkpoints (per-head decay) are not supported; only 5.2 (Eagle)")
+    if "blocks.0.att.time_first" in sd:
+        return 4
+    raise ConfigError(f"unknown key layout: cannot tell the RWKV version from keys {sorted(sd)[:8]}")
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """Read version and every size from an official-named state dict. Raises ConfigError."""
+    version = detect_version(sd)
+    vocab_size, n_embd = _shape(sd, "emb.weight")
+    n_layer = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK.match(k)))
+    dim_ffn = _shape(sd, "blocks.0.ffn.key.weight")[0]
+    fields: dict[str, int] = {}
+    if version == 4:
+        fields["head_size"] = n_embd
+    elif version in (5, 6):
+        n_head, head_size = _shape(sd, "blocks.0.att.time_faaaa")
+        fields["head_size"] = head_size
+        if n_head * head_size != n_embd:
+            raise ConfigError(f"time_faaaa shape {(n_head, head_size)} does not match n_embd={n_embd}")
+    else:
+        n_head, head_size = _shape(sd, "blocks.0.att.r_k")
+        fields["head_size"] = head_size
+        if n_head * head_size != n_embd:
+            raise ConfigError(f"r_k shape {(n_head, head_size)} does not match n_embd={n_embd}")
+    if version == 6:
+        fields["rank_mix"] = _shape(sd, "blocks.0.att.time_maa_w2")[1]
+        fields["rank_decay"] = _shape(sd, "blocks.0.att.time_decay_w1")[1]
+    if version == 7:
+        fields["rank_w"] = _shape(sd, "blocks.0.att.w1")[1]
+        fields["rank_a"] = _shape(sd, "blocks.0.att.a1")[1]
+        fields["rank_g"] = _shape(sd, "blocks.0.att.g1")[1]
+        # layer 0's v1 exists in official files but is unused; read the rank from layer 1 when there is one
+        v1 = "blocks.1.att.v1" if n_layer > 1 else "blocks.0.att.v1"
+        fields["rank_v"] = _shape(sd, v1)[1]
+    return ModelConfig(version=version, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size,
+                       dim_ffn=dim_ffn, **fields)

@@ -1,0 +1,84 @@
+"""RWKV-5/6 WKV: gated linear attention with a bonus on the current token.
+
+Per head, with a matrix state S in R^{K x V} (key index rows, value index columns):
+
+    y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T)      # reads the state before the update
+    S_t = diag(w_t) S_{t-1} + k_t v_t^T             # the decay acts along the key index
+
+w_t = exp(logw_t) in (0, 1) is constant over time in RWKV-5 and data-dependent in RWKV-6.
+Same contract as fla's `fused_recurrent_rwkv6` / `chunk_rwkv6` with log decay.
+
+Shapes: r, k, logw [B, T, H, K]; v [B, T, H, V]; u [H, K]; state [B, H, K, V]; all float32.
+`logw` may also be [1, 1, H, K] (a constant decay) and is broadcast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aviary.ops._dispatch import pick
+
+
+def gla_recurrent(r, k, v, logw, u, state):
+    """Reference: one token at a time."""
+    B, T, H, K = r.shape
+    w = torch.exp(logw).expand(B, T, H, K)
+    S = state
+    ys = []
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
+        ys.append(torch.einsum("bhk,bhkv->bhv", r[:, t], S + u[None, :, :, None] * kv))
+        S = w[:, t, :, :, None] * S + kv
+    return torch.stack(ys, dim=1), S
+
+
+def gla_chunked(r, k, v, logw, u, state, chunk_len: int = 16):
+    """Parallel within chunks of `chunk_len` tokens, sequential across chunks.
+
+    With in-chunk cumulative log decay c_t = sum_{m<=t} logw_m (c_{t-1} its exclusive form):
+        y_t   = (r_t e^{c_{t-1}}) S_0 + sum_{j<t} [sum_k r_tk k_jk e^{c_{t-1,k} - c_{jk}}] v_j + (r_t . u k_t) v_t
+        S_end = e^{c_last} S_0 + sum_j (k_j e^{c_last - c_j}) v_j^T
+    Pair exponents are formed as differences (always <= 0 where used) rather than as products of
+    e^{c} and e^{-c}, which overflow when the data-dependent decay of RWKV-6 is strong.
+    """
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    logw = logw.expand(B, T, H, K)
+    L = chunk_len
+    pad = (-T) % L
+    if pad:  # padded steps have k = 0 and decay 1: they change neither outputs nor the state
+        r, k, logw = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (r, k, logw))
+        v = F.pad(v, (0, 0, 0, 0, 0, pad))
+    n = (T + pad) // L
+
+    def chunks(x):  # [B, n*L, H, D] -> [B, H, n, L, D]
+        return x.reshape(B, n, L, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+
+    r, k, v, logw = chunks(r), chunks(k), chunks(v), chunks(logw)
+    c = logw.cumsum(dim=3)  # inclusive, [B, H, n, L, K]
+    c_prev = c - logw  # exclusive
+    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)  # j < t
+    gap = c_prev[:, :, :, :, None, :] - c[:, :, :, None, :, :]  # [B, H, n, t, j, K]
+    gap = torch.where(strict[:, :, None], gap, torch.full_like(gap, float("-inf")))
+    scores = torch.einsum("bhntk,bhnjk,bhntjk->bhntj", r, k, torch.exp(gap))
+    bonus = (r * u[None, :, None, None, :] * k).sum(-1, keepdim=True)  # [B, H, n, L, 1]
+    y = scores @ v + bonus * v  # [B, H, n, L, V]
+    decay_to_end = torch.exp(c[:, :, :, -1:, :] - c)  # [B, H, n, L, K]
+    k_end = k * decay_to_end
+    w_chunk = torch.exp(c[:, :, :, -1, :])  # [B, H, n, K]
+    S = state
+    ys = []
+    for i in range(n):
+        ys.append(y[:, :, i] + (r[:, :, i] * torch.exp(c_prev[:, :, i])) @ S)
+        S = w_chunk[:, :, i, :, None] * S + k_end[:, :, i].transpose(-1, -2) @ v[:, :, i]
+    y = torch.stack(ys, dim=2).permute(0, 2, 3, 1, 4).reshape(B, n * L, H, V)
+    return y[:, :T], S
+
+
+BACKENDS = {"recurrent": gla_recurrent, "chunked": gla_chunked}
+
+
+def gla(r, k, v, logw, u, state, *, backend: str = "chunked"):
+    """Gated linear attention with bonus. Returns (y [B, T, H, V], state [B, H, K, V])."""
+    return pick("gla", BACKENDS, backend)(r, k, v, logw, u, state)

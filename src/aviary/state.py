@@ -1,0 +1,124 @@
+"""The recurrent state: a small typed value, batch dimension first.
+
+An RWKV model's whole memory of the past is this object. Its size does not grow with the context.
+
+Layout (one orientation for every version):
+
+    shift: [B, L, 2, C]   the LayerNorm-ed input of the previous token, for the time-mix (index 0)
+                          and the channel-mix (index 1) of each block ("token shift")
+    wkv:   [B, L, *S]     float32 time-mix memory. S is per version:
+                            v4:    (3, C)     rows num `aa`, den `bb`, max exponent `pp` (log-space)
+                            v5-v7: (H, K, V)  per head, key index rows and value index columns,
+                                              y = r^T S (v5/v6) or y = S^T r (v7); the same
+                                              orientation as fla's `[B, H, K, V]`
+
+The official `rwkv` pip package keeps v7 as [H, V, K] and official `time_state` tensors are [H, V, K]
+as well; `transpose(-1, -2)` converts. Forward calls return a new state and never modify the one
+passed in, so branching a conversation is just keeping the old value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["RWKVState", "StateError"]
+
+
+class StateError(ValueError):
+    """A state that does not fit the model or file it is used with."""
+
+
+@dataclass(frozen=True)
+class RWKVState:
+    version: int
+    shift: torch.Tensor  # [B, L, 2, C]
+    wkv: torch.Tensor  # [B, L, *S] float32
+
+    def __post_init__(self) -> None:
+        if self.shift.dim() != 4 or self.shift.shape[2] != 2:
+            raise StateError(f"shift must be [B, L, 2, C], got {tuple(self.shift.shape)}")
+        if self.wkv.shape[:2] != self.shift.shape[:2]:
+            raise StateError(f"wkv {tuple(self.wkv.shape)} and shift {tuple(self.shift.shape)} disagree on [B, L]")
+
+    @property
+    def batch_size(self) -> int:
+        return self.shift.shape[0]
+
+    @property
+    def n_layer(self) -> int:
+        return self.shift.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shift.numel() * self.shift.element_size() + self.wkv.numel() * self.wkv.element_size()
+
+    @property
+    def device(self) -> torch.device:
+        return self.wkv.device
+
+    def clone(self) -> RWKVState:
+        return RWKVState(self.version, self.shift.clone(), self.wkv.clone())
+
+    def detach(self) -> RWKVState:
+        return RWKVState(self.version, self.shift.detach(), self.wkv.detach())
+
+    def to(self, device: torch.device | str) -> RWKVState:
+        return RWKVState(self.version, self.shift.to(device), self.wkv.to(device))
+
+    def select(self, index: int | Sequence[int] | torch.Tensor) -> RWKVState:
+        """The states of some batch rows, as a new state (an int keeps a batch of one)."""
+        if isinstance(index, int):
+            index = [index]
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.shift.device)
+        if idx.numel() and (idx.min() < -self.batch_size or idx.max() >= self.batch_size):
+            raise IndexError(f"state batch index {idx.tolist()} out of range for batch size {self.batch_size}")
+        return RWKVState(self.version, self.shift[idx], self.wkv[idx])
+
+    def expand(self, batch_size: int) -> RWKVState:
+        """Repeat a batch-of-one state `batch_size` times (for a shared prefix)."""
+        if self.batch_size != 1:
+            raise StateError(f"expand needs a batch-of-one state, this one has batch {self.batch_size}")
+        return RWKVState(self.version, self.shift.expand(batch_size, *self.shift.shape[1:]).clone(),
+                         self.wkv.expand(batch_size, *self.wkv.shape[1:]).clone())
+
+    @staticmethod
+    def cat(states: Sequence[RWKVState]) -> RWKVState:
+        """Concatenate states along the batch dimension."""
+        if not states:
+            raise StateError("cannot concatenate an empty list of states")
+        first = states[0]
+        for s in states[1:]:
+            if s.version != first.version or s.shift.shape[1:] != first.shift.shape[1:] \
+                    or s.wkv.shape[1:] != first.wkv.shape[1:]:
+                raise StateError("cannot concatenate states of different models")
+        return RWKVState(first.version, torch.cat([s.shift for s in states]), torch.cat([s.wkv for s in states]))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to a safetensors file (atomically: a temporary file, then a rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        meta = {"format": "aviary-state", "version": str(self.version)}
+        save_file({"shift": self.shift.contiguous().cpu(), "wkv": self.wkv.contiguous().cpu()}, str(tmp),
+                  metadata=meta)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> RWKVState:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "aviary-state":
+                    raise StateError(f"{path}: not an Aviary state file (metadata {json.dumps(meta)})")
+                return RWKVState(int(meta["version"]), f.get_tensor("shift"), f.get_tensor("wkv"))
+        except (SafetensorError, OSError) as e:
+            raise StateError(f"{path}: cannot read state file: {e}") from e
