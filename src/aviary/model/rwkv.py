@@ -1,0 +1,191 @@
+"""The language-model shell shared by every RWKV generation.
+
+    x = LN0(emb[tokens])                                   # ln0 lives in block 0 only
+    for each block i:
+        x = x + TimeMix_i(LN1(x), shift_i, wkv_i)           # v7 also threads v_first
+        x = x + ChannelMix_i(LN2(x), shift_i)
+    logits = head(LN_out(x))
+
+Token shift ("sx", the previous token's LayerNorm-ed input) is formed here, once, for both mixers;
+each version's file only sees (x, sx). Parameter names are the official BlinkDL ones, so official
+checkpoints load with `strict=True`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from aviary.config import ModelConfig
+from aviary.ops import BACKENDS
+from aviary.state import RWKVState, StateError
+
+__all__ = ["RWKV"]
+
+
+def _architecture(version: int) -> ModuleType:
+    from aviary.model import v4, v5, v6, v7
+
+    return {4: v4, 5: v5, 6: v6, 7: v7}[version]
+
+
+def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """x [B, T, C], prev [B, C] -> the previous token's x at every position, [B, T, C]."""
+    return torch.cat([prev[:, None].to(x.dtype), x[:, :-1]], dim=1)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: time-mix then channel-mix."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, arch: ModuleType):
+        super().__init__()
+        C = config.n_embd
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C)
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        self.att = arch.TimeMix(config, layer_id)
+        self.ffn = arch.ChannelMix(config, layer_id)
+
+    def forward(self, x, shift, wkv, v_first, backend: str):
+        """x [B, T, C]; shift [B, 2, C]; wkv [B, *S] -> (x, shift, wkv, v_first)."""
+        xa = self.ln1(x)
+        dx, wkv, v_first = self.att(xa, token_shift(xa, shift[:, 0]), wkv, v_first, backend)
+        x = x + dx
+        xf = self.ln2(x)
+        x = x + self.ffn(xf, token_shift(xf, shift[:, 1]))
+        shift = torch.stack([xa[:, -1], xf[:, -1]], dim=1).float()  # [B, 2, C]
+        return x, shift, wkv, v_first
+
+
+class RWKV(nn.Module):
+    """An RWKV-4/5/6/7 language model.
+
+    `model(tokens, state)` runs a whole sequence with the parallel form of the chosen backend (one
+    token runs the recurrent step) and returns `(logits [B, T, V], new_state)`. Calling it on the
+    first part of a sequence and then on the rest with the returned state gives the same result as
+    one call on the whole sequence.
+    """
+
+    def __init__(self, config: ModelConfig, backend: str = "chunked"):
+        super().__init__()
+        self.config = config
+        self.arch = _architecture(config.version)
+        C, V = config.n_embd, config.vocab_size
+        self.emb = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList(Block(config, i, self.arch) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(C)
+        self.head = nn.Linear(C, V, bias=False)
+        self.backend = backend
+        self.rescale_every = 0  # fp16 trick for v4-v6: halve x every N layers (see apply_rescale)
+        self.initial_wkv: torch.Tensor | None = None  # [L, *S] from a state-tuned checkpoint
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+        self._backend = name
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int = 1) -> RWKVState:
+        """The state before any token: zeros, or the state-tuned `time_state` when the checkpoint has one."""
+        cfg, device = self.config, self.emb.weight.device
+        shift = torch.zeros(batch_size, cfg.n_layer, 2, cfg.n_embd, device=device)
+        if self.initial_wkv is not None:
+            wkv = self.initial_wkv.to(device)[None].expand(batch_size, *self.initial_wkv.shape).clone()
+        else:
+            one = self.arch.empty_wkv(cfg, batch_size, device)  # [B, *S]
+            wkv = torch.stack([one] * cfg.n_layer, dim=1)
+        return RWKVState(cfg.version, shift, wkv)
+
+    def set_initial_state(self, wkv: torch.Tensor) -> None:
+        """Use `wkv` [L, *S] (this library's orientation) as the state before any token."""
+        expected = self.init_state(1).wkv.shape[1:]
+        if tuple(wkv.shape) != tuple(expected):
+            raise StateError(f"initial state has shape {tuple(wkv.shape)}, this model needs {tuple(expected)}")
+        self.initial_wkv = wkv.detach().float()
+
+    def check_state(self, state: RWKVState, batch_size: int) -> None:
+        cfg = self.config
+        if state.version != cfg.version:
+            raise StateError(f"state is for RWKV-{state.version}, this model is RWKV-{cfg.version}")
+        want_shift = (batch_size, cfg.n_layer, 2, cfg.n_embd)
+        want_wkv = (batch_size, cfg.n_layer, *self.arch.wkv_shape(cfg))
+        if tuple(state.shift.shape) != want_shift or tuple(state.wkv.shape) != want_wkv:
+            raise StateError(
+                f"state shapes shift {tuple(state.shift.shape)} / wkv {tuple(state.wkv.shape)} do not fit "
+                f"this model (expected {want_shift} / {want_wkv}): is it from another model or batch size?")
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, state: RWKVState | None = None, *,
+                last_only: bool = False) -> tuple[torch.Tensor, RWKVState]:
+        """tokens [B, T] (or [T]) int64 -> (logits [B, T, V] float32, or [B, 1, V] if last_only; state)."""
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be [B, T] with T >= 1, got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+        V = self.config.vocab_size
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+            bad = tokens[(tokens < 0) | (tokens >= V)][0].item()
+            raise ValueError(f"token id {bad} is outside this model's vocabulary [0, {V})")
+        B, T = tokens.shape
+        if state is None:
+            state = self.init_state(B)
+        else:
+            self.check_state(state, B)
+        backend = "recurrent" if T == 1 else self.backend
+
+        x = self.emb(tokens.to(self.emb.weight.device))  # [B, T, C]
+        x = self.blocks[0].ln0(x)
+        shifts, wkvs, v_first = [], [], None
+        for i, block in enumerate(self.blocks):
+            x, shift, wkv, v_first = block(x, state.shift[:, i], state.wkv[:, i], v_first, backend)
+            shifts.append(shift)
+            wkvs.append(wkv)
+            if self.rescale_every and (i + 1) % self.rescale_every == 0:
+                x = x / 2
+        if last_only:
+            x = x[:, -1:]
+        logits = self.head(self.ln_out(x)).float()
+        return logits, RWKVState(self.config.version, torch.stack(shifts, 1), torch.stack(wkvs, 1))
+
+    # ---- precision ---------------------------------------------------------------------------
+
+    def apply_rescale(self, every: int = 6) -> None:
+        """The fp16 overflow trick for v4-v6: x is halved after every `every` blocks and the output
+        matrices of block i are divided by 2**(i // every), which leaves the logits unchanged up to
+        LayerNorm eps. RWKV-7 does not need it and refuses it."""
+        if not getattr(self.arch, "SUPPORTS_RESCALE", False):
+            raise ValueError(f"RWKV-{self.config.version} has no layer-rescale trick")
+        if self.rescale_every:
+            raise ValueError("rescale already applied")
+        if every <= 0:
+            raise ValueError(f"rescale interval must be positive, got {every}")
+        with torch.no_grad():
+            for i, block in enumerate(self.blocks):
+                scale = 2 ** (i // every)
+                block.att.output.weight.div_(scale)
+                block.ffn.value.weight.div_(scale)
+        self.rescale_every = every
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def group_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_head: int) -> torch.Tensor:
+    """ln_x: GroupNorm with one group per head and eps 64e-5 (= 1e-5 * head_size_divisor**2, with
+    the divisor 8 of official training), on [B, T, C]."""
+    B, T, C = y.shape
+    return F.group_norm(y.reshape(B * T, C), n_head, weight.float(), bias.float(), eps=64e-5).view(B, T, C)

@@ -1,0 +1,75 @@
+"""RWKV-4: per-channel decay with a normalised weighted average ("WKV").
+
+    xk = x*mu_k + sx*(1-mu_k)   (likewise xv, xr)        mu = time_mix_*, mu=1 keeps the current token
+    r = sigmoid(W_r xr);  k = W_k xk;  v = W_v xv
+    wkv_t = see aviary.ops.wkv4 (log-decay w = -exp(time_decay), bonus u = time_first)
+    out = W_o (r * wkv)
+
+Channel-mix:  out = sigmoid(W_r xr) * W_v relu(W_k xk)^2   (shared with RWKV-5).
+Mirrors RWKV-LM `RWKV-v4neo/src/model.py` (RWKV_TimeMix, RWKV_ChannelMix) and the pip package's `att_seq`.
+Glossary: B batch, T time, C width, F ffn width; sx = previous token's LayerNorm-ed input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from aviary.config import ModelConfig
+from aviary.ops import wkv4
+from aviary.ops.wkv4 import empty_state
+
+SUPPORTS_RESCALE = True
+
+
+def wkv_shape(config: ModelConfig) -> tuple[int, ...]:
+    return (3, config.n_embd)  # (num aa, den bb, max exponent pp) per channel
+
+
+def empty_wkv(config: ModelConfig, batch_size: int, device) -> torch.Tensor:
+    return empty_state(batch_size, config.n_embd, device)
+
+
+def lerp(x: torch.Tensor, sx: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """RWKV-4/5 token mix: x*mix + sx*(1-mix)."""
+    return x * mix + sx * (1 - mix)
+
+
+class TimeMix(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        C = config.n_embd
+        self.layer_id = layer_id
+        self.time_decay = nn.Parameter(torch.zeros(C))
+        self.time_first = nn.Parameter(torch.zeros(C))
+        self.time_mix_k = nn.Parameter(torch.ones(1, 1, C))
+        self.time_mix_v = nn.Parameter(torch.ones(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.ones(1, 1, C))
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+
+    def forward(self, x, sx, wkv, v_first, backend: str):
+        """x, sx [B, T, C]; wkv [B, 3, C] -> (out [B, T, C], wkv, v_first unchanged)."""
+        r = torch.sigmoid(self.receptance(lerp(x, sx, self.time_mix_r)))  # [B, T, C]
+        k = self.key(lerp(x, sx, self.time_mix_k)).float()  # [B, T, C]
+        v = self.value(lerp(x, sx, self.time_mix_v)).float()  # [B, T, C]
+        w = -torch.exp(self.time_decay.float())  # [C] log-decay per step
+        y, wkv = wkv4(w, self.time_first.float(), k, v, wkv, backend=backend)
+        return self.output(r * y.to(x.dtype)), wkv, v_first
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        C, F = config.n_embd, config.dim_ffn
+        self.time_mix_k = nn.Parameter(torch.ones(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.ones(1, 1, C))
+        self.key = nn.Linear(C, F, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F, C, bias=False)
+
+    def forward(self, x, sx):
+        k = torch.relu(self.key(lerp(x, sx, self.time_mix_k))) ** 2  # [B, T, F]
+        return torch.sigmoid(self.receptance(lerp(x, sx, self.time_mix_r))) * self.value(k)

@@ -1,0 +1,66 @@
+"""RWKV-5.2 "Eagle": multi-head matrix-valued state with a static per-channel decay.
+
+    xk, xv, xr, xg = x*mu + sx*(1-mu)                     (time_mix_*, as RWKV-4)
+    r, k, v = W xr, W xk, W xv  -> [H, N] per token;  g = silu(W_g xg)
+    w = exp(-exp(time_decay))  [H, N], constant over time;  u = time_faaaa [H, N]
+    y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T);   S_t = diag(w) S_{t-1} + k_t v_t^T   (aviary.ops.gla)
+    out = W_o (GroupNorm_H(y) * g)
+
+Channel-mix is RWKV-4's. Mirrors RWKV-LM `RWKV-v5/src/model.py` (RWKV_Tmix_x052).
+Glossary: H heads, N head size (C = H*N); S [K=N, V=N] per head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from aviary.config import ModelConfig
+from aviary.model.rwkv import group_norm
+from aviary.model.v4 import ChannelMix, lerp
+from aviary.ops import gla
+
+__all__ = ["ChannelMix", "TimeMix"]
+
+SUPPORTS_RESCALE = True
+
+
+def wkv_shape(config: ModelConfig) -> tuple[int, ...]:
+    return (config.n_head, config.head_size, config.head_size)
+
+
+def empty_wkv(config: ModelConfig, batch_size: int, device) -> torch.Tensor:
+    return torch.zeros(batch_size, *wkv_shape(config), device=device)
+
+
+class TimeMix(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        C, H, N = config.n_embd, config.n_head, config.head_size
+        self.layer_id = layer_id
+        self.time_mix_k = nn.Parameter(torch.ones(1, 1, C))
+        self.time_mix_v = nn.Parameter(torch.ones(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.ones(1, 1, C))
+        self.time_mix_g = nn.Parameter(torch.ones(1, 1, C))
+        self.time_decay = nn.Parameter(torch.zeros(H, N))
+        self.time_faaaa = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.gate = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(self, x, sx, wkv, v_first, backend: str):
+        """x, sx [B, T, C]; wkv [B, H, N, N] -> (out [B, T, C], wkv, v_first unchanged)."""
+        B, T, C = x.shape
+        H, N = self.time_faaaa.shape
+        r = self.receptance(lerp(x, sx, self.time_mix_r)).view(B, T, H, N).float()
+        k = self.key(lerp(x, sx, self.time_mix_k)).view(B, T, H, N).float()
+        v = self.value(lerp(x, sx, self.time_mix_v)).view(B, T, H, N).float()
+        g = F.silu(self.gate(lerp(x, sx, self.time_mix_g)))  # [B, T, C]
+        logw = -torch.exp(self.time_decay.float())[None, None]  # [1, 1, H, N]
+        y, wkv = gla(r, k, v, logw, self.time_faaaa.float(), wkv, backend=backend)
+        y = group_norm(y.reshape(B, T, C), self.ln_x.weight, self.ln_x.bias, H)
+        return self.output(y.to(x.dtype) * g), wkv, v_first

@@ -1,0 +1,89 @@
+"""RWKV-6 "Finch": data-dependent token shift ("ddlerp") and data-dependent decay, through small LoRAs.
+
+    xx  = sx - x;   xxx = x + xx*maa_x
+    m_f = tanh(xxx W1)[f] W2[f]            for f in (w, k, v, r, g)     (this order, as in the checkpoints)
+    x_f = x + xx*(maa_f + m_f)             maa = 1 keeps the previous token (opposite sense to RWKV-4/5)
+    r, k, v = W x_r, W x_k, W x_v;   g = silu(W_g x_g)
+    w_t = exp(-exp(time_decay + tanh(x_w Wd1) Wd2))       per token and channel
+    y, S: as RWKV-5 (aviary.ops.gla);   out = W_o (GroupNorm_H(y) * g)
+
+Channel-mix:  xk = x + xx*maa_k;  xr = x + xx*maa_r;  out = sigmoid(W_r xr) * W_v relu(W_k xk)^2.
+Mirrors RWKV-LM `RWKV-v5/src/model.py` (RWKV_Tmix_x060, RWKV_CMix_x060).
+Glossary: D_mix = rank of time_maa_w1/w2, D_dec = rank of time_decay_w1/w2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from aviary.config import ModelConfig
+from aviary.model.rwkv import group_norm
+from aviary.model.v5 import empty_wkv, wkv_shape
+from aviary.ops import gla
+
+__all__ = ["ChannelMix", "TimeMix", "empty_wkv", "wkv_shape"]
+
+SUPPORTS_RESCALE = True
+
+
+class TimeMix(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        C, H, N = config.n_embd, config.n_head, config.head_size
+        D, Dd = config.rank_mix, config.rank_decay
+        self.layer_id = layer_id
+        for name in ("x", "w", "k", "v", "r", "g"):
+            setattr(self, f"time_maa_{name}", nn.Parameter(torch.zeros(1, 1, C)))
+        self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * D))
+        self.time_maa_w2 = nn.Parameter(torch.zeros(5, D, C))
+        self.time_decay = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_decay_w1 = nn.Parameter(torch.zeros(C, Dd))
+        self.time_decay_w2 = nn.Parameter(torch.zeros(Dd, C))
+        self.time_faaaa = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.gate = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(self, x, sx, wkv, v_first, backend: str):
+        """x, sx [B, T, C]; wkv [B, H, N, N] -> (out [B, T, C], wkv, v_first unchanged)."""
+        B, T, C = x.shape
+        H, N = self.time_faaaa.shape
+        xx = sx - x  # [B, T, C]
+        xxx = x + xx * self.time_maa_x
+        h = torch.tanh(xxx @ self.time_maa_w1).view(B, T, 5, -1)  # [B, T, 5, D]
+        mw, mk, mv, mr, mg = torch.einsum("btfd,fdc->fbtc", h, self.time_maa_w2)  # each [B, T, C]
+        xw = x + xx * (self.time_maa_w + mw)
+        xk = x + xx * (self.time_maa_k + mk)
+        xv = x + xx * (self.time_maa_v + mv)
+        xr = x + xx * (self.time_maa_r + mr)
+        xg = x + xx * (self.time_maa_g + mg)
+        r = self.receptance(xr).view(B, T, H, N).float()
+        k = self.key(xk).view(B, T, H, N).float()
+        v = self.value(xv).view(B, T, H, N).float()
+        g = F.silu(self.gate(xg))  # [B, T, C]
+        wlog = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # [B, T, C]
+        logw = -torch.exp(wlog.float()).view(B, T, H, N)
+        y, wkv = gla(r, k, v, logw, self.time_faaaa.float(), wkv, backend=backend)
+        y = group_norm(y.reshape(B, T, C), self.ln_x.weight, self.ln_x.bias, H)
+        return self.output(y.to(x.dtype) * g), wkv, v_first
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        C, F_ = config.n_embd, config.dim_ffn
+        self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def forward(self, x, sx):
+        xx = sx - x
+        k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2  # [B, T, F]
+        return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k)

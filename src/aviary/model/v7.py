@@ -1,0 +1,100 @@
+"""RWKV-7 "Goose": the generalised delta rule with a vector-valued, data-dependent decay.
+
+    xx = sx - x;   x_f = x + xx*x_f                       for f in r, w, k, v, a, g
+    r, k, v = W x_r, W x_k, W x_v
+    decay = exp(-e^{-1/2} sigmoid(w0 + tanh(x_w w1) w2))   in (0.545, 1), soft-clamped
+    v = v + (v_first - v) * sigmoid(v0 + (x_v v1) v2)     layers >= 1 (value residual to layer 0's v)
+    a = sigmoid(a0 + (x_a a1) a2)                         "in-context learning rate"
+    g = sigmoid(x_g g1) g2                                (no activation after g2)
+    kk = normalize_per_head(k * k_k);   k = k * (1 + (a-1) k_a)
+    S_t = diag(decay) S_{t-1} - (kk a) (kk^T S_{t-1}) + k v^T;   y_t = S_t^T r_t   (aviary.ops.delta)
+    y = GroupNorm_H(y) + (sum_head r*k*r_k) v;            out = W_o (y * g)
+
+Channel-mix: out = W_v relu(W_k (x + xx*x_k))^2 (no receptance gate).
+Mirrors RWKV-LM `RWKV-v7/rwkv_v7_demo.py` and the pip package's `RWKV_x070_TMix_seq`.
+Glossary: Dw, Da, Dv, Dg = LoRA ranks of w, a, v, g. Layer 0's v0/v1/v2 exist in official files but are unused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from aviary.config import ModelConfig
+from aviary.model.rwkv import group_norm
+from aviary.model.v5 import empty_wkv, wkv_shape
+from aviary.ops import delta_rule
+
+__all__ = ["ChannelMix", "TimeMix", "empty_wkv", "wkv_shape"]
+
+SUPPORTS_RESCALE = False  # the reference runs v7 in fp16 without it
+DECAY_SCALE = math.exp(-0.5)  # the pip package writes 0.606531
+
+
+def _vec(C: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(1, 1, C))
+
+
+class TimeMix(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        C, H, N = config.n_embd, config.n_head, config.head_size
+        self.layer_id = layer_id
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
+            setattr(self, name, _vec(C))
+        for name, rank in (("w", config.rank_w), ("a", config.rank_a), ("v", config.rank_v), ("g", config.rank_g)):
+            setattr(self, f"{name}1", nn.Parameter(torch.zeros(C, rank)))
+            setattr(self, f"{name}2", nn.Parameter(torch.zeros(rank, C)))
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(self, x, sx, wkv, v_first, backend: str):
+        """x, sx [B, T, C]; wkv [B, H, N, N]; v_first [B, T, C] or None -> (out, wkv, v_first)."""
+        B, T, C = x.shape
+        H, N = self.r_k.shape
+        xx = sx - x
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+        r = self.receptance(xr)  # [B, T, C]
+        k = self.key(xk)
+        v = self.value(xv)
+        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # [B, T, C], pre-clamp decay
+        logw = -DECAY_SCALE * torch.sigmoid(w.float())  # log decay in (-0.607, 0)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # [B, T, C]
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)  # [B, T, H, N]
+        k = k * (1 + (a - 1) * self.k_a)
+
+        def heads(t):
+            return t.reshape(B, T, H, N).float()
+
+        y, wkv = delta_rule(heads(r), logw.view(B, T, H, N), heads(k), heads(v), -kk.float(),
+                            heads(kk.reshape(B, T, C) * a), wkv, backend=backend)
+        y = group_norm(y.reshape(B, T, C), self.ln_x.weight, self.ln_x.bias, H).to(x.dtype)
+        bonus = (r * k * self.r_k.view(1, 1, C)).view(B, T, H, N).sum(-1, keepdim=True)  # [B, T, H, 1]
+        y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
+        return self.output(y * g), wkv, v_first
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        C, F_ = config.n_embd, config.dim_ffn
+        self.x_k = _vec(C)
+        self.key = nn.Linear(C, F_, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def forward(self, x, sx):
+        k = torch.relu(self.key(x + (sx - x) * self.x_k)) ** 2  # [B, T, F]
+        return self.value(k)

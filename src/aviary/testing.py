@@ -1,0 +1,91 @@
+"""Random-weight checkpoints in the official format, for tests, examples and benchmarks.
+
+No model can be downloaded on the machines this project is built on, so loading code is exercised on
+files like these: official key names and shapes, values drawn from ranges like those of trained
+models (decays in a realistic band, mixes in [0, 1], matrices scaled by 1/sqrt(fan_in)), so that
+outputs are neither constant nor overflowing. They are not trained models: they produce noise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from aviary.config import ModelConfig
+
+__all__ = ["random_config", "random_state_dict", "save_random_checkpoint"]
+
+
+def random_config(version: int, n_layer: int = 2, n_embd: int = 128, vocab_size: int = 300,
+                  head_size: int = 64, dim_ffn: int | None = None) -> ModelConfig:
+    """A small config with the default ffn width and LoRA ranks of each version."""
+    if dim_ffn is None:
+        dim_ffn = int(3.5 * n_embd) // 32 * 32 if version in (5, 6) else 4 * n_embd
+    ranks = {6: dict(rank_mix=32, rank_decay=64), 7: dict(rank_w=64, rank_a=64, rank_v=32, rank_g=128)}
+    return ModelConfig(version=version, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size,
+                       dim_ffn=dim_ffn, head_size=n_embd if version == 4 else head_size,
+                       **ranks.get(version, {}))
+
+
+def _fill(name: str, shape: torch.Size, g: torch.Generator) -> torch.Tensor:
+    def randn(scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(shape, generator=g) * scale
+
+    def rand(lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(shape, generator=g)
+
+    leaf = name.rsplit(".", 1)[-1]
+    if ".ln" in name or name.startswith("ln_out."):  # ln0/ln1/ln2/ln_out/ln_x
+        return 1 + randn(0.1) if leaf == "weight" else randn(0.1)
+    if leaf.startswith(("time_mix_", "x_")) or (leaf.startswith("time_maa_") and leaf[-1] not in "12"):
+        return rand()
+    if leaf == "time_decay":
+        return rand(-3.0, 1.0)
+    if leaf in ("time_first", "time_faaaa", "w0", "a0", "v0"):
+        return randn(0.5)
+    if leaf == "k_k":
+        return rand(0.5, 1.0)
+    if leaf == "k_a":
+        return rand()
+    if leaf == "r_k":
+        return randn(0.3)
+    if leaf == "time_state":
+        return randn(0.3)
+    if leaf[-1] in "12" and leaf[:-1] in ("time_maa_w", "time_decay_w", "w", "a", "v", "g"):
+        return randn(0.1)
+    if name == "emb.weight":
+        return randn()
+    if leaf == "weight" and len(shape) == 2:  # every Linear: [out, in]
+        return randn(1 / math.sqrt(shape[1]))
+    raise KeyError(f"no random rule for {name}")
+
+
+def random_state_dict(config: ModelConfig, seed: int = 0, time_state: bool = False,
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """An official-format state dict for `config` with random values (see module docstring).
+
+    time_state: also add `blocks.i.att.time_state` [H, N, N] ([H, V, K]) as a state-tuned file has.
+    """
+    from aviary.model import RWKV
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in RWKV(config).state_dict().items()}
+    if time_state:
+        if config.version == 4:
+            raise ValueError("RWKV-4 has no time_state")
+        for i in range(config.n_layer):
+            shapes[f"blocks.{i}.att.time_state"] = torch.Size((config.n_head, config.head_size, config.head_size))
+    g = torch.Generator().manual_seed(seed)
+    return {k: _fill(k, s, g).to(dtype) for k, s in shapes.items()}
+
+
+def save_random_checkpoint(path: str | os.PathLike, config: ModelConfig, seed: int = 0,
+                           time_state: bool = False) -> dict[str, torch.Tensor]:
+    """Write `random_state_dict(...)` to `path` (.pth or .safetensors) and return it."""
+    from aviary.io import write_state_dict
+
+    sd = random_state_dict(config, seed=seed, time_state=time_state)
+    write_state_dict(sd, path)
+    return sd
