@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from aviary.ops.delta import delta_rule, delta_rule_recurrent
+from aviary.ops.delta import delta_rule, delta_rule_chunked, delta_rule_recurrent
 from aviary.ops.gla import gla, gla_chunked, gla_recurrent
 from aviary.ops.wkv4 import empty_state, wkv4, wkv4_chunked, wkv4_recurrent
 
@@ -135,6 +135,41 @@ def test_delta_rule_backends_agree(backend):
     y, s = delta_rule(*args, backend=backend)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk_len", [1, 5, 16, 32, 64])
+def test_delta_rule_chunked_equals_recurrent(chunk_len):
+    args = delta_inputs()
+    y_ref, s_ref = delta_rule_recurrent(*args)
+    y, s = delta_rule_chunked(*args, chunk_len=chunk_len)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_delta_rule_chunked_float32_close_to_float64():
+    args64 = delta_inputs()
+    y_ref, s_ref = delta_rule_recurrent(*args64)
+    y, s = delta_rule_chunked(*(t.float() for t in args64))
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=5e-5)
+    torch.testing.assert_close(s.double(), s_ref, rtol=0, atol=5e-5)
+
+
+def test_delta_rule_gradients_match_reference():
+    inputs = [t.requires_grad_() for t in delta_inputs()]
+    go = torch.randn(B, T, H, N, generator=_gen(2), dtype=torch.float64)
+    gs = torch.randn(B, H, N, N, generator=_gen(3), dtype=torch.float64)
+    grads = []
+    for fn in (delta_rule_recurrent, delta_rule_chunked):
+        y, s = fn(*inputs)
+        grads.append(torch.autograd.grad((y * go).sum() + (s * gs).sum(), inputs))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_delta_rule_chunked_refuses_decay_outside_its_range():
+    r, logw, k, v, a, b, s0 = delta_inputs()
+    with pytest.raises(ValueError, match="too strong"):
+        delta_rule_chunked(r, logw * 10, k, v, a, b, s0, chunk_len=64)
 
 
 def test_unknown_backend_is_a_clear_error():

@@ -16,6 +16,7 @@ Shapes: r, k, a, b, logw [B, T, H, K]; v [B, T, H, V]; state [B, H, K, V]; all f
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from aviary.ops._dispatch import pick
 
@@ -33,13 +34,70 @@ def delta_rule_recurrent(r, logw, k, v, a, b, state):
     return torch.stack(ys, dim=1), S
 
 
-BACKENDS = {"recurrent": delta_rule_recurrent, "chunked": delta_rule_recurrent}
+# The chunked form factors decay products as e^{c_t} * e^{-c_j}; that is exact arithmetic but needs
+# chunk_len * |log decay| well inside fp32's exponent range. RWKV-7's decay is clamped to log w > -0.61.
+MAX_CHUNK_LOG_DECAY = 40.0
+
+
+def delta_rule_chunked(r, logw, k, v, a, b, state, chunk_len: int = 32):
+    """Parallel within chunks of `chunk_len` tokens (a WY-style solve), sequential across chunks.
+
+    Inside a chunk, with c_t = sum_{m<=t} logw_m and u_t = S_{t-1}^T a_t (the part of the old state
+    that the "delete" term reads), unrolling the recurrence gives
+        S_t = e^{c_t} S_0 + sum_{j<=t} e^{c_t - c_j} (b_j u_j^T + k_j v_j^T)
+        u_t = S_0^T (a_t e^{c_{t-1}}) + sum_{j<t} (a_t e^{c_{t-1}-c_j} . b_j) u_j + (a_t e^{c_{t-1}-c_j} . k_j) v_j
+    so U = [u_t] solves a unit lower-triangular system (I - M_ab) U = A~ S_0 + M_ak V, and outputs and the
+    chunk-end state follow with matrix products. Everything that does not involve S_0 is computed for all
+    chunks at once; only the [K, V] state is carried from chunk to chunk.
+    """
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    L = chunk_len
+    strongest = float(logw.detach().min()) if logw.numel() else 0.0
+    if strongest * L < -MAX_CHUNK_LOG_DECAY:
+        raise ValueError(f"delta_rule chunked: log decay {strongest:.3g} too strong for chunk_len={L}; "
+                         "use a shorter chunk or the recurrent backend")
+    pad = (-T) % L
+    if pad:  # padded steps: k = a = b = 0 and decay 1, so they change nothing
+        r, k, a, b, logw = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (r, k, a, b, logw))
+        v = F.pad(v, (0, 0, 0, 0, 0, pad))
+    n = (T + pad) // L
+
+    def chunks(x):  # [B, n*L, H, D] -> [B, H, n, L, D]
+        return x.reshape(B, n, L, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+
+    r, logw, k, v, a, b = (chunks(x) for x in (r, logw, k, v, a, b))
+    c = logw.cumsum(dim=3)  # inclusive cumulative log decay, [B, H, n, L, K]
+    a_dec = a * torch.exp(c - logw)  # a_t e^{c_{t-1}}
+    r_dec = r * torch.exp(c)  # r_t e^{c_t}
+    b_inv, k_inv = b * torch.exp(-c), k * torch.exp(-c)
+    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
+    incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril()
+    m_ab = (a_dec @ b_inv.transpose(-1, -2)) * strict  # [B, H, n, L, L]
+    m_ak = (a_dec @ k_inv.transpose(-1, -2)) * strict
+    p_rb = (r_dec @ b_inv.transpose(-1, -2)) * incl
+    p_rk = (r_dec @ k_inv.transpose(-1, -2)) * incl
+    eye = torch.eye(L, dtype=r.dtype, device=r.device)
+    solve = torch.linalg.solve_triangular(eye - m_ab, torch.cat([a_dec, m_ak @ v], dim=-1), upper=False,
+                                          unitriangular=True)
+    w_s, z = solve[..., :K], solve[..., K:]  # U = w_s @ S_0 + z
+    y_local = p_rk @ v  # [B, H, n, L, V]
+    to_end = torch.exp(c[:, :, :, -1:, :] - c)  # e^{c_L - c_j}
+    b_end, k_end = (b * to_end).transpose(-1, -2), (k * to_end).transpose(-1, -2)  # [B, H, n, K, L]
+    decay_chunk = torch.exp(c[:, :, :, -1, :])[..., None]  # [B, H, n, K, 1]
+    S = state
+    ys = []
+    for i in range(n):
+        u = w_s[:, :, i] @ S + z[:, :, i]  # [B, H, L, V]
+        ys.append(r_dec[:, :, i] @ S + p_rb[:, :, i] @ u + y_local[:, :, i])
+        S = decay_chunk[:, :, i] * S + b_end[:, :, i] @ u + k_end[:, :, i] @ v[:, :, i]
+    y = torch.stack(ys, dim=2).permute(0, 2, 3, 1, 4).reshape(B, n * L, H, V)
+    return y[:, :T], S
+
+
+BACKENDS = {"recurrent": delta_rule_recurrent, "chunked": delta_rule_chunked}
 
 
 def delta_rule(r, logw, k, v, a, b, state, *, backend: str = "chunked"):
-    """Generalised delta rule. Returns (y [B, T, H, V], state [B, H, K, V]).
-
-    The "chunked" backend is still the token loop (the projections around it are batched over time);
-    a chunked WY form is future work, and it will be tested against `delta_rule_recurrent`.
-    """
+    """Generalised delta rule. Returns (y [B, T, H, V], state [B, H, K, V])."""
     return pick("delta_rule", BACKENDS, backend)(r, logw, k, v, a, b, state)
