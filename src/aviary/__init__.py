@@ -9,8 +9,8 @@ from aviary.config import ModelConfig, infer_config
 from aviary.io import CheckpointError
 from aviary.loading import load
 from aviary.model import RWKV
-from aviary.state import RWKVState
+from aviary.state import RWKVState, StateError
 
 __version__ = "0.1.0"
 
-__all__ = ["RWKV", "CheckpointError", "ModelConfig", "RWKVState", "infer_config", "load"]
+__all__ = ["RWKV", "CheckpointError", "ModelConfig", "RWKVState", "StateError", "infer_config", "load"]
