@@ -1,25 +1,33 @@
-"""Turn a file (or a Hugging Face model folder) into a state dict with the official BlinkDL key names.
+"""Turn a file (or a Hugging Face model folder) into a state dict with the official BlinkDL key names,
+and back.
 
 Nothing here unpickles arbitrary objects: `.pth`/`.bin` files go through `torch.load(weights_only=True)`,
-which only rebuilds tensors and plain containers, and refuses anything that would run code.
+which only rebuilds tensors and plain containers, and refuses anything that would import or call code.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
+from aviary.config import infer_config
 from aviary.io import names
+from aviary.io.hf_config import config_json
 
-__all__ = ["CheckpointError", "read_state_dict", "write_state_dict"]
+__all__ = ["CheckpointError", "read_state_dict", "weight_files", "write_state_dict"]
 
 PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
 SAFETENSORS_SUFFIXES = {".safetensors"}
 # A folder written by Hugging Face `save_pretrained`: weights in one of these (possibly sharded)
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+FOLDER_WEIGHTS = "model.safetensors"  # what `write_state_dict` writes into a folder
 
 
 class CheckpointError(ValueError):
@@ -31,15 +39,38 @@ class CheckpointError(ValueError):
         self.problem = problem
 
 
+def _first_sentence(e: BaseException, limit: int = 200) -> str:
+    """The useful part of a library's exception text, on one line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _unpickling_problem(e: pickle.UnpicklingError) -> str:
+    text = str(e)
+    wanted = re.search(r"GLOBAL ([\w.]+)", text)
+    if wanted:  # the pickle imports something (os.system, a class, ...): loading it could run code
+        return f"refused to load: the pickle asks to import {wanted.group(1)}, which could run code"
+    detail = re.search(r"Unsupported [^\n.]*", text)
+    return ("not a PyTorch checkpoint of tensors (corrupt, or a pickle the safe weights-only loader "
+            f"does not accept){': ' + detail.group(0).strip() if detail else ''}")
+
+
 def _load_pickle(path: Path) -> dict:
+    # memory-map zip-format files (torch >= 1.6); the legacy format cannot be mapped
+    mmap = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing them itself
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(path, f"refused to unpickle: the file holds objects other than tensors "
-                                    f"(it could run code when loaded), so it is not read ({e})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(path, f"not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        raise CheckpointError(path, _unpickling_problem(e)) from None
+    except EOFError:
+        raise CheckpointError(path, "file ends early (empty, truncated or corrupt)") from None
+    except Exception as e:  # garbage bytes make the unpickler fail in any number of ways
+        raise CheckpointError(path, f"not a readable PyTorch checkpoint (truncated or corrupt?): "
+                                    f"{type(e).__name__}: {_first_sentence(e)}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning-style wrapper
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"expected a state dict (name -> tensor), found {type(obj).__name__}")
@@ -53,21 +84,29 @@ def _load_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(path, f"not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise CheckpointError(path, f"not a readable safetensors file (truncated or corrupt?): "
+                                    f"{_first_sentence(e)}") from None
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    for stem in HF_WEIGHT_FILES:
-        if (folder / stem).is_file():
-            return [folder / stem]
-        shards = sorted(folder.glob(stem.replace(".", "-*-of-*.", 1)))
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files a checkpoint path stands for: the file itself, or the weights of a model folder
+    (`model.safetensors`, `pytorch_model.bin`, their shards, or a folder's only .pth/.safetensors)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "no such file or folder")
+    if not path.is_dir():
+        return [path]
+    for name in HF_WEIGHT_FILES:
+        if (path / name).is_file():
+            return [path / name]
+        shards = sorted(path.glob(name.replace(".", "-*-of-*.", 1)))  # model-00001-of-00002.safetensors
         if shards:
             return shards
-    found = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES | SAFETENSORS_SUFFIXES)
+    found = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES | SAFETENSORS_SUFFIXES)
     if len(found) == 1:
         return found
-    raise CheckpointError(folder, f"no weights found: expected one of {HF_WEIGHT_FILES} (or shards), "
-                                  f"or exactly one .pth/.safetensors file; found {[p.name for p in found]}")
+    raise CheckpointError(path, f"no weights found: expected one of {HF_WEIGHT_FILES} (or shards), "
+                                f"or exactly one .pth/.safetensors file; found {[p.name for p in found]}")
 
 
 def _read_file(path: Path) -> dict:
@@ -83,13 +122,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     """Read a checkpoint and return (state dict with official names, source layout name).
 
     The layout is one of `names.LAYOUTS` ("official", "hf-rwkv4", "hf-rwkv5", "hf-rwkv6", "fla-rwkv7").
+    Tensors keep the dtype they have in the file. Raises CheckpointError naming the file.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(path, "no such file or folder")
-    files = _weight_files(path) if path.is_dir() else [path]
     sd: dict = {}
-    for f in files:
+    for f in weight_files(path):
         sd.update(_read_file(f))
     bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     bad = [k for k in bad if k not in names.PIP_CONVERTED_MARKERS]
@@ -101,19 +137,41 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         raise CheckpointError(path, str(e)) from None
 
 
-def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, layout: str = "official") -> None:
-    """Write official-named `sd` to `path` in `layout`; the format follows the extension
-    (.safetensors, or .pth/.pt/.bin). Written to a temporary file first, then renamed."""
-    path = Path(path)
-    out = names.from_official(sd, layout)
-    out = {k: v.detach().contiguous().cpu() for k, v in out.items()}
+def is_file_path(path: str | os.PathLike) -> bool:
+    """Whether `write_state_dict` writes `path` as one file (else as a model folder)."""
+    return Path(path).suffix in PICKLE_SUFFIXES | SAFETENSORS_SUFFIXES
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write to a temporary file, then rename, so a failed write never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix in SAFETENSORS_SUFFIXES:
         from safetensors.torch import save_file
 
-        save_file(out, str(tmp), metadata={"format": "pt"})
-    elif path.suffix in PICKLE_SUFFIXES:
-        torch.save(out, tmp)
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     else:
-        raise CheckpointError(path, f"cannot tell the output format from extension {path.suffix!r}")
+        torch.save(tensors, tmp)
     os.replace(tmp, path)
+
+
+def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike,
+                     layout: str = "official") -> list[Path]:
+    """Write official-named `sd` to `path` in `layout` and return the files written.
+
+    A path ending in .safetensors or .pth/.pt/.bin/.ckpt is one file in that format. Any other path is a
+    model folder (names like `rwkv7-0.1b` are common): `model.safetensors` plus, for the Hugging Face and
+    fla layouts, a `config.json` for that library.
+    """
+    path = Path(path)
+    out = {k: v.detach().contiguous().cpu() for k, v in names.from_official(sd, layout).items()}
+    if is_file_path(path):
+        _save(out, path)
+        return [path]
+    path.mkdir(parents=True, exist_ok=True)
+    _save(out, path / FOLDER_WEIGHTS)
+    written = [path / FOLDER_WEIGHTS]
+    config = config_json(layout, infer_config(sd), sd["emb.weight"].dtype)
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        written.append(path / "config.json")
+    return written

@@ -1,0 +1,82 @@
+"""Convert a checkpoint between file formats and key layouts: official `.pth` <-> safetensors <->
+Hugging Face (transformers RWKV-4, RWKV-5/6 remote code) <-> fla RWKV-7.
+
+The source format and layout are detected. The output format follows DST: a name ending in .pth or
+.safetensors is one file (official names unless --layout says otherwise); any other name is a model
+folder with `model.safetensors` and a `config.json`, in the Hugging Face / fla layout of the model's
+version unless --layout says otherwise. The checkpoint is checked to describe a complete model
+before anything is written.
+
+examples:
+  aviary convert RWKV-x060-World-1B6.pth rwkv6.safetensors --dtype bfloat16
+  aviary convert RWKV-4-Pile-169M.pth rwkv4-hf/                # loads with RwkvForCausalLM.from_pretrained
+  aviary convert rwkv7-fla-folder/ RWKV-x070.pth --layout official
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "convert a checkpoint between .pth, safetensors and Hugging Face / fla layouts"
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from aviary.io.names import LAYOUTS
+
+    parser.add_argument("src", metavar="SRC", help=".pth / .safetensors file, or a Hugging Face / fla folder")
+    parser.add_argument("dst", metavar="DST", help="output: NAME.pth, NAME.safetensors, or a folder")
+    parser.add_argument("--layout", choices=LAYOUTS,
+                        help="key names to write (default: official for a file, the HF/fla layout of the "
+                             "model's version for a folder)")
+    parser.add_argument("--dtype", choices=DTYPES, help="cast floating-point tensors (default: keep)")
+    parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+
+
+def _check_model(sd: dict, src: str) -> int:
+    """Build the model on the meta device from `sd` so a broken checkpoint is refused before writing;
+    returns the RWKV version."""
+    from aviary.config import ConfigError
+    from aviary.io import CheckpointError
+    from aviary.loading import model_from_state_dict
+
+    try:
+        return model_from_state_dict(sd).config.version
+    except ConfigError as e:
+        raise CheckpointError(src, str(e)) from None
+
+
+def _size(paths: list[Path]) -> str:
+    n = sum(p.stat().st_size for p in paths)
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n:,} bytes"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from aviary.io import read_state_dict, write_state_dict
+    from aviary.io.checkpoint import is_file_path
+    from aviary.io.names import library_layout
+
+    dst = Path(args.dst)
+    is_folder = not is_file_path(dst)
+    if dst.exists() and not args.force:
+        raise FileExistsError(f"{dst} already exists; pass --force to overwrite it")
+    if args.layout == "official" and is_folder:
+        raise ValueError(f"{dst}: the official layout is a single file; end DST with .pth or .safetensors")
+
+    sd, src_layout = read_state_dict(args.src)
+    version = _check_model(sd, args.src)
+    layout = args.layout or (library_layout(version) if is_folder else "official")
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    written = write_state_dict(sd, dst, layout)
+
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
+    contents = ", ".join(p.name for p in written) + ", " if is_folder else ""
+    print(f"wrote {dst} ({contents}{_size(written)})")
+    print(f"  RWKV-{version}, {len(sd)} tensors, {'/'.join(dtypes)}: {src_layout} -> {layout}")
+    return 0

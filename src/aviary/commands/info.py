@@ -1,0 +1,117 @@
+"""Show what a checkpoint holds, without building the model: RWKV version, file format and key layout,
+every size (layers, width, heads, ffn, LoRA ranks, vocabulary), the parameter count, the recurrent
+state size per sequence, the dtypes in the file, and whether it carries a state-tuned `time_state`.
+
+examples:
+  aviary info RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth
+  aviary info --json ./rwkv7-hf-folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import Counter
+from typing import Any
+
+HELP = "show a checkpoint's version, sizes, parameter count and state size"
+
+VERSION_NAMES = {4: "RWKV-4", 5: 'RWKV-5.2 "Eagle"', 6: 'RWKV-6 "Finch"', 7: 'RWKV-7 "Goose"'}
+# ModelConfig field -> the name `aviary info` shows for that LoRA rank
+LORA_RANKS = {"rank_mix": "mix", "rank_decay": "decay", "rank_w": "w", "rank_a": "a", "rank_v": "v",
+              "rank_g": "g"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help=".pth / .safetensors file, or a Hugging Face / fla model folder")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _file_format(path: str | os.PathLike) -> str:
+    from aviary.io.checkpoint import SAFETENSORS_SUFFIXES, weight_files
+
+    files = weight_files(path)
+    safetensors = files[0].suffix in SAFETENSORS_SUFFIXES
+    kind = "safetensors" if safetensors else "PyTorch pickle (read with weights_only)"
+    if os.path.isdir(path):
+        shown = files[0].name if len(files) == 1 else f"{len(files)} shards {files[0].name} ..."
+        return f"{kind}, folder with {shown}"
+    return kind
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Everything `aviary info` shows, as plain data. Raises CheckpointError naming the file."""
+    from aviary.config import ConfigError, infer_config
+    from aviary.io import CheckpointError, read_state_dict
+    from aviary.model.rwkv import _architecture
+
+    sd, layout = read_state_dict(path)
+    time_state = sorted(k for k in sd if k.endswith(".att.time_state"))
+    try:
+        config = infer_config(sd)
+    except ConfigError as e:
+        raise CheckpointError(path, str(e)) from None
+    wkv = math.prod(_architecture(config.version).wkv_shape(config))
+    return {
+        "path": str(path),
+        "format": _file_format(path),
+        "layout": layout,
+        "version": config.version,
+        "version_name": VERSION_NAMES[config.version],
+        "config": config.to_dict(),
+        "n_head": config.n_head,
+        # a state-tuned time_state is a starting state, not a weight of the network
+        "parameters": sum(t.numel() for k, t in sd.items() if k not in time_state),
+        # token-shift vectors for att and ffn plus the wkv memory of every layer, all float32
+        "state_bytes": config.n_layer * (2 * config.n_embd + wkv) * 4,
+        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in sd.values()).most_common()),
+        "time_state": bool(time_state),
+    }
+
+
+def _table(info: dict[str, Any]) -> list[tuple[str, str]]:
+    cfg = info["config"]
+    if info["version"] == 4:
+        heads = "none (one decay per channel)"
+    else:
+        heads = f"{info['n_head']} x head size {cfg['head_size']}"
+    ranks = ", ".join(f"{name} {cfg[field]}" for field, name in LORA_RANKS.items() if cfg[field])
+    dtypes = ", ".join(f"{name} ({count} tensors)" for name, count in info["dtypes"].items())
+    return [
+        ("checkpoint", info["path"]),
+        ("format", info["format"]),
+        ("layout", info["layout"]),
+        ("version", info["version_name"]),
+        ("layers", str(cfg["n_layer"])),
+        ("width", str(cfg["n_embd"])),
+        ("heads", heads),
+        ("ffn", str(cfg["dim_ffn"])),
+        ("LoRA ranks", ranks or "none"),
+        ("vocab", str(cfg["vocab_size"])),
+        ("parameters", f"{info['parameters']:,} ({_short(info['parameters'])})"),
+        ("state", f"{info['state_bytes']:,} bytes per sequence (fp32)"),
+        ("dtypes", dtypes),
+        ("time_state", "yes (state-tuned: its initial state is used)" if info["time_state"] else "no"),
+    ]
+
+
+def _short(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = describe(args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        rows = _table(info)
+        width = max(len(label) for label, _ in rows)
+        for label, value in rows:
+            print(f"{label:<{width}}  {value}")
+    return 0
