@@ -14,13 +14,12 @@ import sys
 COMMANDS: dict[str, str] = {
     "info": "aviary.commands.info",
     "convert": "aviary.commands.convert",
-    "tokenize": "aviary.commands.tokenize",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="aviary", description="RWKV-4/5/6/7: load official checkpoints, inspect, convert, tokenize.")
+        prog="aviary", description="RWKV-4/5/6/7: load official checkpoints, inspect, convert.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
