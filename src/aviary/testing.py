@@ -15,7 +15,7 @@ import torch
 
 from aviary.config import ModelConfig
 
-__all__ = ["random_config", "random_state_dict", "save_random_checkpoint"]
+__all__ = ["ByteTokenizer", "random_config", "random_state_dict", "save_random_checkpoint"]
 
 
 def random_config(version: int, n_layer: int = 2, n_embd: int = 128, vocab_size: int = 300,
@@ -89,3 +89,24 @@ def save_random_checkpoint(path: str | os.PathLike, config: ModelConfig, seed: i
     sd = random_state_dict(config, seed=seed, time_state=time_state)
     write_state_dict(sd, path)
     return sd
+
+
+class ByteTokenizer:
+    """A byte-level tokenizer with the World tokenizer's first ids: 0 is end of document, id b+1 is
+    byte b. Enough to drive generation on small random models (vocab >= 257) in tests and examples."""
+
+    vocab_size = 257
+    eot_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 1 for b in text.encode("utf-8")]
+
+    def decode_bytes(self, ids) -> bytes:
+        ids = list(ids)
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is not a byte token (0..256)")
+        return bytes(i - 1 for i in ids if i)
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")

@@ -1,0 +1,273 @@
+"""Generation: batched == one by one, streaming == non-streaming, cached prefix == recompute, saved state ==
+live state, stop strings across token boundaries, seeds, and the reference pipeline's penalties."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from aviary.generation import Engine, GenerationError, SamplingParams, StateCache, generate, stream
+from aviary.loading import model_from_state_dict
+from aviary.state import RWKVState
+from aviary.testing import ByteTokenizer, random_config, random_state_dict
+
+TOK = ByteTokenizer()
+GREEDY = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=())
+
+
+@pytest.fixture(scope="module", params=[6, 7], ids=lambda v: f"v{v}")
+def model(request):
+    cfg = random_config(request.param, n_layer=2, n_embd=64, head_size=32, vocab_size=257)
+    return model_from_state_dict(random_state_dict(cfg, seed=3))
+
+
+PROMPTS = ["Hello", "The quick brown fox jumps", "é", "a much longer prompt that spans several words and bytes"]
+
+
+def test_batch_equals_one_by_one(model):
+    batch = generate(model, TOK, PROMPTS, GREEDY)
+    singles = [generate(model, TOK, p, GREEDY) for p in PROMPTS]
+    assert batch == singles
+    assert all(len(t) <= 12 for t in batch)  # 12 tokens, at most one character each
+
+
+def test_streaming_equals_non_streaming(model):
+    text = generate(model, TOK, "Hello", GREEDY)
+    assert "".join(stream(model, TOK, "Hello", GREEDY)) == text
+    pieces = {i: "" for i in range(len(PROMPTS))}
+    for i, piece in stream(model, TOK, PROMPTS, GREEDY):
+        pieces[i] += piece
+    assert list(pieces.values()) == generate(model, TOK, PROMPTS, GREEDY)
+
+
+def test_keyword_overrides_and_length_limit(model):
+    out = Engine(model, TOK)
+    seq = out.add("Hi", SamplingParams(temperature=0, max_new_tokens=5, stop_token_ids=()))
+    while out.has_work:
+        out.step()
+    assert len(seq.tokens) == 5 and seq.finish_reason == "length"
+    assert generate(model, TOK, "Hi", GREEDY, max_new_tokens=5) == TOK.decode(seq.tokens)
+
+
+def test_sequence_joining_mid_batch_matches_running_alone(model):
+    alone = generate(model, TOK, "late joiner", GREEDY)
+    engine = Engine(model, TOK)
+    first = engine.add("early", GREEDY)
+    engine.step()
+    engine.step()
+    late = engine.add("late joiner", GREEDY)
+    assert engine.batch_size == 2
+    while engine.has_work:
+        engine.step()
+    assert late.text == alone
+    assert first.text == generate(model, TOK, "early", GREEDY)
+
+
+def test_finished_sequences_leave_the_batch(model):
+    engine = Engine(model, TOK)
+    engine.add("a", GREEDY.__class__(temperature=0, max_new_tokens=2, stop_token_ids=()))
+    engine.add("b", GREEDY)
+    sizes = []
+    while engine.has_work:
+        engine.step()
+        sizes.append(engine.batch_size)
+    assert sizes[1] == 1 and sizes[-1] == 0
+
+
+def test_cached_prefix_gives_the_same_continuation(model):
+    system = "System: you are a helpful bird.\n\n"
+    prompt = system + "User: hi\n\nAssistant:"
+    fresh = generate(model, TOK, prompt, GREEDY)
+    cache = StateCache()
+    engine = Engine(model, TOK, cache=cache)
+    engine.prefill(TOK.encode(system))
+    seq = engine.add(prompt, GREEDY)
+    while engine.has_work:
+        engine.step()
+    assert seq.cached_tokens == len(TOK.encode(system))
+    assert seq.text == fresh
+    # the whole prompt is now cached too: a repeat starts from its state and logits, with no model call
+    again = Engine(model, TOK, cache=cache).add(prompt, GREEDY)
+    assert again.cached_tokens == len(TOK.encode(prompt))
+
+
+def test_saved_and_reloaded_state_continues_identically(model, tmp_path):
+    engine = Engine(model, TOK)
+    _, state, _ = engine.prefill(TOK.encode("User: remember the number 7.\n\n"))
+    live = generate(model, TOK, "Assistant:", GREEDY, state=state)
+    state.save(tmp_path / "chat.state")
+    loaded = RWKVState.load(tmp_path / "chat.state")
+    assert generate(model, TOK, "Assistant:", GREEDY, state=loaded) == live
+
+
+def test_final_state_covers_prompt_and_generated_tokens(model):
+    engine = Engine(model, TOK)
+    seq = engine.add("Hello", GREEDY)
+    while engine.has_work:
+        engine.step()
+    _, state = model(torch.tensor([TOK.encode("Hello") + seq.tokens]))
+    torch.testing.assert_close(seq.final_state.wkv, state.wkv, atol=1e-4, rtol=1e-4)
+
+
+def test_seed_makes_sampling_reproducible(model):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=1234, stop_token_ids=())
+    a = generate(model, TOK, ["x", "y"], params)
+    assert a == generate(model, TOK, ["x", "y"], params)
+    assert generate(model, TOK, "x", params) == a[0]  # the batch does not change a sequence's draws
+    others = {generate(model, TOK, "x", params, seed=s) for s in range(5)}
+    assert len(others) > 1
+
+
+def test_bad_requests_get_clear_errors(model):
+    with pytest.raises(GenerationError, match="empty"):
+        generate(model, TOK, "", GREEDY)
+    with pytest.raises(GenerationError, match="outside"):
+        Engine(model, TOK).add([5, 999], GREEDY)
+    with pytest.raises(ValueError, match="banned_tokens"):
+        generate(model, TOK, "x", GREEDY, banned_tokens=(400,))
+    with pytest.raises(ValueError, match="another model|batch"):
+        wrong = model.init_state(2)
+        generate(model, TOK, "x", GREEDY, state=wrong)
+
+
+# ---- a scripted model: emits a fixed token sequence, for exact stop-string and UTF-8 tests ----------
+
+
+class ScriptedModel(torch.nn.Module):
+    """Logits that pick `script[position]` (then end of document); the position is kept in the state."""
+
+    def __init__(self, script, vocab_size=257):
+        super().__init__()
+        self.script = list(script)
+        self.emb = torch.nn.Embedding(1, 1)
+        self.config = random_config(7, vocab_size=vocab_size)
+
+    def init_state(self, batch_size=1):
+        return RWKVState(7, torch.zeros(batch_size, 1, 2, 1), torch.zeros(batch_size, 1, 1, 1, 1))
+
+    def check_state(self, state, batch_size):
+        assert state.batch_size == batch_size
+
+    def forward(self, tokens, state=None, last_only=False):
+        B, T = tokens.shape
+        state = state if state is not None else self.init_state(B)
+        pos = state.shift[:, 0, 0, 0] + T
+        logits = torch.zeros(B, 1, self.config.vocab_size)
+        for b in range(B):
+            gen = int(pos[b]) - self.prompt_len
+            logits[b, 0, self.script[gen] if 0 <= gen < len(self.script) else 0] = 50.0
+        shift = state.shift.clone()
+        shift[:, 0, 0, 0] = pos
+        return logits, RWKVState(7, shift, state.wkv)
+
+
+def scripted(text, prompt="P"):
+    m = ScriptedModel(TOK.encode(text))
+    m.prompt_len = len(TOK.encode(prompt))
+    return m
+
+
+@pytest.mark.parametrize("stop", ["\n\nUser", "User:", "ser", "\n"])
+def test_stop_strings_across_token_boundaries(stop):
+    text = "Sure, here it is.\n\nUser: next"
+    m = scripted(text)
+    params = SamplingParams(temperature=0, max_new_tokens=100, stop=(stop, "never"))
+    full = generate(m, TOK, "P", params)
+    assert full == text[:text.index(stop)]
+    assert "".join(stream(m, TOK, "P", params)) == full  # nothing of the stop string leaks out while streaming
+
+
+def test_stream_yields_only_whole_characters():
+    text = "héllo 😀 世界"
+    pieces = list(stream(scripted(text), TOK, "P", SamplingParams(temperature=0, max_new_tokens=100)))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(pieces) == len(text)  # one piece per character, though 😀 is four tokens
+
+
+def test_stop_token_ends_without_text():
+    out = Engine(scripted("ab"), TOK)
+    seq = out.add("P", SamplingParams(temperature=0, max_new_tokens=100))
+    while out.has_work:
+        out.step()
+    assert seq.text == "ab" and seq.finish_reason == "stop" and seq.tokens == TOK.encode("ab")
+
+
+# ---- sampling ---------------------------------------------------------------------------------------
+
+
+def test_sample_truncations():
+    from aviary.generation.sampling import sample
+
+    logits = torch.tensor([3.0, 2.9, 0.0, -1.0, 2.95])
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, SamplingParams(temperature=0)) == 0
+    draws = {sample(logits, SamplingParams(top_k=2), g) for _ in range(200)}
+    assert draws == {0, 4}
+    draws = {sample(logits, SamplingParams(top_p=0.3), g) for _ in range(200)}
+    assert draws == {0}  # the top token alone holds more than 30 % of the mass
+    draws = {sample(logits, SamplingParams(min_p=0.5), g) for _ in range(300)}
+    assert draws == {0, 1, 4}
+    # low temperature sharpens, high flattens (never adds tokens that truncation removed)
+    cold = [sample(logits, SamplingParams(temperature=0.01), g) for _ in range(200)]
+    assert cold.count(0) > 190  # p0 / p4 = e^(0.05 / 0.01) ~ 148
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                 dict(min_p=1.0), dict(max_new_tokens=-1), dict(penalty_decay=2.0),
+                                 dict(stop=("",)), dict(temperature=float("nan")), dict(seed="x"),
+                                 dict(banned_tokens=(-1,))])
+def test_invalid_sampling_settings_raise(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**bad)
+
+
+class ConstantModel(ScriptedModel):
+    """The same logits at every step (so only the penalties change what greedy decoding picks)."""
+
+    def __init__(self, logits):
+        super().__init__([], vocab_size=logits.numel())
+        self.logits = logits
+
+    def forward(self, tokens, state=None, last_only=False):
+        B = tokens.shape[0]
+        return self.logits.expand(B, 1, -1).clone(), state if state is not None else self.init_state(B)
+
+
+@pytest.mark.oracle
+def test_penalties_match_the_reference_pipeline(monkeypatch):
+    """Greedy decoding under presence/frequency penalties with decay picks the same tokens as the rwkv
+    package's PIPELINE.generate (including its rule that spaces and digits are not counted)."""
+    pytest.importorskip("rwkv")
+    monkeypatch.setenv("RWKV_JIT_ON", "0")
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+    from rwkv.utils import PIPELINE, PIPELINE_ARGS
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(65536, generator=g) * 0.1
+    favourites = {ord(c) + 1: 3.0 - 0.05 * i for i, c in enumerate("ab 7cd")}  # byte tokens incl. space, digit
+    for t, v in favourites.items():
+        logits[t] = v
+
+    class RefModel:
+        def forward(self, tokens, state):
+            return logits.clone(), state
+
+    ref_pipe = PIPELINE(RefModel(), "rwkv_vocab_v20230424")
+    args = PIPELINE_ARGS(temperature=0, alpha_presence=0.3, alpha_frequency=0.25, alpha_decay=0.9)
+    expected = ref_pipe.generate("Q", token_count=40, args=args)
+
+    vocab = os.path.join(os.path.dirname(sys.modules["rwkv.utils"].__file__), "rwkv_vocab_v20230424.txt")
+    trie = TRIE_TOKENIZER(vocab)
+
+    class TrieAdapter:
+        encode = staticmethod(trie.encode)
+        decode_bytes = staticmethod(trie.decodeBytes)
+
+    ours = generate(ConstantModel(logits), TrieAdapter(), "Q", SamplingParams(
+        temperature=0, max_new_tokens=40, presence_penalty=0.3, frequency_penalty=0.25, penalty_decay=0.9,
+        stop_token_ids=()))
+    assert ours == expected
+    assert len(set(expected)) >= 4  # the penalties really moved greedy decoding around
