@@ -1,0 +1,512 @@
+/* The World tokenizer's hot loops in C: greedy longest match over UTF-8 bytes, and id -> bytes.
+ *
+ * The trie is stored as a double array: a transition from state s on byte c goes to t = base[s] + c
+ * and exists iff check[t] == s; id[t] is the token ending at t (-1 when none). Walking a token is one
+ * add and one compare per byte, in one 12-byte record, so the whole vocabulary (about 200k states)
+ * stays in L2/L3 cache.
+ *
+ * Encoding is the reference algorithm (rwkv pip package, rwkv_tokenizer.py TRIE_TOKENIZER): from the
+ * current position walk the trie as far as the bytes allow, remember the last state that ends a token,
+ * emit that token and restart after it. Encoding runs without the GIL; Python ints for every id are
+ * created once, so building the result list is a reference-count increment per token.
+ *
+ * Python wrapper and documentation: world.py. Reference implementation in Python: world.py PythonTrie.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int32_t base;   /* children of this state live at base + byte */
+    int32_t check;  /* the parent state; -1 for a free slot */
+    int32_t id;     /* token id ending here, -1 if none */
+} DANode;
+
+typedef struct {
+    PyObject_HEAD
+    DANode *da;
+    Py_ssize_t da_size;      /* allocated records; every base + 255 is inside */
+    Py_ssize_t n_states;     /* records in use */
+    Py_ssize_t n_ids;        /* ids 0 .. n_ids-1; some may be missing */
+    int64_t *tok_off;        /* byte offset of each id's bytes in blob */
+    int32_t *tok_len;        /* byte length of each id, -1 if the id is not in the vocabulary */
+    char *blob;
+    PyObject **ints;         /* a Python int for every id, to build lists without allocating */
+    Py_ssize_t max_id;       /* largest id present */
+    int max_token_len;
+} TrieObject;
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Building the double array                                                                       */
+
+typedef struct {
+    const unsigned char *p;
+    int32_t len;
+    int32_t id;
+} Key;
+
+typedef struct {
+    DANode *da;
+    Py_ssize_t size;
+    Py_ssize_t used_max;      /* highest slot in use + 1 */
+    Py_ssize_t first_free;    /* every slot below this is used */
+    const Key *keys;
+    int32_t *work;            /* per depth: child bytes and range starts, 2 * 257 ints */
+} Builder;
+
+static int key_cmp(const void *a, const void *b)
+{
+    const Key *x = a, *y = b;
+    int32_t n = x->len < y->len ? x->len : y->len;
+    int c = memcmp(x->p, y->p, (size_t)n);
+    if (c) return c;
+    if (x->len != y->len) return x->len < y->len ? -1 : 1;
+    return x->id < y->id ? -1 : (x->id > y->id);  /* equal bytes: ascending id, the last one wins */
+}
+
+static int builder_grow(Builder *b, Py_ssize_t need)
+{
+    if (need <= b->size) return 0;
+    Py_ssize_t size = b->size;
+    while (size < need) size *= 2;
+    DANode *da = PyMem_Realloc(b->da, (size_t)size * sizeof(DANode));
+    if (!da) { PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t i = b->size; i < size; i++) { da[i].base = 0; da[i].check = -1; da[i].id = -1; }
+    b->da = da;
+    b->size = size;
+    return 0;
+}
+
+/* Keys [lo, hi) share their first `depth` bytes, the path to state s. Place s's children, recurse. */
+static int build_state(Builder *b, int32_t s, Py_ssize_t lo, Py_ssize_t hi, int depth)
+{
+    const Key *keys = b->keys;
+    Py_ssize_t i = lo;
+    while (i < hi && keys[i].len == depth) {   /* the token spelled by the path itself */
+        b->da[s].id = keys[i].id;
+        i++;
+    }
+    if (i == hi) return 0;
+
+    int32_t *bytes = b->work + (Py_ssize_t)depth * 514, *start = bytes + 257;
+    int n = 0;
+    for (; i < hi; i++) {
+        int c = keys[i].p[depth];
+        if (n == 0 || bytes[n - 1] != c) { bytes[n] = c; start[n] = (int32_t)i; n++; }
+    }
+    start[n] = (int32_t)hi;
+
+    /* first fit: the lowest base >= 1 whose slots base + c are all free */
+    Py_ssize_t pos = b->first_free, base;
+    for (;; pos++) {
+        base = pos - bytes[0];
+        if (base < 1) continue;
+        if (builder_grow(b, base + 256 + 1) < 0) return -1;
+        if (b->da[pos].check != -1) continue;
+        int ok = 1;
+        for (int j = 1; j < n && ok; j++) ok = b->da[base + bytes[j]].check == -1;
+        if (ok) break;
+    }
+    b->da[s].base = (int32_t)base;
+    for (int j = 0; j < n; j++) b->da[base + bytes[j]].check = s;
+    if (base + bytes[n - 1] + 1 > b->used_max) b->used_max = base + bytes[n - 1] + 1;
+    while (b->first_free < b->size && b->da[b->first_free].check != -1) b->first_free++;
+
+    for (int j = 0; j < n; j++)  /* deeper calls use their own rows of work, so bytes/start survive */
+        if (build_state(b, (int32_t)(base + bytes[j]), start[j], start[j + 1], depth + 1) < 0) return -1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+
+static void Trie_dealloc(TrieObject *self)
+{
+    if (self->ints) {
+        for (Py_ssize_t i = 0; i < self->n_ids; i++) Py_XDECREF(self->ints[i]);
+        PyMem_Free(self->ints);
+    }
+    PyMem_Free(self->da);
+    PyMem_Free(self->tok_off);
+    PyMem_Free(self->tok_len);
+    PyMem_Free(self->blob);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Trie(tokens): tokens[i] is the bytes of id i, or None where id i is not a token. Empty bytes
+ * decode to nothing and are never produced by encode (the end-of-document id 0). */
+static int Trie_init(TrieObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"tokens", NULL};
+    PyObject *tokens;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!", kwlist, &PyList_Type, &tokens)) return -1;
+    if (self->da) { PyErr_SetString(PyExc_RuntimeError, "Trie is already initialised"); return -1; }
+
+    Py_ssize_t n_ids = PyList_GET_SIZE(tokens), total = 0, n_keys = 0;
+    if (n_ids > INT32_MAX) { PyErr_SetString(PyExc_ValueError, "too many token ids"); return -1; }
+    for (Py_ssize_t i = 0; i < n_ids; i++) {
+        PyObject *t = PyList_GET_ITEM(tokens, i);
+        if (t == Py_None) continue;
+        if (!PyBytes_Check(t)) {
+            PyErr_Format(PyExc_TypeError, "token %zd must be bytes or None, not %.100s", i, Py_TYPE(t)->tp_name);
+            return -1;
+        }
+        Py_ssize_t len = PyBytes_GET_SIZE(t);
+        if (len > 4096) { PyErr_Format(PyExc_ValueError, "token %zd is %zd bytes long (at most 4096)", i, len); return -1; }
+        total += len;
+        n_keys += len > 0;
+    }
+
+    self->n_ids = n_ids;
+    self->tok_off = PyMem_Malloc((size_t)(n_ids ? n_ids : 1) * sizeof(int64_t));
+    self->tok_len = PyMem_Malloc((size_t)(n_ids ? n_ids : 1) * sizeof(int32_t));
+    self->blob = PyMem_Malloc((size_t)(total ? total : 1));
+    self->ints = PyMem_Calloc((size_t)(n_ids ? n_ids : 1), sizeof(PyObject *));
+    Key *keys = PyMem_Malloc((size_t)(n_keys ? n_keys : 1) * sizeof(Key));
+    if (!self->tok_off || !self->tok_len || !self->blob || !self->ints || !keys) {
+        PyMem_Free(keys);
+        PyErr_NoMemory();
+        return -1;
+    }
+    int have_byte[256] = {0};
+    Py_ssize_t off = 0, k = 0;
+    self->max_id = -1;
+    self->max_token_len = 0;
+    for (Py_ssize_t i = 0; i < n_ids; i++) {
+        PyObject *t = PyList_GET_ITEM(tokens, i);
+        self->ints[i] = PyLong_FromSsize_t(i);
+        if (!self->ints[i]) { PyMem_Free(keys); return -1; }
+        if (t == Py_None) { self->tok_len[i] = -1; self->tok_off[i] = 0; continue; }
+        Py_ssize_t len = PyBytes_GET_SIZE(t);
+        memcpy(self->blob + off, PyBytes_AS_STRING(t), (size_t)len);
+        self->tok_off[i] = off;
+        self->tok_len[i] = (int32_t)len;
+        self->max_id = i;
+        if (len > self->max_token_len) self->max_token_len = (int)len;
+        if (len == 1) have_byte[(unsigned char)self->blob[off]] = 1;
+        if (len > 0) { keys[k].p = (const unsigned char *)self->blob + off; keys[k].len = (int32_t)len; keys[k].id = (int32_t)i; k++; }
+        off += len;
+    }
+    for (int c = 0; c < 256; c++) {
+        if (!have_byte[c]) {
+            PyMem_Free(keys);
+            PyErr_Format(PyExc_ValueError, "the vocabulary has no token for the single byte 0x%02x "
+                         "(greedy matching needs all 256)", c);
+            return -1;
+        }
+    }
+    qsort(keys, (size_t)n_keys, sizeof(Key), key_cmp);
+
+    Builder b = {0};
+    b.size = 1024;
+    b.da = PyMem_Malloc((size_t)b.size * sizeof(DANode));
+    b.work = PyMem_Malloc((size_t)(self->max_token_len + 1) * 514 * sizeof(int32_t));
+    b.keys = keys;
+    if (!b.da || !b.work) { PyMem_Free(b.da); PyMem_Free(b.work); PyMem_Free(keys); PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t i = 0; i < b.size; i++) { b.da[i].base = 0; b.da[i].check = -1; b.da[i].id = -1; }
+    b.da[0].check = -2;  /* the root: never a child */
+    b.used_max = 1;
+    b.first_free = 1;
+    int rc = build_state(&b, 0, 0, n_keys, 0);
+    PyMem_Free(b.work);
+    PyMem_Free(keys);
+    self->da = b.da;
+    self->da_size = b.size;
+    self->n_states = b.used_max;
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Encoding                                                                                        */
+
+typedef struct {
+    int32_t *ids;
+    Py_ssize_t n, cap;
+} IdBuf;
+
+/* Encode p[0:n] into out (grown as needed). Runs without the GIL. Returns 0, or -1 when out of memory. */
+static int encode_span(const DANode *da, const unsigned char *p, Py_ssize_t n, IdBuf *out)
+{
+    Py_ssize_t pos = 0;
+    if (out->cap == 0) {
+        out->cap = n / 3 + 16;
+        out->ids = PyMem_RawMalloc((size_t)out->cap * sizeof(int32_t));
+        if (!out->ids) return -1;
+    }
+    while (pos < n) {
+        if (out->n == out->cap) {
+            Py_ssize_t cap = out->cap + out->cap / 2 + 16;
+            int32_t *ids = PyMem_RawRealloc(out->ids, (size_t)cap * sizeof(int32_t));
+            if (!ids) return -1;
+            out->ids = ids;
+            out->cap = cap;
+        }
+        /* one token: walk as deep as the bytes allow, keep the last state that ends a token */
+        int32_t s = 0, best = -1;
+        Py_ssize_t i = pos, end = pos;
+        do {
+            int32_t t = da[s].base + p[i];
+            if (da[t].check != s) break;
+            s = t;
+            i++;
+            if (da[s].id >= 0) { best = da[s].id; end = i; }
+        } while (i < n);
+        out->ids[out->n++] = best;  /* best >= 0: every single byte is a token (checked when built) */
+        pos = end;
+    }
+    return 0;
+}
+
+/* The UTF-8 bytes of a str, or the buffer of a bytes-like object. */
+typedef struct {
+    const unsigned char *p;
+    Py_ssize_t n;
+    PyObject *owned;   /* a temporary UTF-8 copy of a non-ASCII str */
+    Py_buffer view;
+    int has_view;
+} Source;
+
+static int source_open(PyObject *obj, Source *src)
+{
+    memset(src, 0, sizeof(*src));
+    if (PyUnicode_Check(obj)) {
+        if (PyUnicode_IS_ASCII(obj)) {  /* the str's own storage is its UTF-8: no copy */
+            const char *s = PyUnicode_AsUTF8AndSize(obj, &src->n);
+            if (!s) return -1;
+            src->p = (const unsigned char *)s;
+            return 0;
+        }
+        /* a temporary copy rather than PyUnicode_AsUTF8, which would keep it attached to the str */
+        src->owned = PyUnicode_AsUTF8String(obj);
+        if (!src->owned) return -1;
+        src->p = (const unsigned char *)PyBytes_AS_STRING(src->owned);
+        src->n = PyBytes_GET_SIZE(src->owned);
+        return 0;
+    }
+    if (PyObject_GetBuffer(obj, &src->view, PyBUF_SIMPLE) < 0) {
+        PyErr_Format(PyExc_TypeError, "expected str or a bytes-like object, not %.100s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    src->has_view = 1;
+    src->p = src->view.buf;
+    src->n = src->view.len;
+    return 0;
+}
+
+static void source_close(Source *src)
+{
+    Py_CLEAR(src->owned);
+    if (src->has_view) PyBuffer_Release(&src->view);
+    src->has_view = 0;
+}
+
+static PyObject *ids_to_list(TrieObject *self, const IdBuf *buf)
+{
+    PyObject *list = PyList_New(buf->n);
+    if (!list) return NULL;
+    for (Py_ssize_t i = 0; i < buf->n; i++) {
+        PyObject *v = self->ints[buf->ids[i]];
+        Py_INCREF(v);
+        PyList_SET_ITEM(list, i, v);
+    }
+    return list;
+}
+
+static int check_ready(TrieObject *self)
+{
+    if (self->da) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "Trie was not initialised");
+    return -1;
+}
+
+static PyObject *Trie_encode(TrieObject *self, PyObject *obj)
+{
+    if (check_ready(self) < 0) return NULL;
+    Source src;
+    IdBuf buf = {0};
+    if (source_open(obj, &src) < 0) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = encode_span(self->da, src.p, src.n, &buf);
+    Py_END_ALLOW_THREADS
+    source_close(&src);
+    PyObject *list = rc < 0 ? PyErr_NoMemory() : ids_to_list(self, &buf);
+    PyMem_RawFree(buf.ids);
+    return list;
+}
+
+/* encode_many(texts) -> list of lists: one GIL release for the whole group (encode_batch's unit of work). */
+static PyObject *Trie_encode_many(TrieObject *self, PyObject *texts)
+{
+    if (check_ready(self) < 0) return NULL;
+    PyObject *seq = PySequence_Fast(texts, "encode_many expects a sequence of str or bytes");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), opened = 0;
+    PyObject *result = NULL;
+    Source *src = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Source));
+    IdBuf *bufs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(IdBuf));
+    if (!src || !bufs) { PyErr_NoMemory(); goto done; }
+    for (; opened < n; opened++)
+        if (source_open(PySequence_Fast_GET_ITEM(seq, opened), &src[opened]) < 0) goto done;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && rc == 0; i++) rc = encode_span(self->da, src[i].p, src[i].n, &bufs[i]);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) { PyErr_NoMemory(); goto done; }
+    result = PyList_New(n);
+    if (!result) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *list = ids_to_list(self, &bufs[i]);
+        if (!list) { Py_CLEAR(result); goto done; }
+        PyList_SET_ITEM(result, i, list);
+        PyMem_RawFree(bufs[i].ids);
+        bufs[i].ids = NULL;
+    }
+done:
+    for (Py_ssize_t i = 0; i < opened; i++) source_close(&src[i]);
+    if (bufs) for (Py_ssize_t i = 0; i < n; i++) PyMem_RawFree(bufs[i].ids);
+    PyMem_Free(src);
+    PyMem_Free(bufs);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Decoding                                                                                        */
+
+/* Check every id and return the total byte length, or -1 with ValueError naming the first bad id. */
+static Py_ssize_t decode_length(TrieObject *self, PyObject *seq, int32_t *ids)
+{
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), total = 0;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int overflow = 0;
+        long long id = PyLong_Check(items[i]) ? PyLong_AsLongLongAndOverflow(items[i], &overflow) : -1;
+        if (!PyLong_Check(items[i])) {  /* numpy ints and other __index__ objects */
+            PyObject *index = PyNumber_Index(items[i]);
+            if (!index) {
+                PyErr_Format(PyExc_TypeError, "token ids must be integers; item %zd is %.100s", i,
+                             Py_TYPE(items[i])->tp_name);
+                return -1;
+            }
+            id = PyLong_AsLongLongAndOverflow(index, &overflow);
+            Py_DECREF(index);
+        }
+        if (id == -1 && PyErr_Occurred()) return -1;
+        if (overflow || id < 0 || id >= self->n_ids || self->tok_len[id] < 0) {
+            PyErr_Format(PyExc_ValueError, "token id %R at position %zd is not in the vocabulary (ids 0..%zd)",
+                         items[i], i, self->max_id);
+            return -1;
+        }
+        ids[i] = (int32_t)id;
+        total += self->tok_len[id];
+    }
+    return total;
+}
+
+static void decode_into(TrieObject *self, const int32_t *ids, Py_ssize_t n, char *out)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t len = self->tok_len[ids[i]];
+        memcpy(out, self->blob + self->tok_off[ids[i]], (size_t)len);
+        out += len;
+    }
+}
+
+/* as_str: 0 -> bytes, 1 -> str with invalid UTF-8 replaced by U+FFFD */
+static PyObject *decode_impl(TrieObject *self, PyObject *obj, int as_str)
+{
+    if (check_ready(self) < 0) return NULL;
+    PyObject *seq = PySequence_Fast(obj, "token ids must be a sequence of integers");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *result = NULL;
+    int32_t *ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int32_t));
+    if (!ids) { Py_DECREF(seq); return PyErr_NoMemory(); }
+    Py_ssize_t total = decode_length(self, seq, ids);
+    if (total >= 0) {
+        if (as_str) {
+            char *buf = PyMem_Malloc((size_t)(total ? total : 1));
+            if (!buf) {
+                PyErr_NoMemory();
+            } else {
+                decode_into(self, ids, n, buf);
+                result = PyUnicode_DecodeUTF8(buf, total, "replace");
+                PyMem_Free(buf);
+            }
+        } else {
+            result = PyBytes_FromStringAndSize(NULL, total);
+            if (result) decode_into(self, ids, n, PyBytes_AS_STRING(result));
+        }
+    }
+    PyMem_Free(ids);
+    Py_DECREF(seq);
+    return result;
+}
+
+static PyObject *Trie_decode_bytes(TrieObject *self, PyObject *obj) { return decode_impl(self, obj, 0); }
+static PyObject *Trie_decode(TrieObject *self, PyObject *obj) { return decode_impl(self, obj, 1); }
+
+static PyObject *Trie_get_n_states(TrieObject *self, void *closure) { return PyLong_FromSsize_t(self->n_states); }
+static PyObject *Trie_get_max_token_len(TrieObject *self, void *closure) { return PyLong_FromLong(self->max_token_len); }
+
+static PyObject *Trie_sizeof(TrieObject *self, PyObject *unused)
+{
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < self->n_ids; i++) total += self->tok_len[i] > 0 ? self->tok_len[i] : 0;
+    return PyLong_FromSsize_t((Py_ssize_t)sizeof(TrieObject) + self->da_size * (Py_ssize_t)sizeof(DANode) +
+                              self->n_ids * (Py_ssize_t)(sizeof(int64_t) + sizeof(int32_t) + sizeof(PyObject *)) + total);
+}
+
+static PyMethodDef Trie_methods[] = {
+    {"encode", (PyCFunction)Trie_encode, METH_O,
+     "encode(text: str | bytes-like) -> list[int]: greedy longest match over the UTF-8 bytes (GIL released)."},
+    {"encode_many", (PyCFunction)Trie_encode_many, METH_O,
+     "encode_many(texts) -> list[list[int]]: encode a group with one GIL release."},
+    {"decode_bytes", (PyCFunction)Trie_decode_bytes, METH_O,
+     "decode_bytes(ids) -> bytes; ValueError naming the first id that is not in the vocabulary."},
+    {"decode", (PyCFunction)Trie_decode, METH_O,
+     "decode(ids) -> str, invalid UTF-8 replaced by U+FFFD; ValueError for ids not in the vocabulary."},
+    {"__sizeof__", (PyCFunction)Trie_sizeof, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Trie_getset[] = {
+    {"n_states", (getter)Trie_get_n_states, NULL, "slots used by the double array", NULL},
+    {"max_token_len", (getter)Trie_get_max_token_len, NULL, "the longest token, in bytes", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject TrieType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "aviary.tokenizer._trie.Trie",
+    .tp_doc = "Trie(tokens: list[bytes | None]): a byte trie (double array) over the tokens, index = id.",
+    .tp_basicsize = sizeof(TrieObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Trie_init,
+    .tp_dealloc = (destructor)Trie_dealloc,
+    .tp_methods = Trie_methods,
+    .tp_getset = Trie_getset,
+};
+
+static struct PyModuleDef trie_module = {
+    PyModuleDef_HEAD_INIT, "_trie", "The World tokenizer's compiled core (see aviary/tokenizer/world.py).", -1,
+    NULL, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__trie(void)
+{
+    if (PyType_Ready(&TrieType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&trie_module);
+    if (!m) return NULL;
+    Py_INCREF(&TrieType);
+    if (PyModule_AddObject(m, "Trie", (PyObject *)&TrieType) < 0) {
+        Py_DECREF(&TrieType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

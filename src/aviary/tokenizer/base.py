@@ -1,0 +1,56 @@
+"""What every Aviary tokenizer offers (`Tokenizer`), and the streaming decoder they share."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """text <-> token ids. `WorldTokenizer` (RWKV-5/6/7, World RWKV-4) and `NeoXTokenizer` (RWKV-4 Pile)."""
+
+    vocab_size: int  # rows of the model's embedding
+    eot_id: int  # end of document; decodes to nothing
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_bytes(self, data: bytes) -> list[int]: ...
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def decode_bytes(self, ids: Iterable[int]) -> bytes: ...
+    def stream_decoder(self) -> StreamDecoder: ...
+    def __len__(self) -> int: ...
+
+
+class StreamDecoder:
+    """Turns ids arriving one by one into text, holding back bytes until they form whole UTF-8 characters.
+
+    A token can end inside a multi-byte character ("😀" is three tokens in the World vocabulary), so
+    decoding each token on its own would print replacement characters. `push` returns only complete
+    text; `flush` returns what is left (an incomplete tail becomes U+FFFD) and starts over. The
+    concatenation of everything returned equals `tokenizer.decode(all_ids)` however the ids are split.
+
+        dec = tok.stream_decoder()
+        for token in generated:
+            print(dec.push(token), end="", flush=True)
+        print(dec.flush())
+    """
+
+    def __init__(self, decode_bytes: Callable[[Iterable[int]], bytes]):
+        self._decode_bytes = decode_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids: int | Iterable[int]) -> str:
+        """Add one id or several; return the text they complete. A bad id raises ValueError and changes nothing."""
+        data = self._decode_bytes([ids] if isinstance(ids, int) else ids)
+        return self._utf8.decode(data)
+
+    def flush(self) -> str:
+        """The held-back bytes (an incomplete character becomes U+FFFD); the decoder is then empty."""
+        return self._utf8.decode(b"", final=True)
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes received but not yet returned as text (at most 3, the start of one character)."""
+        return self._utf8.getstate()[0]
