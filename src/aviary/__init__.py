@@ -10,7 +10,9 @@ from aviary.io import CheckpointError
 from aviary.loading import load
 from aviary.model import RWKV
 from aviary.state import RWKVState, StateError
+from aviary.tokenizer import WorldTokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["RWKV", "CheckpointError", "ModelConfig", "RWKVState", "StateError", "infer_config", "load"]
+__all__ = ["RWKV", "CheckpointError", "ModelConfig", "RWKVState", "StateError", "WorldTokenizer", "infer_config",
+           "load", "load_tokenizer"]
