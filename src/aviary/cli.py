@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, str] = {
     "info": "aviary.commands.info",
     "convert": "aviary.commands.convert",
+    "data": "aviary.commands.data",
+    "train": "aviary.commands.train",
 }
 
 

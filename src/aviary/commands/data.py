@@ -1,0 +1,91 @@
+"""Prepare and inspect training data in the binidx format (`.bin` + `.idx`, uint16 token ids, the
+end-of-document id 0 after every document), the format RWKV-LM and Megatron read.
+
+`prepare` reads plain text files (one document per file) and JSONL files (one `{"text": ...}` document
+per line), optionally compressed (.gz, .bz2, .xz, .zst), tokenizes them with the RWKV World tokenizer on
+all cores, and writes OUT.bin + OUT.idx. Every input is checked first (exists, not empty, UTF-8), and the
+output appears only when it is complete.
+
+`inspect` shows a dataset's documents, token counts and the sampling plan for a context length: how many
+windows one epoch visits, and RWKV-LM's "magic prime" for the same data.
+
+examples:
+  aviary data prepare ../shared/data/corpus/train.jsonl.xz data/corpus-train
+  aviary data prepare notes/*.txt books.jsonl.gz data/mine --threads 8
+  aviary data inspect data/corpus-train --ctx-len 512 --show 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+HELP = "tokenize text/JSONL into binidx training data, or inspect a binidx dataset"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub.add_parser("prepare", help="text / JSONL files -> OUT.bin + OUT.idx")
+    p.add_argument("paths", nargs="+", metavar="INPUT... OUT", help="input files, then the output prefix")
+    p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    i = sub.add_parser("inspect", help="documents, token counts and the sampling plan of a binidx dataset")
+    i.add_argument("prefix", metavar="DATA", help="binidx prefix (DATA.bin + DATA.idx)")
+    i.add_argument("--ctx-len", type=int, default=512, help="context length for the sampling plan [512]")
+    i.add_argument("--show", type=int, default=1, help="documents to print the start of [1]")
+    i.add_argument("--chars", type=int, default=300, help="characters shown per document [300]")
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from aviary.train.data import prepare
+
+    if len(args.paths) < 2:
+        raise ValueError("give at least one INPUT and the OUT prefix")
+    *inputs, out = args.paths
+    r = prepare(inputs, out, num_threads=args.threads, progress=not args.quiet)
+    print(f"wrote {r.bin_path} and {r.idx_path}: {r.documents:,} documents, {r.tokens:,} tokens "
+          f"({r.characters / max(r.tokens, 1):.2f} characters per token)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from aviary.train.data import BinIdx
+    from aviary.train.sampler import WindowSampler, magic_prime
+
+    ds = BinIdx(args.prefix)
+    sizes = ds.sizes.astype(np.int64)
+    print(f"dataset     {ds.bin_path} + {ds.idx_path.name}")
+    print(f"dtype       {ds.dtype}")
+    print(f"documents   {ds.n_documents:,}")
+    print(f"tokens      {len(ds):,}")
+    if len(sizes):
+        print(f"doc length  min {sizes.min():,}, median {int(np.median(sizes)):,}, max {sizes.max():,} tokens")
+    T = args.ctx_len
+    sampler = WindowSampler(len(ds), T)
+    print(f"sampling    ctx_len {T}: {sampler.n_windows:,} windows of {T + 1} tokens, each visited once per "
+          f"epoch in a fixed pseudo-random order (cube map mod prime {sampler.p})")
+    with contextlib.suppress(ValueError):  # too small for a magic prime
+        print(f"            RWKV-LM --magic_prime {magic_prime(len(ds) // T)} (--my_exit_tokens {len(ds)})")
+    print(f"            first windows: {[sampler.window(k) for k in range(min(8, sampler.n_windows))]}")
+    if args.show:
+        try:
+            from aviary.tokenizer import WorldTokenizer
+
+            tok = WorldTokenizer()
+        except ImportError:
+            tok = None
+        for i in range(min(args.show, ds.n_documents)):
+            ids = ds.document(i)
+            print(f"\n--- document {i}: {len(ids):,} tokens ---")
+            if tok is None:
+                print(" ".join(map(str, ids[:60])), "...")
+            else:
+                text = tok.decode([int(t) for t in ids[: args.chars]])
+                print(text[: args.chars] + ("..." if len(text) > args.chars else ""))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _prepare(args) if args.action == "prepare" else _inspect(args)

@@ -1,0 +1,53 @@
+"""Train an RWKV-4/5/6/7 model from scratch with the official recipe, or continue from a checkpoint.
+
+CONFIG is a YAML or TOML file with the sections below; every field can also be set (or overridden) on the
+command line as `--section.field VALUE`. Data is binidx made by `aviary data prepare` (or by RWKV-LM's
+make_data.py). The run directory (--out.dir) receives log.jsonl, loss.png, checkpoints/ (written
+atomically, the last --out.keep_last kept) and, at the end, model.safetensors / model.pth in the official
+format. Running the same command again resumes exactly from the newest checkpoint.
+
+Several processes: launch the same command with torchrun; DDP is used (FSDP with --train.strategy fsdp).
+  torchrun --nproc-per-node 8 -m aviary train CONFIG
+  torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-endpoint HOST:29500 -m aviary train CONFIG
+
+examples:
+  aviary train configs/aviary-v7-tiny.yaml
+  aviary train configs/aviary-v7-tiny.yaml --train.max_steps 100 --out.dir runs/try
+  aviary train --model.load RWKV-x070-World-0.1B.pth --data.train data/mine --optim.lr_init 1e-5
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "train or fine-tune a model (YAML/TOML config, options override it)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from aviary.train.config import add_config_arguments
+
+    parser.add_argument("config", metavar="CONFIG", nargs="?", help="YAML or TOML config file (optional)")
+    parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from aviary.train.config import config_from_args
+
+    cfg = config_from_args(args, args.config)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    cfg.validate()
+    from aviary.train import train
+
+    result = train(cfg)
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.0f} s{last}{val}; "
+          f"run directory {result.run_dir}")
+    for p in result.exported:
+        print(f"exported {p}")
+    return 0

@@ -1,0 +1,247 @@
+"""Training configuration: plain dataclasses, read from YAML or TOML, every field overridable on the
+command line as `--section.field VALUE`; `aviary train --help` is generated from the field docs here.
+
+    model:  what to train (sizes, or a checkpoint to continue from)
+    data:   binidx datasets and the context length
+    optim:  AdamW, learning-rate schedule, L2Wrap, clipping (reference sections 8.2-8.4)
+    train:  batch, accumulation, length of the run, precision, parallelism
+    out:    run directory, logging, validation, checkpoints, export
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "ConfigError", "load_config", "add_config_arguments", "config_from_args"]
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot run; raised before any compute."""
+
+
+def _f(default: Any, doc: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+@dataclass
+class ModelSection:
+    version: int = _f(7, "RWKV generation", (4, 5, 6, 7))
+    n_layer: int = _f(6, "number of blocks")
+    n_embd: int = _f(128, "model width C")
+    head_size: int = _f(64, "channels per head (v5-v7)")
+    dim_ffn: int = _f(0, "channel-mix width; 0 = the version's default (4C, or int(3.5C)//32*32 for v5/v6)")
+    vocab_size: int = _f(65536, "vocabulary size (65536 for the World tokenizer)")
+    load: str = _f("", "start from this checkpoint's weights (fine-tuning); its sizes override the ones above")
+
+
+@dataclass
+class DataSection:
+    train: str = _f("", "training data: binidx prefix (NAME for NAME.bin + NAME.idx)")
+    valid: str = _f("", "held-out binidx prefix for validation loss (optional)")
+    ctx_len: int = _f(512, "tokens per sample (a multiple of 16)")
+
+
+@dataclass
+class OptimSection:
+    lr_init: float = _f(6e-4, "peak learning rate")
+    lr_final: float = _f(6e-5, "learning rate at the end of the schedule")
+    warmup_steps: int = _f(10, "steps of warmup: lr *= 0.01 + 0.99 * step / warmup_steps")
+    schedule: str = _f("cosine", "decay after warmup", ("cosine", "exponential", "constant"))
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.99, "Adam beta2")
+    adam_eps: float = _f(1e-18, "Adam epsilon")
+    weight_decay: float = _f(0.001, "AdamW decay, on large matrices only")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
+    l2wrap: float = _f(1e-4, "L2Wrap factor on the largest logit; 0 = off")
+
+
+@dataclass
+class TrainSection:
+    micro_bsz: int = _f(8, "sequences per forward pass per process")
+    accumulate: int = _f(1, "micro-batches per optimizer step (global batch = micro_bsz * accumulate * world)")
+    max_steps: int = _f(0, "optimizer steps to run; 0 = derive from max_tokens or epochs")
+    max_tokens: int = _f(0, "stop after this many training tokens (when max_steps is 0)")
+    epochs: float = _f(1.0, "passes over the data (when max_steps and max_tokens are 0)")
+    precision: str = _f("fp32", "fp32, or bf16 autocast (weights and optimizer stay fp32)", ("fp32", "bf16"))
+    grad_cp: bool = _f(False, "gradient checkpointing: recompute each block in the backward pass")
+    seed: int = _f(0, "seed for the initial weights and the sample order")
+    threads: int = _f(0, "CPU threads for torch; 0 = torch's default")
+    device: str = _f("auto", "auto, cpu, cuda")
+    strategy: str = _f("ddp", "multi-process: ddp, or fsdp for models that do not fit one device",
+                       ("ddp", "fsdp"))
+
+
+@dataclass
+class OutSection:
+    dir: str = _f("runs/default", "run directory: checkpoints, log.jsonl, loss.png, exports")
+    log_every: int = _f(10, "steps between log.jsonl lines")
+    val_every: int = _f(0, "steps between validation losses; 0 = only at the end")
+    val_samples: int = _f(64, "held-out windows per validation")
+    save_every: int = _f(100, "steps between checkpoints")
+    keep_last: int = _f(2, "checkpoints to keep")
+    tensorboard: bool = _f(False, "also write TensorBoard events to DIR/tb")
+    export: str = _f("safetensors,pth", "formats written to DIR/model.* at the end (comma list; '' = none)")
+    export_dtype: str = _f("bf16", "dtype of the exported weights", ("fp32", "bf16", "fp16"))
+    progress: bool = _f(True, "show a progress bar")
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "train": TrainSection,
+            "out": OutSection}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    out: OutSection = field(default_factory=OutSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+        cfg = cls()
+        for section, values in d.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"{source}: unknown section {section!r}; sections are {sorted(SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                set_field(cfg, f"{section}.{key}", value, source)
+        return cfg
+
+    def validate(self) -> None:
+        """Every check that can fail before compute: sizes, choices, data files present."""
+        m, d, o, t = self.model, self.data, self.optim, self.train
+        problems = []
+        for sec in (m, d, o, t, self.out):
+            for f in fields(sec):
+                choices = f.metadata.get("choices")
+                if choices and getattr(sec, f.name) not in choices:
+                    problems.append(f"{f.name}={getattr(sec, f.name)!r} is not one of {list(choices)}")
+        if not m.load:
+            for name in ("n_layer", "n_embd", "head_size", "vocab_size"):
+                if getattr(m, name) <= 0:
+                    problems.append(f"model.{name} must be positive")
+            if m.version != 4 and m.head_size > 0 and m.n_embd % m.head_size:
+                problems.append(f"model.n_embd={m.n_embd} is not a multiple of model.head_size={m.head_size}")
+        elif not Path(m.load).exists():
+            problems.append(f"model.load: no such checkpoint {m.load}")
+        if d.ctx_len <= 0 or d.ctx_len % 16:
+            problems.append(f"data.ctx_len={d.ctx_len} must be a positive multiple of 16")
+        if t.micro_bsz <= 0 or t.accumulate <= 0:
+            problems.append("train.micro_bsz and train.accumulate must be positive")
+        if o.lr_init <= 0 or o.lr_final < 0:
+            problems.append("optim.lr_init must be positive and optim.lr_final non-negative")
+        if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+            problems.append("optim.beta1 and optim.beta2 must be in [0, 1)")
+        if min(o.weight_decay, o.grad_clip, o.l2wrap, o.warmup_steps) < 0:
+            problems.append("optim.weight_decay, grad_clip, l2wrap and warmup_steps must be >= 0")
+        if t.max_steps < 0 or t.max_tokens < 0 or t.epochs <= 0:
+            problems.append("train.max_steps and max_tokens must be >= 0 and train.epochs positive")
+        if self.out.save_every <= 0 or self.out.keep_last <= 0 or self.out.log_every <= 0:
+            problems.append("out.save_every, out.keep_last and out.log_every must be positive")
+        if not d.train:
+            problems.append("data.train is not set (a binidx prefix made by `aviary data prepare`)")
+        for name in ("train", "valid"):
+            prefix = getattr(d, name)
+            if prefix:
+                from aviary.train.data import binidx_paths
+
+                missing = [str(p) for p in binidx_paths(prefix) if not p.is_file()]
+                if missing:
+                    problems.append(f"data.{name}: missing {', '.join(missing)} (run `aviary data prepare`)")
+        bad_formats = {x for x in self.out.export.split(",") if x} - {"pth", "safetensors"}
+        if bad_formats:
+            problems.append(f"out.export: unknown formats {sorted(bad_formats)} (pth, safetensors)")
+        if problems:
+            raise ConfigError("bad training config:\n  " + "\n  ".join(problems))
+
+
+def _convert(value: Any, typ: type, name: str) -> Any:
+    if isinstance(value, str) and typ is not str:
+        if typ is bool:
+            low = value.lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ConfigError(f"{name}: expected true/false, got {value!r}")
+            return low in ("1", "true", "yes", "on")
+        try:
+            return typ(float(value)) if typ is int and "e" in value.lower() else typ(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def set_field(cfg: TrainConfig, dotted: str, value: Any, source: str = "config") -> None:
+    section, _, key = dotted.partition(".")
+    sec = getattr(cfg, section, None) if section in SECTIONS else None
+    names = {f.name: f for f in fields(SECTIONS[section])} if sec is not None else {}
+    if key not in names:
+        raise ConfigError(f"{source}: unknown option {dotted!r}")
+    f = names[key]
+    setattr(sec, key, _convert(value, _TYPES[str(f.type)], dotted))
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a TrainConfig (unset fields keep defaults)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    elif p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{p}: reading YAML needs PyYAML (pip install pyyaml), or use TOML") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    else:
+        raise ConfigError(f"{p}: config must be .yaml, .yml or .toml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections")
+    return TrainConfig.from_dict(data, source=str(p))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--section.field` option per config field, with its doc and default as help."""
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} (config section [{section}])")
+        for f in fields(cls):
+            default = f.default
+            choices = f.metadata.get("choices")
+            extra = f" (one of {', '.join(map(str, choices))})" if choices else ""
+            group.add_argument(f"--{section}.{f.name}", dest=f"cfg__{section}__{f.name}", default=None,
+                               metavar=str(f.type).upper(), help=f"{f.metadata['doc']}{extra} [{default!r}]")
+
+
+def config_from_args(args: argparse.Namespace, path: str | None) -> TrainConfig:
+    cfg = load_config(path) if path else TrainConfig()
+    for name, value in vars(args).items():
+        if name.startswith("cfg__") and value is not None:
+            _, section, key = name.split("__", 2)
+            set_field(cfg, f"{section}.{key}", value, source="command line")
+    return cfg

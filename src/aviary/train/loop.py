@@ -1,0 +1,373 @@
+"""`train(config)`: the training loop, for one process or many under `torchrun` (DDP or FSDP).
+
+One optimizer step reads `micro_bsz * accumulate * world_size` windows. Global sample number
+k = (step * accumulate + micro) * world * micro_bsz + rank * micro_bsz + j picks its window through the
+`WindowSampler`, so the set of windows of a step depends only on the global batch: one process with
+accumulate=2 and two processes with accumulate=1 see the same data and (up to float summation order)
+compute the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from aviary.train.checkpoint import export, latest_checkpoint, load_checkpoint, save_checkpoint
+from aviary.train.config import ConfigError, TrainConfig
+from aviary.train.data import BinIdx
+from aviary.train.init import init_model, model_config
+from aviary.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
+from aviary.train.sampler import WindowSampler
+
+__all__ = ["train", "TrainResult"]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    tokens: int
+    losses: list[float]  # training loss of every step run by this call
+    val_loss: float | None
+    exported: list[Path]
+    wall_s: float
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device_name: str) -> tuple[_Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if world == 1:
+        return _Dist(), torch.device(device_name)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def _all_mean(x: float, d: _Dist, device: torch.device) -> float:
+    if d.world == 1:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / d.world
+
+
+def _build_model(cfg: TrainConfig, device: torch.device):
+    from aviary.model import RWKV
+
+    m = cfg.model
+    if m.load:
+        from aviary.loading import load
+
+        model = load(m.load, dtype="float32")
+        model.train()
+        return model.to(device)
+    config = model_config(m.version, m.n_layer, m.n_embd, m.vocab_size, m.head_size, m.dim_ffn)
+    model = RWKV(config, backend="chunked").to(device)
+    return init_model(model, seed=cfg.train.seed, lr_init=cfg.optim.lr_init)
+
+
+def _enable_grad_checkpointing(model) -> None:
+    """Recompute each block in the backward pass (RWKV-LM --grad_cp 1)."""
+    for block in model.blocks:
+        forward = block.forward
+
+        def wrapped(*args, _forward=forward):
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False)
+
+        block.forward = wrapped
+
+
+def _batch(data: BinIdx, sampler: WindowSampler, first: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = sampler.ctx_len
+    rows = np.stack([data.get(sampler(first + j), T + 1) for j in range(n)])
+    t = torch.from_numpy(rows).to(device)
+    return t[:, :-1], t[:, 1:]
+
+
+def _loss(model, x, y, cfg: TrainConfig, device) -> torch.Tensor:
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    with autocast:
+        logits, _ = model(x)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    if cfg.optim.l2wrap > 0 and torch.is_grad_enabled():
+        loss = L2Wrap.apply(loss, logits, cfg.optim.l2wrap)
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model, data: BinIdx, cfg: TrainConfig, d: _Dist, device) -> float:
+    """Mean loss over `out.val_samples` windows spread evenly over the held-out stream (fixed every time)."""
+    T = cfg.data.ctx_len
+    n_windows = (len(data) - 1) // T
+    n = min(cfg.out.val_samples, n_windows)
+    picks = [int(i * n_windows / n) * T for i in range(n)]
+    mine = picks[d.rank::d.world]
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(mine), cfg.train.micro_bsz):
+        chunk = mine[i:i + cfg.train.micro_bsz]
+        rows = torch.from_numpy(np.stack([data.get(o, T + 1) for o in chunk])).to(device)
+        loss = _loss(model, rows[:, :-1], rows[:, 1:], cfg, device)
+        total += loss.item() * len(chunk)
+        count += len(chunk)
+    model.train(was_training)
+    if d.world > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, count = t.tolist()
+    return total / max(count, 1)
+
+
+def _total_steps(cfg: TrainConfig, n_windows: int, global_bsz: int) -> int:
+    t = cfg.train
+    if t.max_steps:
+        return t.max_steps
+    if t.max_tokens:
+        return max(1, t.max_tokens // (global_bsz * cfg.data.ctx_len))
+    return max(1, int(t.epochs * n_windows) // global_bsz)
+
+
+def _state_dicts(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), optimizer.state_dict()
+
+
+def _load_state_dicts(model, optimizer, msd: dict, osd: dict, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd,
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    model.load_state_dict(msd)
+    optimizer.load_state_dict(osd)
+
+
+class _Logger:
+    """JSONL log (+ optional TensorBoard) written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = run_dir / "log.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                print("aviary train: TensorBoard logging needs the `tensorboard` package; skipping it")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, float | int):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_losses(log_path: Path, png_path: Path) -> Path | None:
+    """Training and validation loss against tokens, from log.jsonl; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train, val = [], []
+    for line in log_path.read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            train.append((r["tokens"], r["loss"]))
+        if "val_loss" in r:
+            val.append((r["tokens"], r["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or continue) as `cfg` says; resumes from the newest checkpoint in `out.dir` if there is one."""
+    cfg.validate()
+    t0 = time.time()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    d, device = _setup_distributed(cfg.train.device)
+    T = cfg.data.ctx_len
+    data = BinIdx(cfg.data.train)
+    valid = BinIdx(cfg.data.valid) if cfg.data.valid else None
+    sampler = WindowSampler(len(data), T, seed=cfg.train.seed)
+    if valid is not None and len(valid) < T + 1:
+        raise ConfigError(f"data.valid has {len(valid)} tokens, fewer than one window of {T + 1}")
+    run_dir = Path(cfg.out.dir)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    model = _build_model(cfg, device)
+    if int(data.tokens.max()) >= model.config.vocab_size:
+        raise ConfigError(f"data.train holds token ids up to {int(data.tokens.max())}, beyond the model's "
+                          f"vocabulary of {model.config.vocab_size}")
+    model.train()
+    if cfg.train.grad_cp:
+        _enable_grad_checkpointing(model)
+    raw_model = model
+    fsdp = d.world > 1 and cfg.train.strategy == "fsdp"
+    if d.world > 1:
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    o = cfg.optim
+    optimizer = make_optimizer(raw_model, o.lr_init, (o.beta1, o.beta2), o.adam_eps, o.weight_decay)
+
+    step = 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        payload = load_checkpoint(ckpt)
+        _load_state_dicts(raw_model if not fsdp else model, optimizer, payload["model"], payload["optimizer"], fsdp)
+        step = int(payload["step"])
+        if d.main:
+            print(f"aviary train: resuming from {ckpt} (step {step})")
+
+    micro, accum = cfg.train.micro_bsz, cfg.train.accumulate
+    global_bsz = micro * accum * d.world
+    total = _total_steps(cfg, sampler.n_windows, global_bsz)
+    logger = _Logger(run_dir, d.main, cfg.out.tensorboard)
+    if d.main and step == 0:
+        logger.write({"step": 0, "tokens": 0, "event": "start", "parameters": raw_model.num_parameters,
+                      "model": raw_model.config.to_dict(), "windows": sampler.n_windows, "total_steps": total,
+                      "global_batch": global_bsz, "world_size": d.world})
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not (d.main and cfg.out.progress), unit="step",
+               dynamic_ncols=True)
+    losses: list[float] = []
+    val_loss = None
+    tok_per_step = global_bsz * T
+    window_t, window_tokens = time.time(), 0
+    while step < total:
+        lr = lr_at(step, total, o.lr_init, o.lr_final, o.warmup_steps, o.schedule)
+        set_lr(optimizer, lr)
+        step_loss = 0.0
+        for a in range(accum):
+            first = ((step * accum + a) * d.world + d.rank) * micro
+            x, y = _batch(data, sampler, first, micro, device)
+            sync = a == accum - 1 or d.world == 1 or fsdp
+            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            with ctx:
+                loss = _loss(model, x, y, cfg, device)
+                (loss / accum).backward()
+            step_loss += loss.item() / accum
+        if o.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip))
+        else:
+            grad_norm = float("nan")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_loss = _all_mean(step_loss, d, device)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss became {step_loss} at step {step}; lower optim.lr_init?")
+        losses.append(step_loss)
+        window_tokens += tok_per_step
+        bar.update(1)
+        if step % cfg.out.log_every == 0 or step == total:
+            now = time.time()
+            tps = window_tokens / max(now - window_t, 1e-9)
+            window_t, window_tokens = now, 0
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
+            logger.write({"step": step, "tokens": step * tok_per_step, "loss": step_loss, "lr": lr,
+                          "grad_norm": grad_norm, "tok_per_s": round(tps, 1), "elapsed_s": round(now - t0, 1)})
+        if valid is not None and cfg.out.val_every and step % cfg.out.val_every == 0 and step < total:
+            val_loss = evaluate(model, valid, cfg, d, device)
+            logger.write({"step": step, "tokens": step * tok_per_step, "val_loss": val_loss})
+            bar.write(f"step {step}: validation loss {val_loss:.4f}") if d.main else None
+        if step % cfg.out.save_every == 0 or step == total:
+            msd, osd = _state_dicts(model if fsdp else raw_model, optimizer, fsdp)
+            if d.main:
+                save_checkpoint(run_dir, step, {"model": msd, "optimizer": osd, "step": step,
+                                                "config": cfg.to_dict()}, cfg.out.keep_last)
+    bar.close()
+
+    if valid is not None:
+        val_loss = evaluate(model, valid, cfg, d, device)
+        logger.write({"step": step, "tokens": step * tok_per_step, "val_loss": val_loss})
+    exported: list[Path] = []
+    formats = [f for f in cfg.out.export.split(",") if f]
+    if formats:
+        msd = _state_dicts(model, optimizer, fsdp)[0] if fsdp else raw_model.state_dict()
+        if d.main:
+            for fmt in formats:
+                exported.append(export(msd, run_dir / f"model.{fmt}", cfg.out.export_dtype))
+    if d.main:
+        logger.write({"step": step, "tokens": step * tok_per_step, "event": "end",
+                      "wall_s": round(time.time() - t0, 1), "val_loss": val_loss})
+        logger.close()
+        plot_losses(run_dir / "log.jsonl", run_dir / "loss.png")
+    return TrainResult(run_dir, step, step * tok_per_step, losses, val_loss, exported, time.time() - t0)
+
