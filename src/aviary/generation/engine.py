@@ -115,9 +115,12 @@ class Engine:
         return tokens
 
     @torch.no_grad()
-    def prefill(self, tokens: Sequence[int], state: RWKVState | None = None) -> tuple[torch.Tensor, RWKVState, int]:
+    def prefill(self, tokens: Sequence[int], state: RWKVState | None = None,
+                cache_at: Sequence[int] = ()) -> tuple[torch.Tensor, RWKVState, int]:
         """Run `tokens` from `state` (or from the start, through the prefix cache).
 
+        `cache_at`: token counts (message boundaries of a chat, say) after which the state is cached too,
+        so a later prompt that shares only that prefix starts from it. The whole prompt is always cached.
         Returns (logits [V] for the next token, state after the tokens, number of tokens taken from the cache).
         """
         tokens = list(tokens)
@@ -127,10 +130,16 @@ class Engine:
             if hit is not None:
                 done, state, logits = hit.length, hit.state, hit.logits
         device = self.model.emb.weight.device
-        for start in range(done, len(tokens), self.prefill_chunk):
-            chunk = torch.tensor([tokens[start:start + self.prefill_chunk]], dtype=torch.long, device=device)
+        marks = sorted({n for n in cache_at if done < n < len(tokens)} if self.cache is not None else ())
+        start = done
+        while start < len(tokens):
+            end = min([start + self.prefill_chunk, *(n for n in marks if n > start)])
+            chunk = torch.tensor([tokens[start:end]], dtype=torch.long, device=device)
             out, state = self.model(chunk, state, last_only=True)
             logits = out[0, -1]
+            if end in marks:
+                self.cache.put(tokens[:end], state, logits.float())
+            start = end
         if state is None:  # unreachable with a non-empty prompt; kept for the type checker
             raise GenerationError("nothing to prefill")
         if self.cache is not None and done < len(tokens):
@@ -148,11 +157,12 @@ class Engine:
         return len(self._running)
 
     def add(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, tag: object = None,
-            state: RWKVState | None = None, seed_offset: int = 0) -> SequenceOutput:
+            state: RWKVState | None = None, seed_offset: int = 0, cache_at: Sequence[int] = ()) -> SequenceOutput:
         """Prefill a prompt and put it in the batch; it decodes from the next `step`.
 
         `state` continues from a given state (batch of one: a chat history, a state-tuned start);
         without it the prefix cache is used. `seed_offset` is added to the seed (for n samples of one prompt).
+        `cache_at` is passed to `prefill`.
         """
         params = params or SamplingParams()
         params.check_vocab(self.vocab_size)
@@ -160,7 +170,7 @@ class Engine:
             self.model.check_state(state, 1)
         tokens = self.encode(prompt)
         out = SequenceOutput(tokens, params, tag)
-        logits, seq_state, out.cached_tokens = self.prefill(tokens, state)
+        logits, seq_state, out.cached_tokens = self.prefill(tokens, state, cache_at)
         run = _Running(out, self.vocab_size, params.make_generator(seed_offset))
         if params.max_new_tokens == 0:
             out.finish_reason = "length"

@@ -1,0 +1,14 @@
+"""Serving: an OpenAI-compatible HTTP server (`aviary serve`) over a continuous-batching scheduler.
+
+    scheduler.py    the thread that owns the Engine: bounded queue, admission, batched steps, cancellation
+    chat_format.py  chat messages -> the RWKV World prompt, in segments the prefix cache can reuse
+    protocol.py     the OpenAI request bodies (strict) and error JSON
+    app.py          the Starlette app: routes, auth, limits, server-sent events
+    metrics.py      Prometheus text counters and histograms
+
+The web stack (starlette, uvicorn) is imported only by `app.py` and the `serve` command.
+"""
+
+from aviary.serve.scheduler import Done, Failed, Job, Piece, QueueFull, Scheduler
+
+__all__ = ["Done", "Failed", "Job", "Piece", "QueueFull", "Scheduler"]

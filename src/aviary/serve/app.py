@@ -1,0 +1,358 @@
+"""The HTTP layer: an OpenAI-compatible Starlette app in front of a `Scheduler`.
+
+    GET  /health               liveness, queue depth and batch size (no key needed)
+    GET  /metrics              Prometheus text: requests, tokens, queue depth, batch size, latencies
+    GET  /v1/models            the one model this server runs
+    POST /v1/completions       prompt -> text; "stream": true for server-sent events ending with [DONE]
+    POST /v1/chat/completions  messages -> reply, in the RWKV World chat format (chat_format.py)
+
+Everything a client can get wrong is answered with OpenAI's error JSON and a 4xx status: no or wrong key
+(401), an unknown route (404) or model (404), a body too large (413), malformed JSON or a bad field (400),
+a prompt or `max_tokens` over the limits (400), a full queue (429 with Retry-After). A client that
+disconnects, mid-stream or while waiting, has its request cancelled and its batch rows freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from aviary.generation import SamplingParams
+from aviary.serve.chat_format import STOP, ChatMessage, prompt_tokens
+from aviary.serve.protocol import ApiError, ChatRequest, CompletionRequest, error_body, validation_error
+from aviary.serve.scheduler import Done, Failed, Job, Piece, QueueFull, Scheduler, SchedulerClosed
+
+__all__ = ["Limits", "create_app"]
+
+log = logging.getLogger("aviary.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 1 << 20  # request body
+    max_prompt_tokens: int = 8192  # per prompt (a chat's whole conversation)
+    max_tokens: int = 2048  # the largest max_tokens a request may ask for; chat's default
+    retry_after_s: int = 1  # the Retry-After of a 429
+    poll_s: float = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
+
+
+class _Api:
+    def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, limits: Limits, api_key: str | None):
+        self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
+        self.limits, self.api_key = limits, api_key
+        self.vocab_size = scheduler.engine.vocab_size
+        self.created = int(time.time())
+        self.metrics = scheduler.metrics
+        self.metrics.counter("http_responses_total", "HTTP responses by route and status code.")
+
+    # ---- checks shared by every endpoint ------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> dict:
+        limit = self.limits.max_request_bytes
+        too_large = ApiError(413, f"The request body is larger than this server's limit of {limit} bytes.",
+                             code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+        return data
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise ApiError(404, f"The model '{name}' does not exist; this server runs '{self.model_name}'.",
+                           param="model", code="model_not_found")
+
+    def check_prompt(self, tokens: list[int], param: str) -> list[int]:
+        if not tokens:
+            raise ApiError(400, f"The {param} is empty.", param=param, code="invalid_value")
+        if len(tokens) > self.limits.max_prompt_tokens:
+            raise ApiError(400, f"The {param} is {len(tokens)} tokens; this server accepts at most "
+                                f"{self.limits.max_prompt_tokens}.", param=param, code="context_length_exceeded")
+        bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"Token id {bad} is outside the vocabulary [0, {self.vocab_size}).", param=param,
+                           code="invalid_value")
+        return tokens
+
+    def sampling(self, req, max_tokens: int | None, stop: tuple[str, ...] = ()) -> SamplingParams:
+        if req.unsupported():
+            raise ApiError(400, f"This server does not support '{req.unsupported()}'.", param=req.unsupported(),
+                           code="unsupported_parameter")
+        if max_tokens is None:
+            max_tokens = self.limits.max_tokens
+        if max_tokens > self.limits.max_tokens:
+            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {self.limits.max_tokens}.",
+                           param="max_tokens", code="invalid_value")
+        user_stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        fields = dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                      seed=req.seed, top_k=req.top_k, min_p=req.min_p, penalty_decay=req.penalty_decay)
+        try:
+            return SamplingParams(stop=stop + user_stop, **{k: v for k, v in fields.items() if v is not None})
+        except ValueError as e:  # the ranges above are OpenAI's; the sampler checks its own as well
+            raise ApiError(400, str(e), code="invalid_value") from None
+
+    # ---- endpoints ----------------------------------------------------------------------------
+
+    async def health(self, request: Request):
+        return JSONResponse({"status": "ok", "model": self.model_name, "queue_depth": self.scheduler.queue_depth,
+                             "batch_size": self.scheduler.batch_size})
+
+    async def metrics_text(self, request: Request):
+        self.authorize(request)
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def models(self, request: Request):
+        self.authorize(request)
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request):
+        self.authorize(request)
+        self.check_model(request.path_params["name"])
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "aviary"}
+
+    async def completions(self, request: Request):
+        self.authorize(request)
+        req = _validate(CompletionRequest, await self.read_json(request))
+        self.check_model(req.model)
+        raw = req.prompt
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+            raw = [raw]
+        if not raw:
+            raise ApiError(400, "The prompt is empty.", param="prompt", code="invalid_value")
+        prompts = [self.check_prompt(self.tokenizer.encode(p) if isinstance(p, str) else list(p), "prompt")
+                   for p in raw]
+        params = self.sampling(req, req.max_tokens)
+        return await self.respond(request, req, Job(prompts, params, sink=None, n=req.n or 1), _TextFormat())
+
+    async def chat(self, request: Request):
+        self.authorize(request)
+        req = _validate(ChatRequest, await self.read_json(request))
+        self.check_model(req.model)
+        if req.max_tokens is not None and req.max_completion_tokens is not None:
+            raise ApiError(400, "Give max_tokens or max_completion_tokens, not both.", param="max_tokens",
+                           code="invalid_value")
+        messages = [ChatMessage(m.role, m.text()) for m in req.messages]
+        tokens, boundaries = prompt_tokens(messages, self.tokenizer)
+        self.check_prompt(tokens, "messages")
+        params = self.sampling(req, req.max_completion_tokens if req.max_tokens is None else req.max_tokens, STOP)
+        job = Job([tokens], params, sink=None, n=req.n or 1, cache_at=[boundaries])
+        return await self.respond(request, req, job, _ChatFormat())
+
+    # ---- running a job ------------------------------------------------------------------------
+
+    async def respond(self, request: Request, req, job: Job, fmt: _TextFormat):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.sink = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, f"The server is busy ({e}); retry after {self.limits.retry_after_s} s.",
+                           type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(self.limits.retry_after_s)}) from None
+        except ValueError as e:
+            raise ApiError(400, str(e), param="n", code="invalid_value") from None
+        except SchedulerClosed as e:
+            raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
+        meta = {"id": f"{fmt.prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            stream = self._stream(job, events, fmt, meta, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._collect(request, job, events, fmt, meta)
+
+    async def _stream(self, job: Job, events: asyncio.Queue, fmt: _TextFormat, meta: dict, include_usage: bool):
+        try:
+            for index in range(job.width):
+                first = fmt.first_chunk(index)
+                if first is not None:
+                    yield _sse({**meta, "object": fmt.chunk_object, "choices": [first]})
+            while True:
+                event = await events.get()
+                if isinstance(event, Piece):
+                    text = fmt.clean(event.index, event.text)
+                    if text or event.finish_reason:
+                        choice = fmt.chunk_choice(event.index, text, event.finish_reason)
+                        yield _sse({**meta, "object": fmt.chunk_object, "choices": [choice]})
+                elif isinstance(event, Done):
+                    if include_usage:
+                        yield _sse({**meta, "object": fmt.chunk_object, "choices": [], "usage": _usage(event)})
+                    break
+                else:
+                    yield _sse(error_body(event.message, "server_error"))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # finished, or the client went away (the task is cancelled): free its rows either way
+            self.scheduler.cancel(job)
+
+    async def _collect(self, request: Request, job: Job, events: asyncio.Queue, fmt: _TextFormat, meta: dict):
+        texts, reasons = [""] * job.width, [None] * job.width
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), self.limits.poll_s)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return PlainTextResponse("", status_code=499)  # nobody reads it
+                    continue
+                if isinstance(event, Piece):
+                    texts[event.index] += fmt.clean(event.index, event.text)
+                    reasons[event.index] = event.finish_reason or reasons[event.index]
+                elif isinstance(event, Failed):
+                    raise ApiError(500, event.message, type="server_error", code="generation_failed")
+                else:
+                    choices = [fmt.choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+                    return JSONResponse({**meta, "object": fmt.object, "choices": choices, "usage": _usage(event)})
+        finally:
+            self.scheduler.cancel(job)
+
+
+class _TextFormat:
+    """`/v1/completions` objects."""
+
+    prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def clean(self, index: int, text: str) -> str:
+        return text
+
+    def first_chunk(self, index: int) -> dict | None:
+        return None
+
+    def chunk_choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+        return self.choice(index, text, finish_reason)
+
+    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+class _ChatFormat(_TextFormat):
+    """`/v1/chat/completions` objects. The reply's leading space (after "Assistant:") is not part of it."""
+
+    prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self):
+        self.started: set[int] = set()
+
+    def clean(self, index: int, text: str) -> str:
+        if index not in self.started:
+            text = text.lstrip()
+            if text:
+                self.started.add(index)
+        return text
+
+    def first_chunk(self, index: int) -> dict | None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def chunk_choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+        delta = {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+
+def _validate(model, data: dict):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def _usage(done: Done) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, limits: Limits | None = None,
+               api_key: str | None = None) -> Starlette:
+    """The ASGI app. It starts the scheduler's thread on startup and stops it on shutdown."""
+    api = _Api(scheduler, tokenizer, model_name, limits or Limits(), api_key)
+
+    def endpoint(name: str, handler):
+        async def call(request: Request):
+            try:
+                response = await handler(request)
+            except ApiError as e:
+                response = _error_response(e)
+            except Exception:  # a bug: say so in OpenAI's format, keep serving
+                log.exception("unhandled error in %s", name)
+                response = _error_response(ApiError(500, "Internal server error.", type="server_error"))
+            api.metrics.inc("http_responses_total", route=name, code=str(response.status_code))
+            return response
+        return call
+
+    async def http_error(request: Request, exc: HTTPException):
+        message = {404: f"Unknown route: {request.method} {request.url.path}",
+                   405: f"Method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                         str(exc.detail))
+        api.metrics.inc("http_responses_total", route="other", code=str(exc.status_code))
+        return _error_response(ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404
+                                        else None))
+
+    routes = [
+        Route("/health", endpoint("health", api.health), methods=["GET"]),
+        Route("/metrics", endpoint("metrics", api.metrics_text), methods=["GET"]),
+        Route("/v1/models", endpoint("models", api.models), methods=["GET"]),
+        Route("/v1/models/{name:path}", endpoint("models", api.model), methods=["GET"]),
+        Route("/v1/completions", endpoint("completions", api.completions), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint("chat", api.chat), methods=["POST"]),
+    ]
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.close)
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)

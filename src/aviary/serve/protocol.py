@@ -1,0 +1,131 @@
+"""The OpenAI request bodies this server accepts, and its error JSON.
+
+Requests are validated strictly: unknown fields, wrong types ("1" for a number, true for an integer) and
+out-of-range values are refused with `{"error": {"message", "type", "param", "code"}}` and a 4xx status.
+OpenAI fields this server does not implement are accepted only with their neutral value (`echo: false`,
+`logprobs: null`, ...), so clients that always send them still work. `top_k`, `min_p` and `penalty_decay`
+are extensions (the reference RWKV sampler's settings).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "error_body", "validation_error"]
+
+
+class ApiError(Exception):
+    """An error to send as OpenAI error JSON."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "literal"}
+
+
+def validation_error(e: ValidationError) -> ApiError:
+    """The first problem pydantic found, as a 400 naming the field."""
+    err = e.errors(include_url=False)[0]
+    loc = [x for x in err["loc"] if isinstance(x, int) or ("[" not in x and x not in _UNION_TAGS
+                                                          and not x[:1].isupper())]
+    param = ".".join(str(x) for x in loc) or None
+    if err["type"] == "extra_forbidden":
+        return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                        code="unknown_parameter")
+    if err["type"] == "missing":
+        return ApiError(400, f"Missing required parameter: {param}", param=param, code="missing_required_parameter")
+    return ApiError(400, f"Invalid value for {param}: {err['msg']}", param=param, code="invalid_value")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """Fields shared by completions and chat completions."""
+
+    model: str
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: Annotated[str, Field(min_length=1, max_length=256)] | \
+        Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=4)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
+    user: str | None = None
+    logit_bias: dict[str, Any] | None = None  # accepted only empty
+    # extensions: the reference RWKV sampler's settings
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, lt=1)] | None = None
+    penalty_decay: Annotated[float, Field(ge=0, le=1)] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to a value this server cannot honour."""
+        if self.logit_bias:
+            return "logit_bias"
+        return None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # OpenAI's default for completions
+    echo: Literal[False] | None = None
+    logprobs: None = None
+    best_of: Literal[1] | None = None
+    suffix: None = None
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    logprobs: Literal[False] | None = None
+    top_logprobs: None = None
+    response_format: dict[str, Any] | None = None  # accepted only as {"type": "text"}
+    tools: list[Any] | None = None  # accepted only empty
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    store: Literal[False] | None = None
+
+    def unsupported(self) -> str | None:
+        if self.response_format not in (None, {"type": "text"}):
+            return "response_format"
+        if self.tools:
+            return "tools"
+        return super().unsupported()
