@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "info": "aviary.commands.info",
     "convert": "aviary.commands.convert",
+    "serve": "aviary.commands.serve",
     "data": "aviary.commands.data",
     "train": "aviary.commands.train",
 }
