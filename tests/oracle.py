@@ -2,17 +2,18 @@
 
 The pip package is configured by environment variables read at import (`RWKV_V7_ON=1` turns the whole
 package into RWKV-7), so RWKV-7 and RWKV-4/5/6 cannot share a process. `run_oracle` therefore starts one
-`python oracle.py JOB.json OUT.safetensors` per environment (two: RWKV-4/5/6 and RWKV-7, run side by side);
-the child runs every job of its batch and writes, per job name, the logits and the state converted to Aviary's layout:
+`python oracle.py JOB.json OUT.safetensors` per environment (two: RWKV-4/5/6 and RWKV-7, run side by
+side); each child runs every job of its batch and writes, per job name, the logits and the state in
+Aviary's layout:
 
     {name}.logits       [T, V] float32     every position (`full_output=True`, or one call per token)
     {name}.shift        [L, 2, C] float32  after the last token
     {name}.wkv          [L, *S]  float32   Aviary's orientation (see `pip_state_as_ours`)
     {name}.mid.shift / .mid.wkv            for mode "split", the state after the first part
 
-A job is a dict: name, version (4-7), model (a `.pth` path), strategy ("cpu fp32" or "cpu bf16"), tokens (ints), mode
-("sequence": one call; "step": one call per token; "split": tokens[:split], then the rest from the state),
-split (for mode "split"). The parent only needs torch and safetensors; the child imports `rwkv`.
+A job is a dict: name, version (4-7), model (a `.pth` path), strategy ("cpu fp32" or "cpu bf16"),
+tokens (ints), mode ("sequence": one call; "step": one call per token; "split": tokens[:split], then the
+rest from the state), split (for mode "split"). The parent only needs torch and safetensors; the child imports `rwkv`.
 """
 
 from __future__ import annotations
@@ -76,20 +77,23 @@ def run_oracle(jobs: list[dict], timeout: float = 300) -> dict[str, torch.Tensor
                 continue
             job_file, out_file = Path(tmp) / f"job{int(v7)}.json", Path(tmp) / f"out{int(v7)}.safetensors"
             job_file.write_text(json.dumps(batch))
-            procs[v7] = (out_file, subprocess.Popen([sys.executable, __file__, str(job_file), str(out_file)],
-                                                    env=pip_env(7 if v7 else 4), stdout=subprocess.PIPE,
-                                                    stderr=subprocess.PIPE, text=True))
+            log = Path(tmp) / f"log{int(v7)}.txt"  # a file, not a pipe: nothing can block on it
+            with open(log, "w") as f:  # the child keeps its own handle
+                procs[v7] = (out_file, log, subprocess.Popen([sys.executable, __file__, str(job_file), str(out_file)],
+                                                             env=pip_env(7 if v7 else 4), stdout=f,
+                                                             stderr=subprocess.STDOUT))
         results: dict[str, torch.Tensor] = {}
-        for v7, (out_file, proc) in procs.items():
-            try:
-                stdout, stderr = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
-            if proc.returncode != 0:
-                raise RuntimeError(f"oracle subprocess ({'RWKV-7' if v7 else 'RWKV-4/5/6'}) failed:\n"
-                                   f"{stdout[-2000:]}\n{stderr[-4000:]}")
-            results.update(load_file(str(out_file)))
+        try:
+            for v7, (out_file, log, proc) in procs.items():
+                if proc.wait(timeout=timeout) != 0:
+                    raise RuntimeError(f"oracle subprocess ({'RWKV-7' if v7 else 'RWKV-4/5/6'}) failed:\n"
+                                       f"{log.read_text()[-6000:]}")
+                results.update(load_file(str(out_file)))
+        finally:
+            for _, _, proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         return results
 
 
