@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "info": "aviary.commands.info",
     "convert": "aviary.commands.convert",
     "serve": "aviary.commands.serve",
+    "tokenize": "aviary.commands.tokenize",
     "data": "aviary.commands.data",
     "train": "aviary.commands.train",
 }

@@ -11,7 +11,7 @@ Text is NFC-normalised before encoding, so `decode(encode(s)) == s` only for NFC
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from aviary.tokenizer.base import StreamDecoder
@@ -32,6 +32,13 @@ def _byte_level_alphabet() -> dict[str, int]:
             alphabet[chr(256 + extra)] = b
             extra += 1
     return alphabet
+
+
+def _utf8_text(data: bytes) -> str:
+    try:
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the 20B tokenizer encodes text, and these bytes are not UTF-8: {e}") from None
 
 
 class NeoXTokenizer:
@@ -70,16 +77,12 @@ class NeoXTokenizer:
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """The 20B tokenizer encodes text: `data` must be UTF-8 (ValueError otherwise)."""
-        try:
-            text = bytes(data).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"the 20B tokenizer encodes text, and these bytes are not UTF-8: {e}") from None
-        return self._tok.encode(text).ids
+        return self._tok.encode(_utf8_text(data)).ids
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
-        """Encode many texts; `tokenizers` uses all cores (set RAYON_NUM_THREADS to limit); num_threads=1 runs
-        them one by one on this thread."""
-        texts = list(texts)
+    def encode_batch(self, texts: Iterable[str | bytes], num_threads: int | None = None) -> list[list[int]]:
+        """Encode many texts (bytes must be UTF-8); `tokenizers` uses all cores (set RAYON_NUM_THREADS to limit
+        them); num_threads=1 encodes one by one on this thread."""
+        texts = [t if isinstance(t, str) else _utf8_text(t) for t in texts]
         if num_threads == 1:
             return [self.encode(t) for t in texts]
         return [e.ids for e in self._tok.encode_batch(texts)]

@@ -1,0 +1,185 @@
+"""Encode text files to token ids, decode ids back to text, or report bytes per token.
+
+Inputs are files (plain, or compressed .xz/.gz/.bz2) or stdin ("-" or no file). With --input auto (the
+default) a *.jsonl file holds one document per line in the field --field ("text"); any other file is one
+document. --input lines makes every line a document. Documents are encoded on all cores.
+
+encode prints one line per document: its ids separated by spaces (--json: a JSON list). decode reads the
+same (one document per line, ids separated by spaces or commas, or a JSON list) and writes the documents'
+bytes exactly, one newline between documents (--json: one JSON string per document).
+
+examples:
+  aviary tokenize encode notes.txt                       # ids of the whole file, one line
+  echo "Hello, 世界 👋" | aviary tokenize encode
+  aviary tokenize encode notes.txt | aviary tokenize decode    # the file again, byte for byte
+  aviary tokenize encode --stats corpus/train.jsonl.xz corpus/valid.jsonl.xz
+  aviary tokenize encode --tokenizer 20b --input lines --json questions.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import contextlib
+import gzip
+import json
+import lzma
+import sys
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+HELP = "encode/decode text with the World (or 20B) tokenizer; --stats: bytes per token"
+
+OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    encode = sub.add_parser("encode", help="text -> token ids, one line per document",
+                            description="Text -> token ids, one line per document.")
+    decode = sub.add_parser("decode", help="token ids -> text", description="Token ids -> text.")
+    for p in (encode, decode):
+        p.add_argument("files", nargs="*", metavar="FILE", help='input files; "-" or none: stdin')
+        p.add_argument("--tokenizer", default="world", metavar="NAME",
+                       help="world (default), 20b, a World vocabulary .txt or a tokenizers .json file")
+        p.add_argument("--json", action="store_true", help="JSON output (one value per document or a report)")
+        p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    encode.add_argument("--input", choices=["auto", "doc", "lines", "jsonl"], default="auto",
+                        help="how a file splits into documents (default auto: *.jsonl[.xz|.gz] -> jsonl, else doc)")
+    encode.add_argument("--field", default="text", help='the text field of jsonl documents (default "text")')
+    encode.add_argument("--stats", action="store_true",
+                        help="print documents, bytes, tokens and bytes per token for each input instead of ids")
+    encode.add_argument("--threads", type=int, default=None, help="encoding threads (default: all cores)")
+
+
+# --- input ------------------------------------------------------------------------------------------
+
+
+def _read(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    for suffix, opener in OPENERS.items():
+        if name.endswith(suffix):
+            with opener(name, "rb") as f:
+                return f.read()
+    with open(name, "rb") as f:
+        return f.read()
+
+
+def _documents(name: str, data: bytes, mode: str, field: str) -> list[bytes | str]:
+    if mode == "auto":
+        base = name
+        for suffix in OPENERS:
+            base = base.removesuffix(suffix)
+        mode = "jsonl" if base.endswith(".jsonl") else "doc"
+    if mode == "doc":
+        return [data]
+    if mode == "lines":
+        lines = data.split(b"\n")
+        return lines[:-1] if lines[-1] == b"" else lines
+    docs: list[bytes | str] = []
+    for lineno, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            text = obj[field]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{name}:{lineno}: not a JSON object with a {field!r} field ({e})") from None
+        if not isinstance(text, str):
+            raise ValueError(f"{name}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
+        docs.append(text)
+    return docs
+
+
+def _parse_ids(line: str, where: str) -> list[int]:
+    line = line.strip()
+    try:
+        if line.startswith("["):
+            ids = json.loads(line)
+            if not all(isinstance(i, int) for i in ids):
+                raise ValueError("not a list of integers")
+            return ids
+        return [int(tok) for tok in line.replace(",", " ").split()]
+    except ValueError as e:
+        raise ValueError(f"{where}: cannot read token ids ({e})") from None
+
+
+# --- actions ----------------------------------------------------------------------------------------
+
+
+def _encode(args: argparse.Namespace, tok: Any, names: list[str], out: IO[bytes]) -> None:
+    report = []
+    for name in names:
+        docs = _documents(name, _read(name), args.input, args.field)
+        start = time.perf_counter()
+        ids = tok.encode_batch(docs, num_threads=args.threads)
+        seconds = time.perf_counter() - start
+        if args.stats:
+            n_bytes = sum(len(d) if isinstance(d, bytes) else len(d.encode("utf-8")) for d in docs)
+            n_tokens = sum(map(len, ids))
+            report.append({"file": name, "documents": len(docs), "bytes": n_bytes, "tokens": n_tokens,
+                           "bytes_per_token": n_bytes / n_tokens if n_tokens else None, "seconds": seconds})
+            continue
+        for doc_ids in ids:
+            line = json.dumps(doc_ids) if args.json else " ".join(map(str, doc_ids))
+            out.write(line.encode() + b"\n")
+    if args.stats:
+        _write_report(report, args.json, out)
+
+
+def _write_report(report: list[dict], as_json: bool, out: IO[bytes]) -> None:
+    if len(report) > 1:
+        total = {key: sum(r[key] for r in report) for key in ("documents", "bytes", "tokens", "seconds")}
+        total["bytes_per_token"] = total["bytes"] / total["tokens"] if total["tokens"] else None
+        report.append({"file": "total", **total})
+    if as_json:
+        out.write((json.dumps(report, indent=2) + "\n").encode())
+        return
+    rows = [("file", "documents", "bytes", "tokens", "bytes/token")]
+    for r in report:
+        bpt = f"{r['bytes_per_token']:.3f}" if r["bytes_per_token"] is not None else "-"
+        rows.append((r["file"], f"{r['documents']:,}", f"{r['bytes']:,}", f"{r['tokens']:,}", bpt))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)]
+        out.write(("  ".join(cells) + "\n").encode())
+
+
+def _decode(args: argparse.Namespace, tok: Any, names: list[str], out: IO[bytes]) -> None:
+    first = True
+    for name in names:
+        for lineno, line in enumerate(_read(name).decode("utf-8").splitlines(), 1):
+            where = f"{'stdin' if name == '-' else name}:{lineno}"
+            ids = _parse_ids(line, where)
+            try:
+                data = tok.decode_bytes(ids)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if args.json:
+                out.write((json.dumps(data.decode("utf-8", errors="replace"), ensure_ascii=False) + "\n").encode())
+            else:
+                out.write(data if first else b"\n" + data)
+            first = False
+
+
+@contextlib.contextmanager
+def _open_output(path: str | None) -> Iterator[IO[bytes]]:
+    if path is None:
+        sys.stdout.flush()  # ids and text go to the binary stream: exact bytes, whatever the locale
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+    else:
+        with open(path, "wb") as f:
+            yield f
+
+
+def run(args: argparse.Namespace) -> int:
+    from aviary.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    names = args.files or ["-"]
+    with _open_output(args.output) as out:
+        (_encode if args.action == "encode" else _decode)(args, tok, names, out)
+    return 0
