@@ -1,5 +1,7 @@
 """Builds the World tokenizer's C core; everything else about the package is in pyproject.toml."""
 
+import sys
+
 from setuptools import Extension, setup
 
 setup(
@@ -7,7 +9,7 @@ setup(
         Extension(
             "aviary.tokenizer._trie",
             sources=["src/aviary/tokenizer/_trie.c"],
-            extra_compile_args=["-O3", "-std=c11"],
+            extra_compile_args=[] if sys.platform == "win32" else ["-O3"],
         )
     ]
 )
