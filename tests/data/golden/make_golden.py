@@ -54,29 +54,30 @@ def build_cases() -> dict[str, dict]:
     return cases
 
 
-def pip_logits(cases: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """Write each case's checkpoint to a temporary folder and run the pip package on it (sequence mode)."""
-    sys.path.insert(0, str(HERE.parents[1]))  # tests/, for oracle.py
+def golden_jobs(cases: dict[str, dict], folder: str | Path) -> list[dict]:
+    """Write each case's checkpoint into `folder`; the oracle jobs (sequence mode) that give its logits."""
     from aviary.testing import random_config, save_random_checkpoint
-    from oracle import run_oracle
 
-    with tempfile.TemporaryDirectory() as tmp:
-        jobs = []
-        for name, case in cases.items():
-            path = str(Path(tmp) / f"{name}.pth")
-            save_random_checkpoint(path, random_config(**case["config"]), seed=case["seed"],
-                                   time_state=case["time_state"])
-            jobs.append(dict(name=name, version=case["config"]["version"], model=path, strategy="cpu fp32",
-                             tokens=case["tokens"], mode="sequence"))
-        out = run_oracle(jobs)
-    return {name: out[f"{name}.logits"] for name in cases}
+    jobs = []
+    for name, case in cases.items():
+        path = str(Path(folder) / f"golden-{name}.pth")
+        save_random_checkpoint(path, random_config(**case["config"]), seed=case["seed"], time_state=case["time_state"])
+        jobs.append(dict(name=f"golden/{name}", version=case["config"]["version"], model=path, strategy="cpu fp32",
+                         tokens=case["tokens"], mode="sequence"))
+    return jobs
 
 
 def main() -> None:
     from safetensors.torch import save_file
 
+    sys.path.insert(0, str(HERE.parents[1]))  # tests/, for oracle.py
+    from oracle import run_oracle
+
     cases = build_cases()
-    save_file(pip_logits(cases), str(GOLDEN), metadata={"cases": json.dumps(cases), "source": "rwkv==0.8.32 cpu fp32"})
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run_oracle(golden_jobs(cases, tmp))
+    logits = {name: out[f"golden/{name}.logits"] for name in cases}
+    save_file(logits, str(GOLDEN), metadata={"cases": json.dumps(cases), "source": "rwkv==0.8.32 cpu fp32"})
     print(f"wrote {GOLDEN} ({GOLDEN.stat().st_size} bytes, {len(cases)} cases)")
 
 
