@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, str] = {
     "info": "aviary.commands.info",
     "convert": "aviary.commands.convert",
+    "generate": "aviary.commands.generate",
+    "chat": "aviary.commands.chat",
     "serve": "aviary.commands.serve",
     "tokenize": "aviary.commands.tokenize",
     "data": "aviary.commands.data",

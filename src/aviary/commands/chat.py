@@ -61,8 +61,9 @@ class Chat:
         self.state = self.start_state
         self.needs_separator = False
 
-    def turn(self, message: str, out=sys.stdout) -> str:
-        """Send one user message, stream the reply to `out`, and keep the state for the next turn."""
+    def turn(self, message: str, out=None) -> str:
+        """Send one user message, stream the reply to `out` (stdout), and keep the state for the next turn."""
+        out = out or sys.stdout
         message = " ".join(message.strip().split("\n\n"))  # a blank line would end the user's turn early
         text = ("\n\n" if self.needs_separator else "") + f"{self.user}: {message}\n\n{self.assistant}:"
         seq = self.engine.add(text, self.params, state=self.state)

@@ -1,0 +1,74 @@
+"""`aviary generate` and `aviary chat` on a small random-weight RWKV-7 with the World vocabulary size."""
+
+import io
+
+import pytest
+
+import aviary
+from aviary.cli import main
+from aviary.generation import SamplingParams, generate
+from aviary.state import RWKVState
+from aviary.testing import random_config, save_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "tiny-v7.safetensors"
+    save_random_checkpoint(path, random_config(7, n_layer=2, n_embd=64, head_size=32, vocab_size=65536), seed=5)
+    return path
+
+
+def test_generate_prints_the_greedy_continuation(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "The Eiffel tower is in", "--temperature", "0", "-n", "8"]) == 0
+    printed = capsys.readouterr().out
+    model = aviary.load(checkpoint)
+    expected = generate(model, aviary.load_tokenizer(version=7), "The Eiffel tower is in",
+                        SamplingParams(temperature=0, max_new_tokens=8, presence_penalty=0.2,
+                                       frequency_penalty=0.2, penalty_decay=0.996))
+    assert printed == expected + "\n"
+
+
+def test_generate_reads_a_prompt_file_and_reports_speed(checkpoint, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time", encoding="utf-8")
+    assert main(["generate", str(checkpoint), "--prompt-file", str(prompt), "-n", "4", "--seed", "1",
+                 "--stats"]) == 0
+    assert "decode 4 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "missing.pth", "hi"], "no such checkpoint"),
+    (["generate", "{ckpt}", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "{ckpt}", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "{ckpt}", ""], "empty"),
+    (["generate", "{ckpt}", "a", "b", "c"], "PROMPT"),
+])
+def test_generate_bad_input_is_one_clear_line(checkpoint, capsys, argv, message):
+    argv = [a.replace("{ckpt}", str(checkpoint)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_chat_session_with_commands(checkpoint, tmp_path, monkeypatch, capsys):
+    saved = tmp_path / "conversation.state"
+    script = "\n".join([
+        "Hello there!",
+        "/set temperature=0",
+        "/set bogus=1",
+        "/settings",
+        "How are you?",
+        f"/save {saved}",
+        "/reset",
+        f"/load {saved}",
+        "/nonsense",
+        "/quit",
+    ])
+    monkeypatch.setattr("sys.stdin", io.StringIO(script + "\n"))
+    assert main(["chat", str(checkpoint), "-n", "6", "--seed", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("Assistant:") == 2
+    assert "temperature=0" in out and "state saved" in out and "state loaded" in out
+    assert "NAME one of" in err and "unknown command" in err
+    state = RWKVState.load(saved)
+    aviary.load(checkpoint).check_state(state, 1)
