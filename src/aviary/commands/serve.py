@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the largest max_tokens a request may ask for, and chat's default (default 2048)")
     limits.add_argument("--max-request-bytes", type=int, default=1 << 20, metavar="N",
                         help="request body size limit (default 1 MiB)")
+    limits.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's choice; 1-2 is often faster on a busy machine)")
     limits.add_argument("--cache-mb", type=float, default=256, metavar="MB",
                         help="memory for cached prefix states (default 256; 0 turns the cache off)")
     add_model_arguments(parser)
@@ -64,6 +66,12 @@ def build(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_queue < 0 or args.max_tokens < 0 or args.cache_mb < 0:
         raise ValueError("--max-queue, --max-tokens and --cache-mb must be >= 0")
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
     model, tokenizer, state = load_model(args, path)
     if state is not None:

@@ -45,7 +45,6 @@ class Limits:
     max_prompt_tokens: int = 8192  # per prompt (a chat's whole conversation)
     max_tokens: int = 2048  # the largest max_tokens a request may ask for; chat's default
     retry_after_s: int = 1  # the Retry-After of a 429
-    poll_s: float = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -226,15 +225,18 @@ class _Api:
             self.scheduler.cancel(job)
 
     async def _collect(self, request: Request, job: Job, events: asyncio.Queue, fmt: _TextFormat, meta: dict):
+        async def watch_disconnect():  # the only reader of `receive` once the body is in (no stream is open)
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            events.put_nowait(None)
+
+        watcher = asyncio.create_task(watch_disconnect())
         texts, reasons = [""] * job.width, [None] * job.width
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), self.limits.poll_s)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return PlainTextResponse("", status_code=499)  # nobody reads it
-                    continue
+                event = await events.get()
+                if event is None:  # the client went away (closed, or timed out)
+                    return PlainTextResponse("", status_code=499)  # nobody reads it
                 if isinstance(event, Piece):
                     texts[event.index] += fmt.clean(event.index, event.text)
                     reasons[event.index] = event.finish_reason or reasons[event.index]
@@ -244,6 +246,7 @@ class _Api:
                     choices = [fmt.choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
                     return JSONResponse({**meta, "object": fmt.object, "choices": choices, "usage": _usage(event)})
         finally:
+            watcher.cancel()
             self.scheduler.cancel(job)
 
 

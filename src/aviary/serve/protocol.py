@@ -31,14 +31,19 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "literal"}
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
 
 
 def validation_error(e: ValidationError) -> ApiError:
-    """The first problem pydantic found, as a 400 naming the field."""
-    err = e.errors(include_url=False)[0]
-    loc = [x for x in err["loc"] if isinstance(x, int) or ("[" not in x and x not in _UNION_TAGS
-                                                          and not x[:1].isupper())]
+    """The most specific problem pydantic found (the deepest field), as a 400 naming the field."""
+
+    def path(err) -> list:  # without the union-member tags pydantic adds ("list[str]", "constrained-str", "Message")
+        return [x for x in err["loc"] if isinstance(x, int) or (x.isidentifier() and x not in _TYPE_NAMES
+                                                               and not x[:1].isupper())]
+
+    errors = e.errors(include_url=False)
+    err = max(errors, key=lambda err: len(path(err)))  # the first of the deepest
+    loc = path(err)
     param = ".".join(str(x) for x in loc) or None
     if err["type"] == "extra_forbidden":
         return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param,
