@@ -72,3 +72,27 @@ def test_chat_session_with_commands(checkpoint, tmp_path, monkeypatch, capsys):
     assert "NAME one of" in err and "unknown command" in err
     state = RWKVState.load(saved)
     aviary.load(checkpoint).check_state(state, 1)
+
+
+def test_state_tuning_file_sets_the_starting_state(tmp_path, capsys):
+    """An official state-tuning output (only blocks.N.att.time_state) given with --state generates exactly
+    what the same weights with the time_state merged into the checkpoint generate."""
+    import torch
+
+    from aviary.testing import random_state_dict
+
+    cfg = random_config(7, n_layer=2, n_embd=64, head_size=32, vocab_size=65536)
+    sd = random_state_dict(cfg, seed=8, time_state=True)
+    torch.save({k: v for k, v in sd.items() if k.endswith("time_state")}, tmp_path / "tuned.pth")
+    torch.save({k: v for k, v in sd.items() if not k.endswith("time_state")}, tmp_path / "base.pth")
+    torch.save(sd, tmp_path / "merged.pth")
+    argv = ["hello", "--temperature", "0", "-n", "6"]
+    assert main(["generate", str(tmp_path / "merged.pth"), *argv]) == 0
+    merged = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "base.pth"), *argv, "--state", str(tmp_path / "tuned.pth")]) == 0
+    assert capsys.readouterr().out == merged
+    assert main(["generate", str(tmp_path / "base.pth"), *argv]) == 0
+    assert capsys.readouterr().out != merged  # the tuned state really changes the output
+    torch.save({"blocks.0.att.time_state": torch.zeros(3, 5, 5)}, tmp_path / "wrong.pth")
+    assert main(["generate", str(tmp_path / "base.pth"), *argv, "--state", str(tmp_path / "wrong.pth")]) == 2
+    assert "wrong.pth" in capsys.readouterr().err

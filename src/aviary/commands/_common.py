@@ -15,7 +15,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer", default=None, metavar="NAME|PATH",
                        help="world, 20b, or a vocabulary/tokenizer file (default: the one for the model's version)")
     group.add_argument("--state", default=None, metavar="FILE",
-                       help="start from this saved state (an Aviary .state file) instead of the model's initial one")
+                       help="start from this state: a file saved by Aviary (chat /save, RWKVState.save) or an "
+                            "official state-tuning file with blocks.N.att.time_state tensors")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 200) -> None:
@@ -65,13 +66,34 @@ def resolve_model_path(model: str | None) -> str:
 def load_model(args: argparse.Namespace, model: str | None):
     """(model, tokenizer, starting state or None) from the parsed options."""
     import aviary
-    from aviary.state import RWKVState
 
     path = resolve_model_path(model)
     net = aviary.load(path, device=args.device, dtype=args.dtype)
     tokenizer = aviary.load_tokenizer(args.tokenizer, version=net.config.version)
     state = None
     if args.state:
-        state = RWKVState.load(args.state, device=args.device)
-        net.check_state(state, 1)
+        state = load_start_state(net, args.state, args.device)
     return net, tokenizer, state
+
+
+def load_start_state(model, path: str, device: str = "cpu"):
+    """An Aviary state file -> that state; a state-tuning file -> None, after making its time_state the
+    model's initial state (so every new sequence starts from it)."""
+    from aviary.io import CheckpointError, read_time_state
+    from aviary.state import RWKVState, StateError
+
+    try:
+        state = RWKVState.load(path, device=device)
+    except StateError as not_ours:
+        try:
+            wkv = read_time_state(path)
+        except CheckpointError as not_official:
+            raise StateError(f"{path}: neither an Aviary state file ({not_ours}) nor a state-tuning file "
+                             f"({not_official})") from None
+        try:
+            model.set_initial_state(wkv.float().transpose(-1, -2).to(device))  # official [H, V, K] -> [H, K, V]
+        except StateError as e:
+            raise StateError(f"{path}: {e}") from None
+        return None
+    model.check_state(state, 1)
+    return state

@@ -21,7 +21,7 @@ from aviary.config import infer_config
 from aviary.io import names
 from aviary.io.hf_config import config_json
 
-__all__ = ["CheckpointError", "read_state_dict", "weight_files", "write_state_dict"]
+__all__ = ["CheckpointError", "read_state_dict", "read_time_state", "weight_files", "write_state_dict"]
 
 PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
 SAFETENSORS_SUFFIXES = {".safetensors"}
@@ -175,3 +175,26 @@ def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike,
         (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         written.append(path / "config.json")
     return written
+
+
+def read_time_state(path: str | os.PathLike) -> torch.Tensor:
+    """The state-tuned starting state in a file: every `blocks.i.att.time_state` tensor (a state-tuning
+    run saves only these; a merged checkpoint has them beside the weights), stacked as [L, H, V, K]
+    in the official orientation. Raises CheckpointError naming the file."""
+    sd: dict = {}
+    for f in weight_files(path):
+        sd.update(_read_file(f))
+    layers = {}
+    for key, value in sd.items():
+        name = key.removeprefix("_forward_module.") if isinstance(key, str) else ""
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "blocks" and parts[1].isdigit() and name.endswith(".att.time_state"):
+            layers[int(parts[1])] = value
+    if not layers:
+        raise CheckpointError(path, "no blocks.N.att.time_state tensors: not a state-tuning file")
+    if sorted(layers) != list(range(len(layers))):
+        raise CheckpointError(path, f"time_state tensors for layers {sorted(layers)}: some layers are missing")
+    shapes = {tuple(t.shape) for t in layers.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise CheckpointError(path, f"time_state tensors must all be [H, N, N], got shapes {sorted(shapes)}")
+    return torch.stack([layers[i] for i in range(len(layers))])
