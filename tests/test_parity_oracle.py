@@ -160,10 +160,11 @@ def test_pip_package_agrees_with_itself_across_modes(reference):
 
 
 def test_golden_file_is_what_the_pip_package_gives_today(reference):
-    """tests/data/golden (used by test_golden.py where the pip package is missing) is still current."""
+    """tests/data/golden (used by test_golden.py where the pip package is missing) is still current (1e-5:
+    regenerating on this machine gives identical bytes; other CPUs may round the last bits differently)."""
     _, ref = reference
     assert make_golden.build_cases() == GOLDEN_CASES, \
         f"make_golden.py describes other cases than the golden file: run `{REGENERATE}`"
     for name, logits in GOLDEN_LOGITS.items():
         err = (ref[f"golden/{name}.logits"] - logits).abs().max().item()
-        assert err <= 1e-6, f"golden {name}: the pip package now gives logits {err:.2e} away: run `{REGENERATE}`"
+        assert err <= 1e-5, f"golden {name}: the pip package now gives logits {err:.2e} away: run `{REGENERATE}`"
