@@ -24,7 +24,6 @@ import lzma
 import os
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -51,13 +50,12 @@ def first_bytes(texts: list[str], mb: float) -> list[str]:
     return out
 
 
-def best_time(fn: Callable[[], object], repeat: int, results: dict) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        results["out"] = fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def peers() -> dict[str, object]:
@@ -150,7 +148,7 @@ def main() -> None:
                 raise SystemExit("pyrwkv-tokenizer encode_batch: ids differ")
 
     size = {r[0]: (slice_bytes if r[2] is slice_ else n_bytes) for r in rows}
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": cores,
+    result = {"machine": {"cpu": cpu_name(), "cores": cores,
                           "python": platform.python_version(), "load_avg": os.getloadavg()},
               "documents": len(texts), "bytes": n_bytes, "tokens": n_tokens, "slice_bytes": slice_bytes,
               "repeat": args.repeat, "encode": {}, "encode_cpu": {}, "decode": {}, "batch": {}}
