@@ -7,6 +7,8 @@ import ast
 import json
 import lzma
 import random
+import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -292,6 +294,30 @@ def test_encode_batch_equals_encode(tok, multilingual, random_inputs):
     for n in (None, 1, 2, 3, 64):
         assert tok.encode_batch(texts, num_threads=n) == expected
     assert tok.encode_batch(iter([b"ab", "ab"]), num_threads=2) == [tok.encode("ab")] * 2
+
+
+def test_encode_releases_the_gil(tok):
+    """While one thread matches in C, Python code keeps running in another (what encode_batch relies on)."""
+    data = b" " * (128 * 250_000)  # 32 MB that are 250k tokens of 128 spaces: long matching, a short list
+    go, done, longest_stall = threading.Event(), threading.Event(), 0.0
+
+    def work():
+        go.wait()  # start matching only once the loop below is running
+        start = time.perf_counter()
+        assert tok.encode_bytes(data) == [65529] * 250_000
+        work.seconds = time.perf_counter() - start
+        done.set()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    last = time.perf_counter()
+    go.set()
+    while not done.is_set():
+        now = time.perf_counter()
+        longest_stall, last = max(longest_stall, now - last), now
+    worker.join()
+    # holding the GIL through the match would stall this loop for all of it
+    assert longest_stall < 0.5 * work.seconds, (longest_stall, work.seconds)
 
 
 def test_encode_memory_is_bounded(tok):
