@@ -16,6 +16,7 @@ import pytest
 
 from aviary.tokenizer import NeoXTokenizer, StreamDecoder, Tokenizer, WorldTokenizer, load_tokenizer
 from aviary.tokenizer import tokenizer_for_version as for_version
+from aviary.tokenizer.neox import NEOX_TOKENIZER
 from aviary.tokenizer.world import WORLD_VOCAB, load_vocab, parse_literal
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -150,9 +151,9 @@ def test_custom_vocab_file(tmp_path):
             t.decode([1, 299])
 
 
-def test_attributes(tok):
+def test_attributes(tok, neox):
     assert tok.vocab_size == len(tok) == 65536 and tok.eot_id == 0
-    assert isinstance(tok, Tokenizer) and isinstance(NeoXTokenizer(), Tokenizer)
+    assert isinstance(tok, Tokenizer) and isinstance(neox, Tokenizer)
 
 
 # --- parity with the reference ----------------------------------------------------------------------
@@ -387,7 +388,7 @@ def test_load_tokenizer(tmp_path):
     assert isinstance(for_version(4), NeoXTokenizer) and load_tokenizer(version=4) is load_tokenizer("20b")
     assert load_tokenizer("world", version=4) is world  # RWKV-4 World models: a name wins over the version
     assert isinstance(load_tokenizer(WORLD_VOCAB), WorldTokenizer)
-    assert isinstance(load_tokenizer(str(NeoXTokenizer().path)), NeoXTokenizer)
+    assert isinstance(load_tokenizer(str(NEOX_TOKENIZER)), NeoXTokenizer)
     with pytest.raises(ValueError, match="unknown tokenizer"):
         load_tokenizer("gpt2")
     with pytest.raises(ValueError, match="version 3"):

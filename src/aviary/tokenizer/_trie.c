@@ -154,7 +154,10 @@ static int Trie_init(TrieObject *self, PyObject *args, PyObject *kwds)
             return -1;
         }
         Py_ssize_t len = PyBytes_GET_SIZE(t);
-        if (len > 4096) { PyErr_Format(PyExc_ValueError, "token %zd is %zd bytes long (at most 4096)", i, len); return -1; }
+        if (len > 4096) {
+            PyErr_Format(PyExc_ValueError, "token %zd is %zd bytes long (at most 4096)", i, len);
+            return -1;
+        }
         total += len;
         n_keys += len > 0;
     }
@@ -186,7 +189,12 @@ static int Trie_init(TrieObject *self, PyObject *args, PyObject *kwds)
         self->max_id = i;
         if (len > self->max_token_len) self->max_token_len = (int)len;
         if (len == 1) have_byte[(unsigned char)self->blob[off]] = 1;
-        if (len > 0) { keys[k].p = (const unsigned char *)self->blob + off; keys[k].len = (int32_t)len; keys[k].id = (int32_t)i; k++; }
+        if (len > 0) {
+            keys[k].p = (const unsigned char *)self->blob + off;
+            keys[k].len = (int32_t)len;
+            keys[k].id = (int32_t)i;
+            k++;
+        }
         off += len;
     }
     for (int c = 0; c < 256; c++) {
@@ -450,14 +458,18 @@ static PyObject *Trie_decode_bytes(TrieObject *self, PyObject *obj) { return dec
 static PyObject *Trie_decode(TrieObject *self, PyObject *obj) { return decode_impl(self, obj, 1); }
 
 static PyObject *Trie_get_n_states(TrieObject *self, void *closure) { return PyLong_FromSsize_t(self->n_states); }
-static PyObject *Trie_get_max_token_len(TrieObject *self, void *closure) { return PyLong_FromLong(self->max_token_len); }
+static PyObject *Trie_get_max_token_len(TrieObject *self, void *closure)
+{
+    return PyLong_FromLong(self->max_token_len);
+}
 
 static PyObject *Trie_sizeof(TrieObject *self, PyObject *unused)
 {
     Py_ssize_t total = 0;
     for (Py_ssize_t i = 0; i < self->n_ids; i++) total += self->tok_len[i] > 0 ? self->tok_len[i] : 0;
+    Py_ssize_t per_id = (Py_ssize_t)(sizeof(int64_t) + sizeof(int32_t) + sizeof(PyObject *));
     return PyLong_FromSsize_t((Py_ssize_t)sizeof(TrieObject) + self->da_size * (Py_ssize_t)sizeof(DANode) +
-                              self->n_ids * (Py_ssize_t)(sizeof(int64_t) + sizeof(int32_t) + sizeof(PyObject *)) + total);
+                              self->n_ids * per_id + total);
 }
 
 static PyMethodDef Trie_methods[] = {

@@ -167,7 +167,7 @@ def _compiled_trie():
         raise ImportError(
             "the compiled World tokenizer (aviary.tokenizer._trie) is not built; build it with "
             "`pip install -e .` in the Aviary checkout (needs a C compiler and the Python headers), "
-            "or use WorldTokenizer(backend='python') (about 50x slower)") from e
+            "or use WorldTokenizer(backend='python') (about 20x slower)") from e
     return _trie.Trie
 
 
