@@ -280,7 +280,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         else:
             from torch.nn.parallel import DistributedDataParallel
 
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # find_unused_parameters: v7 layer 0 carries v0/v1/v2 (official names) that its math never uses
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            find_unused_parameters=True)
     o = cfg.optim
     optimizer = make_optimizer(raw_model, o.lr_init, (o.beta1, o.beta2), o.adam_eps, o.weight_decay)
 

@@ -1,0 +1,155 @@
+"""Training data: binidx round trip and compatibility with the Megatron/RWKV-LM layout, `prepare` on
+text / JSONL / compressed inputs, clear errors for bad input, and the window sampler."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import struct
+
+import numpy as np
+import pytest
+
+from aviary.cli import main
+from aviary.train.data import BinIdx, DataError, prepare, write_binidx
+from aviary.train.sampler import WindowSampler, is_prime, magic_prime
+
+
+def fake_encode(texts):
+    """A stand-in tokenizer (ids 1..96) so these tests need no vocabulary and run in milliseconds."""
+    return [[(ord(c) % 96) + 1 for c in t] for t in texts]
+
+
+def megatron_binidx(prefix, docs):
+    """Write binidx the way Megatron's MMapIndexedDatasetBuilder (used by RWKV-LM's make_data.py) does,
+    independently of aviary's writer."""
+    arrays = [np.asarray(d, dtype=np.uint16) for d in docs]
+    with open(f"{prefix}.bin", "wb") as f:
+        for a in arrays:
+            f.write(a.tobytes(order="C"))
+    sizes = [a.size for a in arrays]
+    pointers, addr = [], 0
+    for s in sizes:
+        pointers.append(addr)
+        addr += s * 2
+    doc_idx = list(range(len(sizes) + 1))
+    with open(f"{prefix}.idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00")
+        f.write(struct.pack("<Q", 1))
+        f.write(struct.pack("<B", 8))
+        f.write(struct.pack("<Q", len(sizes)))
+        f.write(struct.pack("<Q", len(doc_idx)))
+        f.write(np.array(sizes, dtype=np.int32).tobytes(order="C"))
+        f.write(np.array(pointers, dtype=np.int64).tobytes(order="C"))
+        f.write(np.array(doc_idx, dtype=np.int64).tobytes(order="C"))
+
+
+def test_reads_megatron_binidx_and_writes_the_same_bytes(tmp_path):
+    docs = [[5, 6, 7, 0], [65535, 1, 0], [9, 0]]
+    megatron_binidx(tmp_path / "ref", docs)
+    ds = BinIdx(tmp_path / "ref")
+    assert len(ds) == 9 and ds.n_documents == 3 and ds.dtype == np.uint16
+    assert ds.document(1).tolist() == [65535, 1, 0]
+    assert ds.get(2, 4).tolist() == [7, 0, 65535, 1]  # the flat stream crosses documents
+    write_binidx(tmp_path / "ours", docs)
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"ref.{ext}").read_bytes()
+
+
+@pytest.mark.parametrize("suffix,opener", [(".jsonl", open), (".jsonl.gz", gzip.open), (".jsonl.xz", lzma.open),
+                                           (".jsonl.bz2", bz2.open)])
+def test_prepare_jsonl_any_compression(tmp_path, suffix, opener):
+    path = tmp_path / f"docs{suffix}"
+    with opener(path, "wt", encoding="utf-8") as f:
+        for text in ("hello", "world!", "é ü"):
+            f.write(json.dumps({"text": text, "source": "t"}) + "\n")
+    r = prepare([path], tmp_path / "out", encode_batch=fake_encode, progress=False)
+    assert (r.documents, r.tokens) == (3, 5 + 1 + 6 + 1 + 3 + 1)
+    ds = BinIdx(tmp_path / "out")
+    assert ds.document(0).tolist() == fake_encode(["hello"])[0] + [0]
+    assert ds.document(2).tolist()[-1] == 0
+
+
+def test_prepare_text_files_are_one_document_each(tmp_path):
+    (tmp_path / "a.txt").write_text("first file\nsecond line")
+    (tmp_path / "b.txt").write_text("other")
+    r = prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", encode_batch=fake_encode,
+                progress=False)
+    assert r.documents == 2 and len(BinIdx(tmp_path / "out")) == 22 + 1 + 5 + 1
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "empty"),
+    (b"ok text then \xff\xfe bad bytes", "not UTF-8"),
+    (b"   \n\n", "no text"),
+])
+def test_bad_inputs_fail_before_tokenizing(tmp_path, content, message):
+    good = tmp_path / "good.txt"
+    good.write_text("fine")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    calls = []
+    with pytest.raises(DataError, match=message) as e:
+        prepare([good, bad], tmp_path / "out", encode_batch=lambda t: calls.append(t) or fake_encode(t),
+                progress=False)
+    assert "bad.txt" in str(e.value) and not calls  # named the file; nothing was tokenized
+    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out.idx").exists()
+
+
+def test_missing_input_and_bad_jsonl(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        prepare([tmp_path / "nope.jsonl"], tmp_path / "out", encode_batch=fake_encode, progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
+    with pytest.raises(DataError, match='line 2: expected an object with a "text"'):
+        prepare([bad], tmp_path / "out", encode_batch=fake_encode, progress=False)
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_bad_binidx_is_refused(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        BinIdx(tmp_path / "missing")
+    (tmp_path / "x.bin").write_bytes(b"\x01\x00")
+    (tmp_path / "x.idx").write_bytes(b"NOTANIDX" + b"\x00" * 40)
+    with pytest.raises(DataError, match="bad magic"):
+        BinIdx(tmp_path / "x")
+
+
+def test_cli_prepare_and_inspect(tmp_path, capsys):
+    pytest.importorskip("aviary.tokenizer")
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(json.dumps({"text": f"Document number {i}. " * 20}) for i in range(30)) + "\n")
+    assert main(["data", "prepare", str(src), str(tmp_path / "ds"), "--quiet"]) == 0
+    assert "30 documents" in capsys.readouterr().out
+    assert main(["data", "inspect", str(tmp_path / "ds"), "--ctx-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "windows" in out and "Document number 0" in out
+    # the World tokenizer's ids, each document ended by 0
+    from aviary.tokenizer import WorldTokenizer
+
+    assert BinIdx(tmp_path / "ds").document(3).tolist() == WorldTokenizer().encode("Document number 3. " * 20) + [0]
+    assert main(["data", "prepare", str(tmp_path / "missing.txt"), str(tmp_path / "o")]) == 2
+    assert "missing.txt: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_tokens,ctx", [(1000, 16), (12345, 64), (50_001, 100)])
+def test_sampler_visits_every_window_once_per_epoch(n_tokens, ctx):
+    s = WindowSampler(n_tokens, ctx, seed=3)
+    W = s.n_windows
+    assert (n_tokens - 1) // ctx == W
+    for epoch in range(2):
+        windows = [s.window(epoch * W + i) for i in range(W)]
+        assert sorted(windows) == list(range(W))
+    first, second = [s.window(i) for i in range(W)], [s.window(W + i) for i in range(W)]
+    assert first != second  # a new order each epoch
+    assert [s.window(i) for i in range(20)] == [WindowSampler(n_tokens, ctx, seed=3).window(i) for i in range(20)]
+    assert max(s(k) for k in range(W)) + ctx + 1 <= n_tokens  # every sample fits in the stream
+
+
+def test_magic_prime_is_rwkv_lms():
+    for n in (1000, 26_668, 12_345):
+        p = magic_prime(n)
+        assert is_prime(p) and p % 3 == 2 and p <= n - 1 and p / n > 0.9
+        assert not any(is_prime(q) and q % 3 == 2 for q in range(p + 1, n))
