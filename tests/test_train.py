@@ -4,6 +4,7 @@ and bad configs refused before any compute. Tiny models (vocab 64, width 32-64),
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -195,3 +196,28 @@ def test_data_beyond_vocab_is_refused(tmp_path, corpus):
     write_binidx(tmp_path / "big", [[1, 2, 300, 0] * 20])
     with pytest.raises(ConfigError, match="beyond the model's vocabulary"):
         train(tiny_config((tmp_path / "big", corpus[1]), tmp_path / "run"))
+
+
+def test_compact_vocab_exports_the_exact_full_model(corpus, tmp_path):
+    """Rows only for ids seen in training, the rest lumped: the exported full-vocabulary model gives the
+    same log-probabilities as the compact one, and unseen ids share the lumped row's mass equally."""
+    from aviary.model import RWKV
+    from aviary.train.checkpoint import latest_checkpoint, load_checkpoint
+    from aviary.train.vocab import CompactVocab
+
+    r = train(tiny_config(corpus, tmp_path, model__vocab_size=200, model__compact_vocab=True, train__max_steps=4,
+                          out__export="safetensors", out__export_dtype="fp32"))
+    full = aviary.load(r.exported[0])
+    assert full.config.vocab_size == 200
+    payload = load_checkpoint(latest_checkpoint(tmp_path))
+    vocab = CompactVocab.from_tokens(np.fromfile(str(corpus[0]) + ".bin", dtype=np.uint16), 200)
+    compact = RWKV(full.config.__class__(**{**full.config.to_dict(), "vocab_size": vocab.size}))
+    compact.load_state_dict(payload["model"])
+    tokens = torch.tensor([[1, 4, 7, 10, 13, 16]])
+    lp_full = torch.log_softmax(full(tokens)[0], -1)
+    lp_compact = torch.log_softmax(vocab.logits(compact(vocab.map(tokens))[0]), -1)
+    torch.testing.assert_close(lp_full[..., vocab.used], lp_compact[..., :vocab.K], atol=1e-5, rtol=1e-5)
+    unseen = np.setdiff1d(np.arange(200), vocab.used)
+    torch.testing.assert_close(lp_full[..., unseen],
+                               (lp_compact[..., vocab.K:] - math.log(vocab.n_shared)).expand(-1, -1, len(unseen)))
+    assert r.losses[-1] < r.losses[0]

@@ -38,6 +38,8 @@ class ModelSection:
     dim_ffn: int = _f(0, "channel-mix width; 0 = the version's default (4C, or int(3.5C)//32*32 for v5/v6)")
     vocab_size: int = _f(65536, "vocabulary size (65536 for the World tokenizer)")
     load: str = _f("", "start from this checkpoint's weights (fine-tuning); its sizes override the ones above")
+    compact_vocab: bool = _f(False, "train only the emb/head rows of ids found in data.train, the other ids "
+                                    "sharing one row (exact; exports have the full vocabulary)")
 
 
 @dataclass
@@ -133,6 +135,8 @@ class TrainConfig:
                     problems.append(f"model.{name} must be positive")
             if m.version != 4 and m.head_size > 0 and m.n_embd % m.head_size:
                 problems.append(f"model.n_embd={m.n_embd} is not a multiple of model.head_size={m.head_size}")
+        elif m.compact_vocab:
+            problems.append("model.compact_vocab cannot be combined with model.load (fine-tuning)")
         elif not Path(m.load).exists():
             problems.append(f"model.load: no such checkpoint {m.load}")
         if d.ctx_len <= 0 or d.ctx_len % 16:

@@ -29,6 +29,7 @@ from aviary.train.data import BinIdx
 from aviary.train.init import init_model, model_config
 from aviary.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
 from aviary.train.sampler import WindowSampler
+from aviary.train.vocab import CompactVocab
 
 __all__ = ["train", "TrainResult"]
 
@@ -84,7 +85,7 @@ def _all_mean(x: float, d: _Dist, device: torch.device) -> float:
     return t.item() / d.world
 
 
-def _build_model(cfg: TrainConfig, device: torch.device):
+def _build_model(cfg: TrainConfig, device: torch.device, vocab: CompactVocab | None):
     from aviary.model import RWKV
 
     m = cfg.model
@@ -94,7 +95,8 @@ def _build_model(cfg: TrainConfig, device: torch.device):
         model = load(m.load, dtype="float32")
         model.train()
         return model.to(device)
-    config = model_config(m.version, m.n_layer, m.n_embd, m.vocab_size, m.head_size, m.dim_ffn)
+    rows = vocab.size if vocab is not None else m.vocab_size
+    config = model_config(m.version, m.n_layer, m.n_embd, rows, m.head_size, m.dim_ffn)
     model = RWKV(config, backend="chunked").to(device)
     return init_model(model, seed=cfg.train.seed, lr_init=cfg.optim.lr_init)
 
@@ -110,25 +112,35 @@ def _enable_grad_checkpointing(model) -> None:
         block.forward = wrapped
 
 
-def _batch(data: BinIdx, sampler: WindowSampler, first: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = sampler.ctx_len
-    rows = np.stack([data.get(sampler(first + j), T + 1) for j in range(n)])
-    t = torch.from_numpy(rows).to(device)
+def _rows(data: BinIdx, offsets: list[int], T: int, device, vocab: CompactVocab | None) -> torch.Tensor:
+    t = torch.from_numpy(np.stack([data.get(o, T + 1) for o in offsets])).to(device)  # [B, T+1]
+    return vocab.map(t) if vocab is not None else t
+
+
+def _batch(data: BinIdx, sampler: WindowSampler, first: int, n: int, device,
+           vocab: CompactVocab | None) -> tuple[torch.Tensor, torch.Tensor]:
+    t = _rows(data, [sampler(first + j) for j in range(n)], sampler.ctx_len, device, vocab)
     return t[:, :-1], t[:, 1:]
 
 
-def _loss(model, x, y, cfg: TrainConfig, device) -> torch.Tensor:
+def _logits(model, x, cfg: TrainConfig, device, vocab: CompactVocab | None) -> torch.Tensor:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     with autocast:
         logits, _ = model(x)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    logits = logits.float()
+    return vocab.logits(logits) if vocab is not None else logits
+
+
+def _loss(model, x, y, cfg: TrainConfig, device, vocab: CompactVocab | None) -> torch.Tensor:
+    logits = _logits(model, x, cfg, device, vocab)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
     if cfg.optim.l2wrap > 0 and torch.is_grad_enabled():
         loss = L2Wrap.apply(loss, logits, cfg.optim.l2wrap)
     return loss
 
 
 @torch.no_grad()
-def evaluate(model, data: BinIdx, cfg: TrainConfig, d: _Dist, device) -> float:
+def evaluate(model, data: BinIdx, cfg: TrainConfig, d: _Dist, device, vocab: CompactVocab | None = None) -> float:
     """Mean loss over `out.val_samples` windows spread evenly over the held-out stream (fixed every time)."""
     T = cfg.data.ctx_len
     n_windows = (len(data) - 1) // T
@@ -140,9 +152,12 @@ def evaluate(model, data: BinIdx, cfg: TrainConfig, d: _Dist, device) -> float:
     model.eval()
     for i in range(0, len(mine), cfg.train.micro_bsz):
         chunk = mine[i:i + cfg.train.micro_bsz]
-        rows = torch.from_numpy(np.stack([data.get(o, T + 1) for o in chunk])).to(device)
-        loss = _loss(model, rows[:, :-1], rows[:, 1:], cfg, device)
-        total += loss.item() * len(chunk)
+        rows = _rows(data, chunk, T, device, vocab)
+        logits, y = _logits(model, rows[:, :-1], cfg, device, vocab), rows[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+        if vocab is not None:  # an id unseen in training: its own share of the lumped row's probability
+            nll = nll + (y.reshape(-1) == vocab.K) * math.log(vocab.n_shared)
+        total += nll.sum().item() / T
         count += len(chunk)
     model.train(was_training)
     if d.world > 1:
@@ -261,8 +276,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    model = _build_model(cfg, device)
-    if int(data.tokens.max()) >= model.config.vocab_size:
+    full_vocab = cfg.model.vocab_size
+    if int(data.tokens.max()) >= full_vocab and not cfg.model.load:
+        raise ConfigError(f"data.train holds token ids up to {int(data.tokens.max())}, beyond the model's "
+                          f"vocabulary of {full_vocab}")
+    vocab = CompactVocab.from_tokens(data.tokens, full_vocab) if cfg.model.compact_vocab else None
+    model = _build_model(cfg, device, vocab)
+    if vocab is None and int(data.tokens.max()) >= model.config.vocab_size:
         raise ConfigError(f"data.train holds token ids up to {int(data.tokens.max())}, beyond the model's "
                           f"vocabulary of {model.config.vocab_size}")
     model.train()
@@ -302,7 +322,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if d.main and step == 0:
         logger.write({"step": 0, "tokens": 0, "event": "start", "parameters": raw_model.num_parameters,
                       "model": raw_model.config.to_dict(), "windows": sampler.n_windows, "total_steps": total,
-                      "global_batch": global_bsz, "world_size": d.world})
+                      "global_batch": global_bsz, "world_size": d.world,
+                      "compact_vocab_rows": vocab.size if vocab is not None else None})
 
     from tqdm import tqdm
 
@@ -318,11 +339,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         step_loss = 0.0
         for a in range(accum):
             first = ((step * accum + a) * d.world + d.rank) * micro
-            x, y = _batch(data, sampler, first, micro, device)
+            x, y = _batch(data, sampler, first, micro, device, vocab)
             sync = a == accum - 1 or d.world == 1 or fsdp
             ctx = contextlib.nullcontext() if sync else model.no_sync()
             with ctx:
-                loss = _loss(model, x, y, cfg, device)
+                loss = _loss(model, x, y, cfg, device, vocab)
                 (loss / accum).backward()
             step_loss += loss.item() / accum
         if o.grad_clip > 0:
@@ -346,7 +367,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             logger.write({"step": step, "tokens": step * tok_per_step, "loss": step_loss, "lr": lr,
                           "grad_norm": grad_norm, "tok_per_s": round(tps, 1), "elapsed_s": round(now - t0, 1)})
         if valid is not None and cfg.out.val_every and step % cfg.out.val_every == 0 and step < total:
-            val_loss = evaluate(model, valid, cfg, d, device)
+            val_loss = evaluate(model, valid, cfg, d, device, vocab)
             logger.write({"step": step, "tokens": step * tok_per_step, "val_loss": val_loss})
             bar.write(f"step {step}: validation loss {val_loss:.4f}") if d.main else None
         if step % cfg.out.save_every == 0 or step == total:
@@ -357,12 +378,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar.close()
 
     if valid is not None:
-        val_loss = evaluate(model, valid, cfg, d, device)
+        val_loss = evaluate(model, valid, cfg, d, device, vocab)
         logger.write({"step": step, "tokens": step * tok_per_step, "val_loss": val_loss})
     exported: list[Path] = []
     formats = [f for f in cfg.out.export.split(",") if f]
     if formats:
         msd = _state_dicts(model, optimizer, fsdp)[0] if fsdp else raw_model.state_dict()
+        if vocab is not None:
+            msd = vocab.expand(msd)
         if d.main:
             for fmt in formats:
                 exported.append(export(msd, run_dir / f"model.{fmt}", cfg.out.export_dtype))
