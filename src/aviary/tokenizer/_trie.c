@@ -232,18 +232,20 @@ static int Trie_init(TrieObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "the vocabulary is too large for the trie");
         rc = -1;
     }
+    /* every base is below used_max, so base + 255 stays inside used_max + 256 slots */
+    Py_ssize_t size = b.used_max + 256 < b.size ? b.used_max + 256 : b.size;
     if (rc == 0) {
-        self->slots = PyMem_Malloc((size_t)b.size * sizeof(Slot));
-        self->slot_token = PyMem_Malloc((size_t)b.size * sizeof(int32_t));
+        self->slots = PyMem_Malloc((size_t)size * sizeof(Slot));
+        self->slot_token = PyMem_Malloc((size_t)size * sizeof(int32_t));
         if (!self->slots || !self->slot_token) { PyErr_NoMemory(); rc = -1; }
     }
     if (rc == 0) {
-        for (Py_ssize_t i = 0; i < b.size; i++) {
+        for (Py_ssize_t i = 0; i < size; i++) {
             self->slots[i].base_end = b.da[i].base * 2 + (b.da[i].id >= 0);
             self->slots[i].check = b.da[i].check;
             self->slot_token[i] = b.da[i].id;
         }
-        self->da_size = b.size;
+        self->da_size = size;
         self->n_states = b.used_max;
     }
     PyMem_Free(b.da);
