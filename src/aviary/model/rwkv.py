@@ -34,6 +34,8 @@ def _architecture(version: int) -> ModuleType:
 
 def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """x [B, T, C], prev [B, C] -> the previous token's x at every position, [B, T, C]."""
+    if x.shape[1] == 1:  # decode: the shift is just the stored token (no concatenation)
+        return prev[:, None].to(x.dtype)
     return torch.cat([prev[:, None].to(x.dtype), x[:, :-1]], dim=1)
 
 
@@ -148,17 +150,17 @@ class RWKV(nn.Module):
 
         x = self.emb(tokens.to(self.emb.weight.device))  # [B, T, C]
         x = self.blocks[0].ln0(x)
-        shifts, wkvs, v_first = [], [], None
+        shift_out, wkv_out = torch.empty_like(state.shift), torch.empty_like(state.wkv)  # filled layer by layer
+        v_first = None
         for i, block in enumerate(self.blocks):
-            x, shift, wkv, v_first = block(x, state.shift[:, i], state.wkv[:, i], v_first, backend)
-            shifts.append(shift)
-            wkvs.append(wkv)
+            x, shift_out[:, i], wkv_out[:, i], v_first = block(x, state.shift[:, i], state.wkv[:, i], v_first,
+                                                               backend)
             if self.rescale_every and (i + 1) % self.rescale_every == 0:
                 x = x / 2
         if last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x)).float()
-        return logits, RWKVState(self.config.version, torch.stack(shifts, 1), torch.stack(wkvs, 1))
+        return logits, RWKVState(self.config.version, shift_out, wkv_out)
 
     # ---- precision ---------------------------------------------------------------------------
 
@@ -172,12 +174,21 @@ class RWKV(nn.Module):
             raise ValueError("rescale already applied")
         if every <= 0:
             raise ValueError(f"rescale interval must be positive, got {every}")
+        if not isinstance(self.blocks[0].att.output, nn.Linear):
+            raise ValueError("rescale a model before quantising it (the int8 weights are fixed)")
         with torch.no_grad():
             for i, block in enumerate(self.blocks):
                 scale = 2 ** (i // every)
                 block.att.output.weight.div_(scale)
                 block.ffn.value.weight.div_(scale)
         self.rescale_every = every
+
+    def quantize(self, scheme: str = "int8", *, head: bool = True) -> RWKV:
+        """int8 weight-only quantisation of the block linears and (unless head=False) the head, in place;
+        see `aviary.quant`. Returns the model."""
+        from aviary.quant import quantize_model
+
+        return quantize_model(self, scheme, head=head)
 
     @property
     def num_parameters(self) -> int:

@@ -1,0 +1,114 @@
+"""int8 weight-only quantisation of the large matrices: per-output-channel symmetric int8.
+
+For a Linear weight W [out, in], each output row o gets one scale and an int8 row:
+
+    s_o = max_i |W_oi| / 127        q_oi = round(W_oi / s_o) in [-127, 127]        W ~ diag(s) q
+    y = x W^T ~ (x q^T) * s         (the scale factors out of the dot product, so it is applied to y)
+
+Applied to every `nn.Linear` of the time-mix and channel-mix (receptance, key, value, gate, output) and,
+by default, to the head: 90-98 % of the bytes a decode step reads. The embedding (a row gather), the
+LayerNorms, the small LoRA matrices (`time_maa_w1`, `w1`, ...) and all per-channel vectors stay in the
+model's dtype; the recurrent state stays float32.
+
+The pip package's int8 (`fp32i8`, reference doc 10.2) is asymmetric uint8 with a min and a range for
+every row *and* every column; symmetric per-row int8 is simpler, needs one scale per row, and is what
+CPU kernels implement. Its logit error against fp32 is measured in `benchmarks/bench_inference.py` and
+reported in docs/benchmarks.md.
+
+Two forms of the same product, as for the ops:
+    `int8_linear_reference`  dequantise the weight to the activation dtype, then F.linear
+    `int8_linear_kernel`     torch's CPU kernel `aten._weight_int8pack_mm` (int8 weights, bf16
+                             activations and scales, fp32 accumulation), used for a few rows at a time
+                             (decode); it is slow for many rows, where the dequantised matmul wins.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Int8Linear", "int8_linear_kernel", "int8_linear_reference", "quantize_int8", "quantize_model"]
+
+SCHEMES = ("int8",)
+KERNEL_MAX_ROWS = 4  # the int8pack kernel's time grows with the rows; above this, dequantise and use a matmul
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] (any float dtype) -> (q [out, in] int8, scale [out] float32), W ~ q * scale[:, None]."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0  # [out]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., in] -> x (q * scale)^T [..., out], in x's dtype."""
+    return F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None])
+
+
+def _kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def int8_linear_kernel(x: torch.Tensor, q: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
+    """x [M, in] -> [M, out] in x's dtype, through `aten._weight_int8pack_mm` in bfloat16.
+
+    x is rounded to bfloat16 on the way in (its fp32 path is a slow generic loop); the kernel
+    accumulates in fp32 and rounds the output to bfloat16."""
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale_bf16).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """A bias-free Linear whose weight is stored as int8 rows and float32 row scales."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight_int8", q.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16).contiguous(), persistent=False)
+        self.use_kernel = _kernel_available()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        if linear.bias is not None:
+            raise ValueError("Int8Linear has no bias; RWKV's linears have none")
+        return cls(*quantize_int8(linear.weight))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight [out, in] float32 (for inspection; forward never builds it for decode)."""
+        return self.weight_int8.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernel and x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS:
+            y = int8_linear_kernel(x2, self.weight_int8, self.scale_bf16)
+        else:
+            y = int8_linear_reference(x2, self.weight_int8, self.scale)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"
+
+
+def quantize_model(model: nn.Module, scheme: str = "int8", *, head: bool = True) -> nn.Module:
+    """Replace the model's block linears (and the head, unless head=False) with `Int8Linear`, in place.
+
+    Only `nn.Linear` modules inside `model.blocks` (and `model.head`) are touched; LoRA matrices are
+    plain parameters and stay as they are. Returns the model."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantisation scheme {scheme!r}; choose one of {SCHEMES}")
+    targets = [(parent, name, child) for parent in model.blocks.modules()
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    if head and isinstance(model.head, nn.Linear):
+        targets.append((model, "head", model.head))
+    if not targets:
+        raise ValueError("nothing to quantise: the model has no float Linear layers left (already quantised?)")
+    with torch.no_grad():
+        for parent, name, child in targets:
+            setattr(parent, name, Int8Linear.from_linear(child).to(child.weight.device))
+    return model
