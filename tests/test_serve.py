@@ -264,6 +264,8 @@ BAD = [  # (route, body, status, param or None)
     ("completions", "{not json", 400, None),
     ("completions", "[1, 2]", 400, None),
     ("completions", "\xff\xfe", 400, None),
+    ("completions", "[" * 5000 + "]" * 5000, 400, None),
+    ("completions", '{"model": "tiny-v7", "prompt": "hi", "temperature": NaN}', 400, "temperature"),
     ("completions", {**COMPLETION, "bogus": 1}, 400, "bogus"),
     ("completions", {"prompt": "hi"}, 400, "model"),
     ("completions", {"model": MODEL}, 400, "prompt"),

@@ -294,6 +294,9 @@ class Scheduler:
         m.gauge("queue_depth", "Requests waiting to be admitted.", lambda: self.queue_depth)
         m.gauge("batch_size", "Sequences in the running batch.", lambda: self.batch_size)
         m.gauge("active_requests", "Requests admitted and not finished.", lambda: self.active_requests)
+        cache = self.engine.cache
+        m.gauge("prefix_cache_bytes", "Memory held by cached prefix states.", lambda: cache.nbytes if cache else 0)
+        m.gauge("prefix_cache_entries", "Cached prefix states.", lambda: len(cache) if cache else 0)
         m.histogram("time_to_first_token_seconds", "From submission to the first generated text.")
         m.histogram("request_seconds", "From submission to the last token, completed requests.")
         m.histogram("step_seconds", "Duration of one batched decode step.")

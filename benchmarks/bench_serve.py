@@ -1,0 +1,255 @@
+"""Load test of `aviary serve` on loopback: throughput and time to first token at several concurrencies,
+then server memory over a soak of concurrent streams.
+
+    python benchmarks/bench_serve.py                       # random-weight RWKV-7 written to a temp dir
+    python benchmarks/bench_serve.py --model model.pth --levels 1 8 32 64 --soak-s 120 --json out.json
+
+It starts `python -m aviary serve` as a child process on 127.0.0.1 (a free port), so the server's memory is
+its own and the client does not share its interpreter. For each concurrency c it sends max(8, 2c) streaming
+completions (each with the same prompt length and max_tokens, ignoring nothing: a stop token ends a request
+early and is counted as it is), c at a time, and reports aggregate generated tokens/s and time-to-first-token
+p50/p99, next to c = 1, which is serving the same requests one at a time. Then it keeps `--soak-streams`
+streams open for `--soak-s` seconds and samples the server's resident memory every few seconds.
+Everything is bounded: requests per level, a wall-clock cap per level, and the soak duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil
+    return ordered[int(rank) - 1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+class Stats:
+    def __init__(self):
+        self.ttft: list[float] = []
+        self.tokens = 0
+        self.requests = 0
+        self.errors: list[str] = []
+
+
+async def one_request(client, url: str, body: dict, stats: Stats) -> None:
+    t0 = time.perf_counter()
+    first = None
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                stats.errors.append(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                return
+            done = False
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    stats.errors.append(f"stream error: {chunk['error']['message']}")
+                    return
+                if chunk.get("usage"):
+                    stats.tokens += chunk["usage"]["completion_tokens"]
+                if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - t0
+            if not done:
+                stats.errors.append("stream ended without [DONE]")
+                return
+    except Exception as e:  # a timeout, a refused connection: all count as errors
+        stats.errors.append(f"{type(e).__name__}: {e}")
+        return
+    stats.requests += 1
+    if first is not None:
+        stats.ttft.append(first)
+
+
+def request_body(args, i: int) -> dict:
+    # distinct prompts of about the same length (no prefix shared beyond "Request")
+    words = " ".join(f"w{(i * 7919 + k) % 1000}" for k in range(args.prompt_words))
+    return {"model": "bench", "prompt": f"Request {i}: {words}", "max_tokens": args.max_tokens,
+            "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def run_level(args, base: str, concurrency: int) -> dict:
+    import httpx
+
+    n_requests = max(8, 2 * concurrency)
+    stats = Stats()
+    queue = list(range(n_requests))
+    deadline = time.perf_counter() + args.level_cap_s
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
+        async def worker():
+            while queue and time.perf_counter() < deadline:
+                i = queue.pop()
+                await one_request(client, base + "/v1/completions", request_body(args, i + 1000 * concurrency), stats)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": stats.requests, "planned": n_requests,
+            "tokens": stats.tokens, "wall_s": round(wall, 2), "tokens_per_s": round(stats.tokens / wall, 1),
+            "ttft_p50_s": round(percentile(stats.ttft, 50), 3), "ttft_p99_s": round(percentile(stats.ttft, 99), 3),
+            "errors": len(stats.errors), "error_samples": stats.errors[:3]}
+
+
+async def soak(args, base: str, pid: int) -> dict:
+    import httpx
+
+    stats = Stats()
+    samples = [(0.0, rss_mb(pid))]
+    stop_at = time.perf_counter() + args.soak_s
+    limits = httpx.Limits(max_connections=args.soak_streams + 8, max_keepalive_connections=args.soak_streams + 8)
+    counter = iter(range(10**9))
+    async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
+        async def worker():
+            while time.perf_counter() < stop_at:
+                await one_request(client, base + "/v1/completions", request_body(args, next(counter)), stats)
+
+        async def sampler():
+            t0 = time.perf_counter()
+            while time.perf_counter() < stop_at:
+                await asyncio.sleep(args.sample_every_s)
+                samples.append((round(time.perf_counter() - t0, 1), rss_mb(pid)))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(sampler(), *(worker() for _ in range(args.soak_streams)))
+        wall = time.perf_counter() - t0
+    samples.append((round(wall, 1), rss_mb(pid)))
+    later = [m for t, m in samples if t >= wall / 2]
+    return {"streams": args.soak_streams, "seconds": round(wall, 1), "requests": stats.requests,
+            "tokens": stats.tokens, "tokens_per_s": round(stats.tokens / wall, 1), "errors": len(stats.errors),
+            "error_samples": stats.errors[:3], "rss_mb_start": round(samples[0][1], 1),
+            "rss_mb_end": round(samples[-1][1], 1), "rss_mb_max": round(max(m for _, m in samples), 1),
+            "rss_mb_second_half_spread": round(max(later) - min(later), 1),
+            "rss_mb_samples": [(t, round(m, 1)) for t, m in samples]}
+
+
+def write_model(directory: str, args) -> str:
+    from aviary.testing import random_config, save_random_checkpoint
+
+    path = os.path.join(directory, "bench-v7.safetensors")
+    config = random_config(7, n_layer=args.layers, n_embd=args.width, head_size=64, vocab_size=65536)
+    save_random_checkpoint(path, config, seed=0)
+    return path
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint (default: a random-weight RWKV-7, see --layers/--width)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    p.add_argument("--cache-mb", type=float, default=32,
+                   help="the server's prefix cache (every distinct prompt is cached: it fills during the levels)")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--prompt-words", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--level-cap-s", type=float, default=120, help="stop starting requests of a level after this")
+    p.add_argument("--request-timeout-s", type=float, default=300)
+    p.add_argument("--soak-s", type=float, default=120, help="0 skips the memory soak")
+    p.add_argument("--soak-streams", type=int, default=64)
+    p.add_argument("--sample-every-s", type=float, default=5)
+    p.add_argument("--json", default="runs/bench_serve.json", help="write the results here")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or write_model(tmp, args)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "aviary", "serve", model, "--port", str(port), "--model-name", "bench",
+               "--max-batch", str(max(64, *args.levels, args.soak_streams)), "--max-queue", "1024",
+               "--threads", str(args.threads), "--cache-mb", str(args.cache_mb), "--log-level", "warning"]
+        server = subprocess.Popen(cmd)
+        try:
+            import httpx
+
+            deadline = time.time() + 120
+            while True:
+                try:
+                    if httpx.get(base + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit("the server did not start")
+                time.sleep(0.2)
+            idle_mb = rss_mb(server.pid)
+            results = {"command": " ".join(sys.argv), "server": " ".join(cmd[1:]), "python": platform.python_version(),
+                       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+                       "model": os.path.basename(model) if args.model else
+                       f"random RWKV-7 L{args.layers} D{args.width} vocab 65536",
+                       "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
+                       "temperature": args.temperature, "rss_mb_idle": round(idle_mb, 1), "levels": []}
+            asyncio.run(run_level(args, base, 4))  # warm-up (allocations, caches), not reported
+            print(f"{'conc':>5} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'vs 1-at-a-time':>14} "
+                  f"{'TTFT p50':>9} {'TTFT p99':>9} {'errors':>6}")
+            for c in args.levels:
+                r = asyncio.run(run_level(args, base, c))
+                results["levels"].append(r)
+                one = results["levels"][0]["tokens_per_s"] if results["levels"][0]["concurrency"] == 1 else None
+                r["speedup_vs_sequential"] = round(r["tokens_per_s"] / one, 2) if one else None
+                print(f"{c:>5} {r['requests']:>5} {r['tokens']:>7} {r['wall_s']:>7} {r['tokens_per_s']:>8} "
+                      f"{(str(r['speedup_vs_sequential']) + 'x') if one else '-':>14} {r['ttft_p50_s']:>9} "
+                      f"{r['ttft_p99_s']:>9} {r['errors']:>6}", flush=True)
+            if args.soak_s > 0:
+                s = asyncio.run(soak(args, base, server.pid))
+                results["soak"] = s
+                print(f"soak: {s['streams']} streams for {s['seconds']} s, {s['requests']} requests, "
+                      f"{s['tokens_per_s']} tok/s, errors {s['errors']}; server RSS {s['rss_mb_start']} -> "
+                      f"{s['rss_mb_end']} MB (max {s['rss_mb_max']}, spread over the second half "
+                      f"{s['rss_mb_second_half_spread']} MB)")
+            metrics = httpx.get(base + "/metrics", timeout=10).text
+            def metric(name: str) -> float:
+                return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " "))
+
+            results["server_failed_requests"] = metric('aviary_requests_total{status="failed"}')
+            results["prefix_cache_mb"] = round(metric("aviary_prefix_cache_bytes") / 2**20, 1)
+            results["mean_batch"] = round(metric("aviary_step_rows_total") / max(metric("aviary_steps_total"), 1), 1)
+            errors = sum(r["errors"] for r in results["levels"]) + results.get("soak", {}).get("errors", 0)
+            print(f"errors: {errors} client-side, {results['server_failed_requests']:g} server-side; "
+                  f"prefix cache {results['prefix_cache_mb']} MB; mean batch {results['mean_batch']}")
+        finally:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
