@@ -23,6 +23,16 @@ class Tokenizer(Protocol):
     def __len__(self) -> int: ...
 
 
+def id_list(ids: Iterable[int]) -> Sequence[int]:
+    """ids as a list or tuple: also takes one int, any iterable, numpy arrays and torch tensors."""
+    if isinstance(ids, int):
+        return [ids]
+    if hasattr(ids, "tolist"):  # numpy arrays and torch tensors
+        ids = ids.tolist()
+        return [ids] if isinstance(ids, int) else ids
+    return ids if isinstance(ids, list | tuple) else list(ids)
+
+
 class StreamDecoder:
     """Turns ids arriving one by one into text, holding back bytes until they form whole UTF-8 characters.
 

@@ -14,8 +14,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from aviary.tokenizer.base import StreamDecoder
-from aviary.tokenizer.world import DATA, _as_ids
+from aviary.tokenizer.base import StreamDecoder, id_list
+from aviary.tokenizer.world import DATA
 
 NEOX_TOKENIZER = DATA / "20B_tokenizer.json"
 
@@ -89,7 +89,7 @@ class NeoXTokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         table, parts = self._bytes, []
-        for position, token_id in enumerate(_as_ids(ids)):
+        for position, token_id in enumerate(id_list(ids)):
             token = table[token_id] if isinstance(token_id, int) and 0 <= token_id < len(table) else None
             if token is None:
                 raise ValueError(f"token id {token_id!r} at position {position} is not in the vocabulary "

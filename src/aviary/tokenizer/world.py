@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from aviary.tokenizer.base import StreamDecoder
+from aviary.tokenizer.base import StreamDecoder, id_list
 
 DATA = Path(__file__).resolve().parent / "data"
 WORLD_VOCAB = DATA / "rwkv_vocab_v20230424.txt"
@@ -229,24 +229,15 @@ class WorldTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD. Ids outside the vocabulary raise
         ValueError naming the id and its position; id 0 (end of document) decodes to nothing."""
-        return self._core.decode(_as_ids(ids))
+        return self._core.decode(id_list(ids))
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of `ids` (exact even when the ids split a multi-byte character)."""
-        return self._core.decode_bytes(_as_ids(ids))
+        return self._core.decode_bytes(id_list(ids))
 
     def stream_decoder(self) -> StreamDecoder:
         """An incremental decoder for ids that arrive one at a time (see StreamDecoder)."""
         return StreamDecoder(self.decode_bytes)
-
-
-def _as_ids(ids) -> Sequence[int]:
-    if isinstance(ids, int):
-        return [ids]
-    if hasattr(ids, "tolist"):  # numpy arrays and torch tensors
-        ids = ids.tolist()
-        return [ids] if isinstance(ids, int) else ids
-    return ids if isinstance(ids, list | tuple) else list(ids)
 
 
 def _balanced_groups(texts: list, n_groups: int) -> list[list]:
