@@ -271,3 +271,11 @@ def test_penalties_match_the_reference_pipeline(monkeypatch):
         stop_token_ids=()))
     assert ours == expected
     assert len(set(expected)) >= 4  # the penalties really moved greedy decoding around
+
+
+def test_model_generate_and_stream_methods(model):
+    text = model.generate("Hello", 12, tokenizer=TOK, temperature=0, stop_token_ids=())
+    assert text == generate(model, TOK, "Hello", GREEDY)
+    assert "".join(model.stream("Hello", 12, tokenizer=TOK, temperature=0, stop_token_ids=())) == text
+    assert model.generate(["Hello", "é"], 12, tokenizer=TOK, temperature=0, stop_token_ids=()) == \
+        generate(model, TOK, ["Hello", "é"], GREEDY)

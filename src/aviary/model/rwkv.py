@@ -84,6 +84,7 @@ class RWKV(nn.Module):
         self.backend = backend
         self.rescale_every = 0  # fp16 trick for v4-v6: halve x every N layers (see apply_rescale)
         self.initial_wkv: torch.Tensor | None = None  # [L, *S] from a state-tuned checkpoint
+        self.tokenizer = None  # what generate() uses; None: the standard one for the version, on first use
 
     @property
     def backend(self) -> str:
@@ -189,6 +190,34 @@ class RWKV(nn.Module):
         from aviary.quant import quantize_model
 
         return quantize_model(self, scheme, head=head)
+
+    # ---- generation (the loop lives in aviary.generation) --------------------------------------
+
+    def generate(self, prompt, max_new_tokens: int = 256, *, tokenizer=None, state: RWKVState | None = None,
+                 **sampling):
+        """Text that follows `prompt`: str -> str, a list of prompts -> list[str] (decoded as one batch).
+        `sampling` takes the fields of `aviary.generation.SamplingParams` (temperature=0 is greedy)."""
+        from aviary.generation import generate
+
+        return generate(self, self._tokenizer(tokenizer), prompt, state=state, max_new_tokens=max_new_tokens,
+                        **sampling)
+
+    def stream(self, prompt, max_new_tokens: int = 256, *, tokenizer=None, state: RWKVState | None = None,
+               **sampling):
+        """Like `generate`, as an iterator of text pieces ((prompt index, piece) pairs for a list)."""
+        from aviary.generation import stream
+
+        return stream(self, self._tokenizer(tokenizer), prompt, state=state, max_new_tokens=max_new_tokens,
+                      **sampling)
+
+    def _tokenizer(self, tokenizer):
+        if tokenizer is not None:
+            return tokenizer
+        if self.tokenizer is None:
+            from aviary.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(version=self.config.version)
+        return self.tokenizer
 
     @property
     def num_parameters(self) -> int:
