@@ -139,14 +139,15 @@ def test_export_matches_the_pip_package(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(corpus, tmp_path):
-    """torchrun with 2 gloo processes (DDP, micro 2 each) == 1 process with micro 2 x accumulate 2."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one(corpus, tmp_path, strategy):
+    """torchrun with 2 gloo processes (micro 2 each) == 1 process with micro 2 x accumulate 2."""
     one = train(tiny_config(corpus, tmp_path / "one", train__max_steps=6, train__micro_bsz=2, train__accumulate=2))
-    cfg = tiny_config(corpus, tmp_path / "two", train__max_steps=6, train__micro_bsz=2)
+    cfg = tiny_config(corpus, tmp_path / "two", train__max_steps=6, train__micro_bsz=2, train__strategy=strategy)
     args = [f"--{s}.{k}={v}" for s, sec in cfg.to_dict().items() for k, v in sec.items() if v != ""]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29517", "-m", "aviary", "train", *args],
+                           "--master-port", str(29517 + (strategy == "fsdp")), "-m", "aviary", "train", *args],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = log_losses(tmp_path / "two")

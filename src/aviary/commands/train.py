@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import os
 
     from aviary.train.config import config_from_args
 
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from aviary.train import train
 
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
     print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.0f} s{last}{val}; "

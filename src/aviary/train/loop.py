@@ -294,7 +294,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         if fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            for block in model.blocks:
+            # one FSDP unit per block, except block 0: the shell calls its ln0 outside the block's forward,
+            # so block 0 stays in the root unit (gathered for the whole forward)
+            for block in model.blocks[1:]:
                 fully_shard(block)
             fully_shard(model)
         else:

@@ -16,6 +16,11 @@ import torch.nn as nn
 __all__ = ["GROUP_RULES", "L2Wrap", "lr_at", "make_optimizer", "param_groups", "set_lr"]
 
 
+def _dims(p: torch.Tensor) -> int:
+    """Dimensions of size > 1 (RWKV-LM's `len(p.squeeze().shape)`; also works on FSDP's sharded DTensors)."""
+    return sum(1 for s in p.shape if s != 1)
+
+
 def _rule_v4_v6(name: str, p: torch.Tensor, wd: float, needs_weight: bool) -> tuple[float, bool]:
     """RWKV-LM v4neo / v5 `configure_optimizers` (layerwise_lr on, stage 1), first match wins."""
     if "_w1" in name or "_w2" in name:
@@ -28,7 +33,7 @@ def _rule_v4_v6(name: str, p: torch.Tensor, wd: float, needs_weight: bool) -> tu
         return 1.0, False
     if "time_first" in name:
         return 3.0, False
-    if len(p.squeeze().shape) >= 2 and wd > 0 and (".weight" in name or not needs_weight):
+    if _dims(p) >= 2 and wd > 0 and (".weight" in name or not needs_weight):
         return 1.0, True
     return 1.0, False
 
@@ -37,7 +42,7 @@ def _rule_v7(name: str, p: torch.Tensor, wd: float) -> tuple[float, bool]:
     """RWKV-LM v7 train_temp: att.w0 2x; 2-D `.weight` decayed; the rest 1x."""
     if name.endswith("att.w0"):
         return 2.0, False
-    if len(p.squeeze().shape) >= 2 and wd > 0 and ".weight" in name:
+    if _dims(p) >= 2 and wd > 0 and ".weight" in name:
         return 1.0, True
     return 1.0, False
 
