@@ -143,19 +143,30 @@ static void Trie_dealloc(TrieObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static int trie_fill(TrieObject *self, PyObject *tokens);
+
 /* Trie(tokens): tokens[i] is the bytes of id i, or None where id i is not a token. Empty bytes
  * decode to nothing and are never produced by encode (the end-of-document id 0). */
 static int Trie_init(TrieObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"tokens", NULL};
-    PyObject *tokens;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!", kwlist, &PyList_Type, &tokens)) return -1;
-    if (self->slots) { PyErr_SetString(PyExc_RuntimeError, "Trie is already initialised"); return -1; }
+    PyObject *list;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!", kwlist, &PyList_Type, &list)) return -1;
+    if (self->slots || self->tok_off) { PyErr_SetString(PyExc_RuntimeError, "Trie is already initialised"); return -1; }
+    PyObject *tokens = PyList_AsTuple(list);  /* a snapshot nothing can change while we read it */
+    if (!tokens) return -1;
+    int rc = trie_fill(self, tokens);
+    Py_DECREF(tokens);
+    return rc;
+}
 
-    Py_ssize_t n_ids = PyList_GET_SIZE(tokens), total = 0, n_keys = 0;
+/* Copy the tokens into one buffer, check them, build the double array and the walk table. */
+static int trie_fill(TrieObject *self, PyObject *tokens)
+{
+    Py_ssize_t n_ids = PyTuple_GET_SIZE(tokens), total = 0, n_keys = 0;
     if (n_ids > INT32_MAX) { PyErr_SetString(PyExc_ValueError, "too many token ids"); return -1; }
     for (Py_ssize_t i = 0; i < n_ids; i++) {
-        PyObject *t = PyList_GET_ITEM(tokens, i);
+        PyObject *t = PyTuple_GET_ITEM(tokens, i);
         if (t == Py_None) continue;
         if (!PyBytes_Check(t)) {
             PyErr_Format(PyExc_TypeError, "token %zd must be bytes or None, not %.100s", i, Py_TYPE(t)->tp_name);
@@ -186,7 +197,7 @@ static int Trie_init(TrieObject *self, PyObject *args, PyObject *kwds)
     self->max_id = -1;
     self->max_token_len = 0;
     for (Py_ssize_t i = 0; i < n_ids; i++) {
-        PyObject *t = PyList_GET_ITEM(tokens, i);
+        PyObject *t = PyTuple_GET_ITEM(tokens, i);
         self->ints[i] = PyLong_FromSsize_t(i);
         if (!self->ints[i]) { PyMem_Free(keys); return -1; }
         if (t == Py_None) { self->tok_len[i] = -1; self->tok_off[i] = 0; continue; }
