@@ -359,3 +359,34 @@ def test_limits_default_to_loopback():
 def test_state_cache_is_bounded(served):
     cache = served.scheduler.engine.cache
     assert isinstance(cache, StateCache) and cache.nbytes <= cache.max_bytes
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: a few seconds
+def test_aviary_serve_command_runs_and_stops(checkpoint, tmp_path):
+    """The real command line: starts, answers, and exits cleanly on SIGINT (Ctrl-C)."""
+    import signal
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w+")
+    server = subprocess.Popen([sys.executable, "-m", "aviary", "serve", str(checkpoint), "--port", str(port),
+                               "--threads", "1", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert server.poll() is None and time.time() < deadline, "aviary serve did not start"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+        server.send_signal(signal.SIGINT)
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    log.seek(0)
+    assert "Traceback" not in log.read()
