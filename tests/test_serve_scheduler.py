@@ -8,7 +8,7 @@ import pytest
 from aviary.generation import Engine, SamplingParams, StateCache, generate
 from aviary.loading import model_from_state_dict
 from aviary.serve.chat_format import ChatMessage, prompt_segments, prompt_tokens
-from aviary.serve.scheduler import Done, Failed, Job, Piece, QueueFull, Scheduler
+from aviary.serve.scheduler import Done, Failed, Job, Piece, QueueFull, Scheduler, SchedulerClosed
 from aviary.testing import ByteTokenizer, random_config, random_state_dict
 
 TOK = ByteTokenizer()
@@ -108,3 +108,20 @@ def test_a_conversation_extends_its_earlier_prompt():
     assert more[len(tokens):].__len__() > 0 and TOK.decode(more[len(tokens):]).startswith(reply)
     assert boundaries == more_boundaries[:len(boundaries)]
     assert TOK.decode(tokens[:boundaries[0]]) == "System: Be brief.\n\n"
+
+
+def test_close_fails_running_and_waiting_jobs(model):
+    scheduler = Scheduler(Engine(model, TOK), max_batch=1).start()
+    long = SamplingParams(temperature=0, max_new_tokens=10_000, stop_token_ids=())
+    running, waiting = queue.Queue(), queue.Queue()
+    scheduler.submit(Job([TOK.encode("a")], long, running.put))
+    assert isinstance(running.get(timeout=30), Piece)
+    scheduler.submit(Job([TOK.encode("b")], long, waiting.put))
+    scheduler.close()
+    assert isinstance(waiting.get(timeout=5), Failed)
+    events = []
+    while not running.empty():
+        events.append(running.get_nowait())
+    assert isinstance(events[-1], Failed) and all(isinstance(e, Piece) for e in events[:-1])
+    with pytest.raises(SchedulerClosed):
+        scheduler.submit(Job([TOK.encode("c")], long, waiting.put))

@@ -178,10 +178,12 @@ class Scheduler:
                 self._admit(job)
             if self.engine.has_work:
                 self._step()
-        for job in [*self._pending, *self._active]:
+        with self._cond:
+            waiting = list(self._pending)
+            self._pending.clear()
+        for job in [*waiting, *self._active]:
             self._deliver(job, Failed("the server is shutting down"))
             self._drop(job, "failed")
-        self._pending.clear()
 
     def _take_admissible(self) -> list[Job]:
         """Jobs to prefill now, in arrival order: while the batch has room and the prefill budget lasts."""
