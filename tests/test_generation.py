@@ -279,3 +279,12 @@ def test_model_generate_and_stream_methods(model):
     assert "".join(model.stream("Hello", 12, tokenizer=TOK, temperature=0, stop_token_ids=())) == text
     assert model.generate(["Hello", "é"], 12, tokenizer=TOK, temperature=0, stop_token_ids=()) == \
         generate(model, TOK, ["Hello", "é"], GREEDY)
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_sampled():
+    """A 300-row head with a 257-id tokenizer (like the World vocabulary's 65530 ids in a 65536-row head):
+    the rows without text are masked, so a large logit there cannot fail the batch with a decode error."""
+    m = ConstantModel(torch.cat([torch.zeros(257), torch.full((43,), 30.0)]))
+    m.logits[ord("x") + 1] = 5.0
+    text = generate(m, TOK, "P", SamplingParams(temperature=1.0, max_new_tokens=5, seed=0, stop_token_ids=()))
+    assert text == "xxxxx"

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from aviary.generation.cache import StateCache
-from aviary.generation.sampling import Penalties, SamplingParams, sample
+from aviary.generation.sampling import Penalties, SamplingParams, sample_batch
 from aviary.state import RWKVState
 
 __all__ = ["Engine", "GenerationError", "SequenceOutput", "generate", "stream"]
@@ -102,6 +102,9 @@ class Engine:
         self._state: RWKVState | None = None  # [B] batch state of the running sequences
         self._logits: torch.Tensor | None = None  # [B, V] next-token logits of the running sequences
         self._text_cache: dict[int, str] = {}
+        # model rows the tokenizer has no text for (World: ids 65530..65535 of a 65536-row head) are never
+        # sampled, so one stray logit cannot fail a whole batch with a decode error
+        self._undecodable = _undecodable_ids(tokenizer, self.vocab_size)
 
     # ---- prefill -----------------------------------------------------------------------------
 
@@ -211,14 +214,18 @@ class Engine:
         """
         if not self._running:
             return []
-        events, feed, rows = [], [], []
+        logits = self._logits.clone()  # [B, V]
+        if self._undecodable:
+            logits[:, self._undecodable] = -float("inf")
         for i, run in enumerate(self._running):
-            out, params = run.out, run.out.params
-            logits = self._logits[i].clone()
+            params = run.out.params
             if params.banned_tokens:
-                logits[list(params.banned_tokens)] = -float("inf")
-            run.penalties.apply(logits, params)
-            token = sample(logits, params, run.generator)
+                logits[i, list(params.banned_tokens)] = -float("inf")
+            run.penalties.apply(logits[i], params)
+        tokens = sample_batch(logits, [r.out.params for r in self._running], [r.generator for r in self._running])
+        events, feed, rows = [], [], []
+        for i, (run, token) in enumerate(zip(self._running, tokens, strict=True)):
+            out, params = run.out, run.out.params
             if token in params.stop_token_ids:
                 out.finish_reason = "stop"
                 out.final_state = self._state.select(i)
@@ -255,6 +262,16 @@ class Engine:
                 keep.append(i)
         if len(keep) != len(self._running):
             self._keep(keep)
+
+
+def _undecodable_ids(tokenizer: TokenizerLike, vocab_size: int) -> list[int]:
+    bad = []
+    for i in range(vocab_size):
+        try:
+            tokenizer.decode_bytes([i])
+        except (ValueError, KeyError, IndexError):
+            bad.append(i)
+    return bad
 
 
 # ---- one-call front ends --------------------------------------------------------------------------

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Penalties", "SamplingParams", "sample"]
+__all__ = ["Penalties", "SamplingParams", "sample", "sample_batch"]
 
 # a generated token whose text is one of these (or a run of them, the reference's `in` test on a
 # string) does not add to its frequency count
@@ -141,22 +142,51 @@ class Penalties:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One token id from logits [V] (float32, banned tokens and penalties already applied)."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float(), dim=-1)
-    if params.top_p < 1.0 or params.top_k > 0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        if params.top_p < 1.0:
-            cum = torch.cumsum(sorted_probs, dim=-1)
-            n_keep = int(torch.searchsorted(cum, torch.tensor([params.top_p]))) + 1  # first index with cum >= p
-            cutoff = sorted_probs[min(n_keep, sorted_probs.numel()) - 1]
+    return sample_batch(logits[None], [params], [generator])[0]
+
+
+def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
+                 generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token id per row of logits [B, V], row i with its own settings and random stream.
+
+    The truncations run on the whole batch at once; each row then draws one uniform number from its
+    own generator and inverts its cumulative distribution, so what a row draws does not depend on the
+    other rows (a batch gives the same tokens as its rows one by one).
+    """
+    B, V = logits.shape
+    picks = [0] * B
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+            picks[i] = t
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return picks
+    ps = [params[i] for i in rows]
+    x = logits[rows].float()  # [R, V]
+    probs = torch.softmax(x, dim=-1)
+    if any(p.top_p < 1.0 or p.top_k > 0 for p in ps):
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        if any(p.top_p < 1.0 for p in ps):
+            top_p = torch.tensor([[p.top_p] for p in ps])  # [R, 1]
+            first = torch.searchsorted(torch.cumsum(sorted_probs, dim=-1), top_p).clamp(max=V - 1)
+            cutoff = torch.where(top_p < 1.0, sorted_probs.gather(1, first), 0.0)  # ties with it are kept
             probs = torch.where(probs < cutoff, 0.0, probs)
-        if 0 < params.top_k < probs.numel():
-            probs[order[params.top_k:]] = 0.0
-    if params.min_p > 0:
-        probs = torch.where(probs < params.min_p * probs.max(), 0.0, probs)
-    if params.temperature != 1.0:
-        probs = probs ** (1.0 / params.temperature)
-    if not torch.isfinite(probs).all() or probs.sum() <= 0:  # every token banned, or overflow
-        return int(torch.argmax(logits))
-    return int(torch.multinomial(probs, 1, generator=generator))
+        if any(p.top_k > 0 for p in ps):
+            top_k = torch.tensor([[p.top_k if p.top_k > 0 else V] for p in ps])  # [R, 1]
+            drop_rank = torch.arange(V)[None] >= top_k  # [R, V], by rank
+            probs = probs.masked_fill(torch.zeros_like(drop_rank).scatter(1, order, drop_rank), 0.0)
+    if any(p.min_p > 0 for p in ps):
+        min_p = torch.tensor([[p.min_p] for p in ps])
+        probs = torch.where(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0, probs)
+    if any(p.temperature != 1.0 for p in ps):
+        probs = probs ** torch.tensor([[1.0 / p.temperature] for p in ps])
+    cdf = torch.cumsum(probs, dim=-1)
+    total = cdf[:, -1:]
+    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows])[:, None]  # [R, 1] in [0, 1)
+    drawn = torch.searchsorted(cdf, u * total, right=True).clamp(max=V - 1)[:, 0]  # skips zero-probability ids
+    broken = ~(torch.isfinite(total[:, 0]) & (total[:, 0] > 0))  # every token banned, or an overflow
+    drawn = torch.where(broken, x.argmax(-1), drawn)
+    for i, t in zip(rows, drawn.tolist(), strict=True):
+        picks[i] = t
+    return picks

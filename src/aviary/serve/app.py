@@ -56,7 +56,6 @@ class _Api:
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
         self.limits, self.api_key = limits, api_key
         self.vocab_size = scheduler.engine.vocab_size
-        self.undecodable = _undecodable_ids(tokenizer, self.vocab_size)
         self.created = int(time.time())
         self.metrics = scheduler.metrics
         self.metrics.counter("http_responses_total", "HTTP responses by route and status code.")
@@ -125,7 +124,7 @@ class _Api:
                       presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                       seed=req.seed, top_k=req.top_k, min_p=req.min_p, penalty_decay=req.penalty_decay)
         try:
-            return SamplingParams(stop=stop + user_stop, banned_tokens=self.undecodable,
+            return SamplingParams(stop=stop + user_stop,
                                   **{k: v for k, v in fields.items() if v is not None})
         except ValueError as e:  # the ranges above are OpenAI's; the sampler checks its own as well
             raise ApiError(400, str(e), code="invalid_value") from None
@@ -298,18 +297,6 @@ class _ChatFormat(_TextFormat):
     def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": finish_reason}
-
-
-def _undecodable_ids(tokenizer, vocab_size: int) -> tuple[int, ...]:
-    """Model rows the tokenizer has no text for (the World vocabulary ends at 65529, the models have 65536
-    rows): never sampled, so a stray logit cannot stop every stream in the batch with a decode error."""
-    bad = []
-    for i in range(vocab_size):
-        try:
-            tokenizer.decode_bytes([i])
-        except (ValueError, KeyError, IndexError):
-            bad.append(i)
-    return tuple(bad)
 
 
 def _validate(model, data: dict):
