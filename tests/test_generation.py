@@ -285,6 +285,6 @@ def test_ids_the_tokenizer_cannot_decode_are_never_sampled():
     """A 300-row head with a 257-id tokenizer (like the World vocabulary's 65530 ids in a 65536-row head):
     the rows without text are masked, so a large logit there cannot fail the batch with a decode error."""
     m = ConstantModel(torch.cat([torch.zeros(257), torch.full((43,), 30.0)]))
-    m.logits[ord("x") + 1] = 5.0
+    m.logits[ord("x") + 1] = 20.0  # the best decodable id by far
     text = generate(m, TOK, "P", SamplingParams(temperature=1.0, max_new_tokens=5, seed=0, stop_token_ids=()))
     assert text == "xxxxx"
