@@ -3,6 +3,7 @@ and bad configs refused before any compute. Tiny models (vocab 64, width 32-64),
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -67,7 +68,8 @@ def test_loss_falls_for_every_version(corpus, tmp_path, version):
     first, last = np.mean(r.losses[:3]), np.mean(r.losses[-3:])
     assert last < first - 0.8, (version, r.losses)
     assert r.val_loss is not None and r.val_loss < first
-    assert (tmp_path / "loss.png").exists() or pytest.importorskip("matplotlib") is None
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
 def test_resume_is_exact(corpus, tmp_path):

@@ -145,6 +145,8 @@ def evaluate(model, data: BinIdx, cfg: TrainConfig, d: _Dist, device, vocab: Com
     T = cfg.data.ctx_len
     n_windows = (len(data) - 1) // T
     n = min(cfg.out.val_samples, n_windows)
+    if n >= d.world:  # the same number of forward passes on every rank (FSDP gathers in each)
+        n -= n % d.world
     picks = [int(i * n_windows / n) * T for i in range(n)]
     mine = picks[d.rank::d.world]
     total, count = 0.0, 0
