@@ -31,7 +31,7 @@ import torch.nn.functional as F
 __all__ = ["Int8Linear", "int8_linear_kernel", "int8_linear_reference", "quantize_int8", "quantize_model"]
 
 SCHEMES = ("int8",)
-KERNEL_MAX_ROWS = 4  # the int8pack kernel's time grows with the rows; above this, dequantise and use a matmul
+KERNEL_MAX_ROWS = 16  # the int8pack kernel's time grows with the rows; above this, dequantise and use a matmul
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
