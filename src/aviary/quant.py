@@ -13,7 +13,8 @@ model's dtype; the recurrent state stays float32.
 The pip package's int8 (`fp32i8`, reference doc 10.2) is asymmetric uint8 with a min and a range for
 every row *and* every column; symmetric per-row int8 is simpler, needs one scale per row, and is what
 CPU kernels implement. Its logit error against fp32 is measured in `benchmarks/bench_inference.py` and
-reported in docs/benchmarks.md.
+reported in docs/benchmarks.md. Quantise after loading: a quantised model's state dict holds
+`weight_int8` and `scale` tensors and is not an official checkpoint.
 
 Two forms of the same product, as for the ops:
     `int8_linear_reference`  dequantise the weight to the activation dtype, then F.linear
@@ -57,7 +58,7 @@ def int8_linear_kernel(x: torch.Tensor, q: torch.Tensor, scale_bf16: torch.Tenso
 
     x is rounded to bfloat16 on the way in (its fp32 path is a slow generic loop); the kernel
     accumulates in fp32 and rounds the output to bfloat16."""
-    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale_bf16).to(x.dtype)
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale_bf16.to(torch.bfloat16)).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
