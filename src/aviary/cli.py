@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, str] = {
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads that spin steal the core the next small op needs: on a shared 2-core machine one
+    # RWKV-7 decode step measured 950 ms spinning vs 72 ms passive (docs/benchmarks.md). Takes effect only
+    # if torch is not imported yet; an explicit OMP_WAIT_POLICY from the user wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
