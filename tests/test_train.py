@@ -48,7 +48,7 @@ def tiny_config(corpus, out: Path, version: int = 7, **overrides) -> TrainConfig
     cfg.model.vocab_size = VOCAB
     cfg.data.train, cfg.data.valid, cfg.data.ctx_len = str(corpus[0]), str(corpus[1]), 32
     cfg.optim.lr_init, cfg.optim.lr_final, cfg.optim.warmup_steps = 1e-2, 1e-3, 3
-    cfg.train.micro_bsz, cfg.train.max_steps, cfg.train.threads = 4, 30, 1
+    cfg.train.micro_bsz, cfg.train.max_steps, cfg.train.threads, cfg.train.device = 4, 30, 1, "cpu"
     cfg.out.dir, cfg.out.progress, cfg.out.log_every, cfg.out.save_every = str(out), False, 1, 10
     cfg.out.val_samples, cfg.out.export = 8, ""
     for dotted, value in overrides.items():
