@@ -101,7 +101,7 @@ class Engine:
         self._running: list[_Running] = []  # rows of the batch, in order
         self._state: RWKVState | None = None  # [B] batch state of the running sequences
         self._logits: torch.Tensor | None = None  # [B, V] next-token logits of the running sequences
-        self._text_cache: dict[int, str] = {}
+        self._bytes_cache: dict[int, bytes] = {}
         # model rows the tokenizer has no text for (World: ids 65530..65535 of a 65536-row head) are never
         # sampled, so one stray logit cannot fail a whole batch with a decode error
         self._undecodable = _undecodable_ids(tokenizer, self.vocab_size)
@@ -199,12 +199,11 @@ class Engine:
             self._state = self._state.select(rows)
             self._logits = self._logits[rows]
 
-    def _token_text(self, token: int) -> str:
-        text = self._text_cache.get(token)
-        if text is None:
-            text = self.tokenizer.decode_bytes([token]).decode("utf-8", errors="replace")
-            self._text_cache[token] = text
-        return text
+    def _token_bytes(self, token: int) -> bytes:
+        data = self._bytes_cache.get(token)
+        if data is None:
+            data = self._bytes_cache[token] = self.tokenizer.decode_bytes([token])
+        return data
 
     @torch.no_grad()
     def step(self) -> list[tuple[SequenceOutput, str]]:
@@ -232,8 +231,9 @@ class Engine:
                 events.append((out, run.release(run.utf8.decode(b"", final=True), final=True)))
                 continue
             out.tokens.append(token)
-            run.penalties.update(token, self._token_text(token), params)
-            piece = run.release(run.utf8.decode(self.tokenizer.decode_bytes([token])))
+            data = self._token_bytes(token)
+            run.penalties.update(token, data.decode("utf-8", errors="replace"), params)
+            piece = run.release(run.utf8.decode(data))
             if not out.finished and len(out.tokens) >= params.max_new_tokens:
                 out.finish_reason = "length"
                 piece += run.release(run.utf8.decode(b"", final=True), final=True)

@@ -118,10 +118,9 @@ def init_v5(model: nn.Module, g: torch.Generator, lr_init: float) -> None:
     C, L = cfg.n_embd, cfg.n_layer
     _emb_head(model, g, 1e-4)
     for i, block in enumerate(model.blocks):
-        _, r1a0, ddd = _ratios(i, L, C)
+        r01, r1a0, ddd = _ratios(i, L, C)
         att, ffn = block.att, block.ffn
         _v5_v6_common(att, ffn, g, i, L, C)
-        r01 = i / (L - 1) if L > 1 else 0.0
         _set(att.time_mix_k, ddd**r1a0)
         _set(att.time_mix_v, ddd**r1a0 + 0.3 * r01)
         _set(att.time_mix_r, ddd ** (0.5 * r1a0))
