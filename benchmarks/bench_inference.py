@@ -42,10 +42,10 @@ OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 # ---- workers --------------------------------------------------------------------------------------------
 
 class AviaryEngine:
-    def __init__(self, path: str, dtype: str, quantize: str | None):
+    def __init__(self, path: str, dtype: str, quantize: str | None, pack: bool = True):
         import aviary
 
-        self.model = aviary.load(path, dtype=dtype, quantize=quantize)
+        self.model = aviary.load(path, dtype=dtype, quantize=quantize, pack=pack)
 
     def step(self, tokens, state):  # tokens [B, T] -> (logits of the last position [B, V], state)
         logits, state = self.model(tokens, state, last_only=True)
@@ -53,8 +53,12 @@ class AviaryEngine:
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of parameters a one-token step reads: everything except the embedding, plus one of its rows."""
+        from aviary.packed import PackedLinear
+
         m = self.model
         total = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+        total += sum(p.out_features * p.in_features * p.dtype.itemsize for p in m.modules()
+                     if isinstance(p, PackedLinear))  # packed weights are neither parameters nor buffers
         emb = m.emb.weight
         return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
 
@@ -123,7 +127,7 @@ def worker_main(spec: dict) -> None:
     out = sys.stdout
     sys.stdout = sys.stderr  # the pip package prints at import, while loading and while running
     if kind == "aviary":
-        eng = AviaryEngine(spec["path"], spec["dtype"], spec.get("quantize"))
+        eng = AviaryEngine(spec["path"], spec["dtype"], spec.get("quantize"), spec.get("pack", True))
     elif kind == "pip":
         eng = PipEngine(spec["path"], spec["strategy"], spec["version"])
     else:
@@ -283,11 +287,15 @@ def error_stats(x, ref) -> dict:
             "first_rel_rms": float(d[0].pow(2).mean().sqrt() / ref[0].pow(2).mean().sqrt())}
 
 
+UNPACKED = "aviary fp32 unpacked"  # the same model without oneDNN packing (aviary.packed): decode only
+
+
 def bench_version(version: int, path: str, args, tmp: str) -> dict:
     import torch
 
     specs = {
         "aviary fp32": {"kind": "aviary", "path": path, "dtype": "float32"},
+        UNPACKED: {"kind": "aviary", "path": path, "dtype": "float32", "pack": False},
         "aviary bf16": {"kind": "aviary", "path": path, "dtype": "bfloat16"},
         "aviary int8": {"kind": "aviary", "path": path, "dtype": "float32", "quantize": "int8"},
         "pip cpu fp32": {"kind": "pip", "path": path, "strategy": "cpu fp32", "version": version},
@@ -318,6 +326,7 @@ def bench_version(version: int, path: str, args, tmp: str) -> dict:
             res["profile_int8"] = workers["aviary int8"].ask(task="profile")["table"]
         if args.tasks == "decode":
             return res
+        timed.pop(UNPACKED)
         print(f"  RWKV-{version}: prefill {args.prefill} ({time.perf_counter() - t0:.0f} s)", flush=True)
         pre = rounds(timed, {"task": "prefill", "T": args.prefill, "n": 1}, max(2, R // 2),
                      lambda r: min(r["times"]))
@@ -326,7 +335,7 @@ def bench_version(version: int, path: str, args, tmp: str) -> dict:
             k: median([p / a for p, a in zip(pre["pip cpu " + ("bf16" if "bf16" in k else "fp32")], v, strict=True)])
             for k, v in pre.items() if k.startswith("aviary")}
         print(f"  RWKV-{version}: batch {args.batch} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        av = {k: w for k, w in workers.items() if k.startswith("aviary")}
+        av = {k: w for k, w in workers.items() if k.startswith("aviary") and k != UNPACKED}
         bat = {k: [] for k in av}
         single = {k: [] for k in av}
         for _ in range(R):  # batch and single stream measured back to back, per engine
@@ -340,6 +349,8 @@ def bench_version(version: int, path: str, args, tmp: str) -> dict:
         toks = torch.randint(0, V, (args.error_tokens,), generator=torch.Generator().manual_seed(7)).tolist()
         logits = {}
         for k, w in workers.items():
+            if k == UNPACKED:
+                continue
             p = w.ask(task="logits", tokens=toks, out=os.path.join(tmp, f"v{version}-{k.replace(' ', '_')}.pt"))
             logits[k] = torch.load(p["path"])
         p = workers["aviary int8"].ask(task="logits", tokens=toks, reference=True,

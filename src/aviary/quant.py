@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aviary._threads import all_threads
+
 __all__ = ["Int8Linear", "int8_linear_kernel", "int8_linear_reference", "quantize_int8", "quantize_model"]
 
 SCHEMES = ("int8",)
@@ -73,8 +75,9 @@ class Int8Linear(nn.Module):
         self.use_kernel = _kernel_available()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        if linear.bias is not None:
+    def from_linear(cls, linear: nn.Module) -> Int8Linear:
+        """From an `nn.Linear` or an `aviary.packed.PackedLinear` (anything with a 2-D `weight` and no bias)."""
+        if getattr(linear, "bias", None) is not None:
             raise ValueError("Int8Linear has no bias; RWKV's linears have none")
         return cls(*quantize_int8(linear.weight))
 
@@ -86,10 +89,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel and x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = int8_linear_kernel(x2, self.weight_int8, self.scale_bf16)
-        else:
-            y = int8_linear_reference(x2, self.weight_int8, self.scale)
+        with all_threads():
+            if self.use_kernel and x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS:
+                y = int8_linear_kernel(x2, self.weight_int8, self.scale_bf16)
+            else:
+                y = int8_linear_reference(x2, self.weight_int8, self.scale)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -99,13 +103,16 @@ class Int8Linear(nn.Module):
 def quantize_model(model: nn.Module, scheme: str = "int8", *, head: bool = True) -> nn.Module:
     """Replace the model's block linears (and the head, unless head=False) with `Int8Linear`, in place.
 
-    Only `nn.Linear` modules inside `model.blocks` (and `model.head`) are touched; LoRA matrices are
+    Only `nn.Linear` (or packed) modules inside `model.blocks` (and `model.head`) are touched; LoRA matrices are
     plain parameters and stay as they are. Returns the model."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation scheme {scheme!r}; choose one of {SCHEMES}")
+    from aviary.packed import PackedLinear
+
+    float_linear = (nn.Linear, PackedLinear)
     targets = [(parent, name, child) for parent in model.blocks.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    if head and isinstance(model.head, nn.Linear):
+               for name, child in parent.named_children() if isinstance(child, float_linear)]
+    if head and isinstance(model.head, float_linear):
         targets.append((model, "head", model.head))
     if not targets:
         raise ValueError("nothing to quantise: the model has no float Linear layers left (already quantised?)")

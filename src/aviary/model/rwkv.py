@@ -13,12 +13,14 @@ checkpoints load with `strict=True`.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import ModuleType
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aviary._threads import small_ops_on_one_thread
 from aviary.config import ModelConfig
 from aviary.ops import BACKENDS
 from aviary.state import RWKVState, StateError
@@ -85,6 +87,9 @@ class RWKV(nn.Module):
         self.rescale_every = 0  # fp16 trick for v4-v6: halve x every N layers (see apply_rescale)
         self.initial_wkv: torch.Tensor | None = None  # [L, *S] from a state-tuned checkpoint
         self.tokenizer = None  # what generate() uses; None: the standard one for the version, on first use
+        # one-token steps run small ops on one thread and the big products on all (aviary._threads); set
+        # by pack() / quantize() once every big product is a layer that steps the thread count back up
+        self.split_decode_threads = False
 
     @property
     def backend(self) -> str:
@@ -149,6 +154,12 @@ class RWKV(nn.Module):
             self.check_state(state, B)
         backend = "recurrent" if T == 1 else self.backend
 
+        split = self.split_decode_threads and T == 1 and tokens.device.type == "cpu"
+        with small_ops_on_one_thread() if split else nullcontext():
+            logits, shift_out, wkv_out = self._run(tokens, state, backend, last_only)
+        return logits, RWKVState(self.config.version, shift_out, wkv_out)
+
+    def _run(self, tokens, state, backend, last_only):
         x = self.emb(tokens.to(self.emb.weight.device))  # [B, T, C]
         x = self.blocks[0].ln0(x)
         shift_out, wkv_out = torch.empty_like(state.shift), torch.empty_like(state.wkv)  # filled layer by layer
@@ -161,7 +172,7 @@ class RWKV(nn.Module):
         if last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x)).float()
-        return logits, RWKVState(self.config.version, shift_out, wkv_out)
+        return logits, shift_out, wkv_out
 
     # ---- precision ---------------------------------------------------------------------------
 
@@ -176,7 +187,7 @@ class RWKV(nn.Module):
         if every <= 0:
             raise ValueError(f"rescale interval must be positive, got {every}")
         if not isinstance(self.blocks[0].att.output, nn.Linear):
-            raise ValueError("rescale a model before quantising it (the int8 weights are fixed)")
+            raise ValueError("rescale a model before quantising or packing it (those weights are fixed)")
         with torch.no_grad():
             for i, block in enumerate(self.blocks):
                 scale = 2 ** (i // every)
@@ -189,7 +200,22 @@ class RWKV(nn.Module):
         see `aviary.quant`. Returns the model."""
         from aviary.quant import quantize_model
 
-        return quantize_model(self, scheme, head=head)
+        quantize_model(self, scheme, head=head)
+        self._update_thread_split()
+        return self
+
+    def pack(self) -> int:
+        """Pack the block linears and head for fast CPU inference (oneDNN layout, no backward), in place;
+        see `aviary.packed`. Returns how many layers were packed (0 off CPU or when nothing is left)."""
+        from aviary.packed import pack_model
+
+        n = pack_model(self)
+        self._update_thread_split()
+        return n
+
+    def _update_thread_split(self) -> None:
+        # only when every big product is a PackedLinear or Int8Linear (which step the thread count back up)
+        self.split_decode_threads = not any(isinstance(m, nn.Linear) for m in (*self.blocks.modules(), self.head))
 
     # ---- generation (the loop lives in aviary.generation) --------------------------------------
 
@@ -221,7 +247,12 @@ class RWKV(nn.Module):
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        from aviary.packed import PackedLinear
+        from aviary.quant import Int8Linear
+
+        n = sum(p.numel() for p in self.parameters())  # packed and int8 weights are not parameters:
+        return n + sum(m.in_features * m.out_features for m in self.modules()
+                       if isinstance(m, (PackedLinear, Int8Linear)))
 
 
 def group_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_head: int) -> torch.Tensor:

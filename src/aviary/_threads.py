@@ -1,0 +1,52 @@
+"""Threads for a decode step: the big matrix products on all of torch's threads, the rest on one.
+
+A one-token step is ~75 large matrix-vector products (memory-bound, worth every core) and ~1,000 small
+ops on vectors of a few hundred numbers. torch parallelises some of the small ones too (small matmuls,
+bmm, group norm), and each parallel region wakes the sleeping worker threads: with
+OMP_WAIT_POLICY=PASSIVE (which `aviary` sets, because spinning workers are ruinous on a shared CPU)
+that wake costs tens of microseconds, about 10 ms of a 45 ms RWKV-7 step on the 2-core test machine.
+Inside `small_ops_on_one_thread()` torch runs on one thread, and the big products (`PackedLinear`,
+`Int8Linear`) step back up to the full count inside `all_threads()`.
+
+torch's thread count is process-wide, so two Python threads running models at the same time would
+share these settings; Aviary's server runs every model step on one thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+
+_local = threading.local()
+
+
+@contextmanager
+def small_ops_on_one_thread():
+    """Run the body on one torch thread, remembering the current count for `all_threads`."""
+    n = torch.get_num_threads()
+    if n == 1 or getattr(_local, "threads", None):  # nothing to save, or already inside
+        yield
+        return
+    _local.threads = n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _local.threads = None
+
+
+@contextmanager
+def all_threads():
+    """Inside `small_ops_on_one_thread`: run the body on the remembered thread count. Elsewhere: no-op."""
+    n = getattr(_local, "threads", None)
+    if not n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
