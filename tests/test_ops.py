@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from aviary.ops.delta import delta_rule, delta_rule_chunked, delta_rule_recurrent
-from aviary.ops.gla import gla, gla_chunked, gla_recurrent
+from aviary.ops.delta import delta_rule, delta_rule_chunked, delta_rule_recurrent, delta_rule_step
+from aviary.ops.gla import gla, gla_chunked, gla_recurrent, gla_step
 from aviary.ops.wkv4 import empty_state, wkv4, wkv4_chunked, wkv4_recurrent
 
 B, T, H, N = 2, 45, 3, 8  # T not a multiple of any chunk length below
@@ -175,3 +175,53 @@ def test_delta_rule_chunked_refuses_decay_outside_its_range():
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         gla(*gla_inputs(False), backend="cuda")
+
+
+@pytest.mark.parametrize("constant_decay", [False, True])
+def test_gla_step_equals_recurrent_token_by_token(constant_decay):
+    r, k, v, logw, u, s = gla_inputs(True)
+    if constant_decay:  # RWKV-5: one [1, 1, H, K] decay broadcast over batch and time
+        logw = logw[:1, :1]
+    s_ref = s
+    for t in range(4):
+        step_args = [x[:, t:t + 1] for x in (r, k, v)] + [logw if constant_decay else logw[:, t:t + 1], u]
+        y_ref, s_ref_next = gla_recurrent(*step_args, s_ref)
+        y, s = gla_step(*step_args, s)
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(s, s_ref_next, rtol=1e-10, atol=1e-10)
+        s_ref = s_ref_next
+    y_disp, _ = gla(*step_args, s, backend="chunked")  # the public op routes one token to the step
+    torch.testing.assert_close(y_disp, gla_recurrent(*step_args, s)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_gla_step_gradients_match_reference():
+    inputs = [x[:, :1].clone().requires_grad_() if x.dim() == 4 and x.shape[1] == T else x.clone().requires_grad_()
+              for x in gla_inputs(True)]
+    grads = [torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(fn(*inputs))), inputs)
+             for fn in (gla_recurrent, gla_step)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_delta_rule_step_equals_recurrent_token_by_token():
+    args = delta_inputs()
+    s = s_ref = args[-1]
+    for t in range(4):
+        one = [x[:, t:t + 1] for x in args[:-1]]
+        y_ref, s_ref = delta_rule_recurrent(*one, s_ref)
+        y, s = delta_rule_step(*one, s)
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
+    y_disp, s_disp = delta_rule(*one, s, backend="recurrent")
+    y_ref, s_ref2 = delta_rule_recurrent(*one, s)
+    torch.testing.assert_close(y_disp, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s_disp, s_ref2, rtol=1e-10, atol=1e-10)
+
+
+def test_delta_rule_step_gradients_match_reference():
+    args = delta_inputs()
+    inputs = [x[:, :1].clone().requires_grad_() for x in args[:-1]] + [args[-1].clone().requires_grad_()]
+    grads = [torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(fn(*inputs))), inputs)
+             for fn in (delta_rule_recurrent, delta_rule_step)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

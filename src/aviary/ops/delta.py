@@ -34,6 +34,25 @@ def delta_rule_recurrent(r, logw, k, v, a, b, state):
     return torch.stack(ys, dim=1), S
 
 
+def delta_rule_step(r, logw, k, v, a, b, state):
+    """One token (T = 1), the decode fast path: the recurrence above as three batched matrix products.
+    The two rank-one updates b (a^T S) and k v^T go in as one rank-two product added onto the decayed
+    state (`baddbmm`), so the [K, V] state is read and written twice instead of five times."""
+    B, _, H, K = r.shape
+    V = v.shape[-1]
+
+    def rows(x):  # [B, 1, H, D] -> [B*H, 1, D]
+        return x.reshape(B * H, 1, x.shape[-1])
+
+    S = state.reshape(B * H, K, V)
+    aS = torch.bmm(rows(a), S)  # [BH, 1, V]
+    left = torch.cat([rows(b), rows(k)], dim=1).transpose(1, 2)  # [BH, K, 2]
+    right = torch.cat([aS, rows(v)], dim=1)  # [BH, 2, V]
+    S = torch.baddbmm(S * torch.exp(logw).reshape(B * H, K, 1), left, right)
+    y = torch.bmm(rows(r), S)  # [BH, 1, V]
+    return y.view(B, 1, H, V), S.view(B, H, K, V)
+
+
 # The chunked form factors decay products as e^{c_t} * e^{-c_j}; that is exact arithmetic but needs
 # chunk_len * |log decay| well inside fp32's exponent range. RWKV-7's decay is clamped to log w > -0.61.
 MAX_CHUNK_LOG_DECAY = 40.0
@@ -99,5 +118,8 @@ BACKENDS = {"recurrent": delta_rule_recurrent, "chunked": delta_rule_chunked}
 
 
 def delta_rule(r, logw, k, v, a, b, state, *, backend: str = "chunked"):
-    """Generalised delta rule. Returns (y [B, T, H, V], state [B, H, K, V])."""
+    """Generalised delta rule. Returns (y [B, T, H, V], state [B, H, K, V]). One token takes the fused
+    `delta_rule_step` whatever the backend (tests compare it with the reference loop)."""
+    if r.shape[1] == 1:
+        return delta_rule_step(r, logw, k, v, a, b, state)
     return pick("delta_rule", BACKENDS, backend)(r, logw, k, v, a, b, state)
