@@ -28,6 +28,27 @@ def test_generate_prints_the_greedy_continuation(checkpoint, capsys):
     assert printed == expected + "\n"
 
 
+@pytest.mark.parametrize("flags, load_kwargs", [(["--quantize", "int8"], {"quantize": "int8"}),
+                                                (["--no-pack"], {"pack": False})])
+def test_generate_loading_flags_reach_the_model(checkpoint, capsys, monkeypatch, flags, load_kwargs):
+    prompt = "The Eiffel tower is in"
+    real_load, seen = aviary.load, {}
+
+    def spy(path, **kwargs):
+        seen.update(kwargs)
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(aviary, "load", spy)
+    assert main(["generate", str(checkpoint), prompt, "--temperature", "0", "-n", "6", *flags]) == 0
+    assert all(seen[k] == v for k, v in load_kwargs.items())
+    monkeypatch.undo()
+    model = aviary.load(checkpoint, **load_kwargs)
+    expected = generate(model, aviary.load_tokenizer(version=7), prompt,
+                        SamplingParams(temperature=0, max_new_tokens=6, presence_penalty=0.2,
+                                       frequency_penalty=0.2, penalty_decay=0.996))
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_generate_reads_a_prompt_file_and_reports_speed(checkpoint, tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Once upon a time", encoding="utf-8")

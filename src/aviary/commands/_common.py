@@ -12,6 +12,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="weight precision (float16 needs a GPU; default: float32)")
+    group.add_argument("--quantize", default=None, choices=["int8"],
+                       help="int8: int8 weight-only block linears and head (faster CPU decode, small logit error; "
+                            "see docs/benchmarks.md)")
+    group.add_argument("--no-pack", dest="pack", action="store_false",
+                       help="keep plain float weights instead of oneDNN's packed layout (slower CPU decode; "
+                            "for debugging)")
     group.add_argument("--tokenizer", default=None, metavar="NAME|PATH",
                        help="world, 20b, or a vocabulary/tokenizer file (default: the one for the model's version)")
     group.add_argument("--state", default=None, metavar="FILE",
@@ -68,7 +74,7 @@ def load_model(args: argparse.Namespace, model: str | None):
     import aviary
 
     path = resolve_model_path(model)
-    net = aviary.load(path, device=args.device, dtype=args.dtype)
+    net = aviary.load(path, device=args.device, dtype=args.dtype, quantize=args.quantize, pack=args.pack)
     tokenizer = aviary.load_tokenizer(args.tokenizer, version=net.config.version)
     state = None
     if args.state:
