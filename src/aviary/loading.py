@@ -75,7 +75,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     backend:        how sequences run: "chunked" (parallel form) or "recurrent" (reference loop)
     quantize:       None, or "int8": int8 weight-only block linears and head (`RWKV.quantize`, aviary.quant)
     pack:           on CPU, pack the float linears into oneDNN's layout for inference (`RWKV.pack`,
-                    aviary.packed): 1.4-1.7x faster decode, but no backward. Pass False to train or
+                    aviary.packed): about 1.4x faster fp32 decode, but no backward. Pass False to train or
                     fine-tune the loaded model.
     Raises CheckpointError naming the file for anything it cannot read or understand.
     """

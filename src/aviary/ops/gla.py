@@ -40,7 +40,8 @@ def gla_step(r, k, v, logw, u, state):
     V = v.shape[-1]
     S = state.reshape(B * H, K, V)
     kv = torch.bmm(k.reshape(B * H, K, 1), v.reshape(B * H, 1, V))  # [BH, K, V]
-    y = torch.bmm(r.reshape(B * H, 1, K), torch.addcmul(S, u.repeat(B, 1)[:, :, None], kv))  # [BH, 1, V]
+    bonus = u[None, :, :, None].expand(B, H, K, 1).reshape(B * H, K, 1)  # a view when B == 1
+    y = torch.bmm(r.reshape(B * H, 1, K), torch.addcmul(S, bonus, kv))  # [BH, 1, V]
     w = torch.exp(logw).expand(B, 1, H, K).reshape(B * H, K, 1)
     S = torch.addcmul(kv, w, S)  # w S + k v^T
     return y.view(B, 1, H, V), S.view(B, H, K, V)
