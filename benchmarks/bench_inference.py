@@ -42,10 +42,14 @@ OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 # ---- workers --------------------------------------------------------------------------------------------
 
 class AviaryEngine:
-    def __init__(self, path: str, dtype: str, quantize: str | None, pack: bool = True):
+    def __init__(self, path: str, dtype: str, quantize: str | None, use_kernels: bool = True):
         import aviary
+        from aviary.kernels import reference_only
 
-        self.model = aviary.load(path, dtype=dtype, quantize=quantize, pack=pack)
+        self.model = aviary.load(path, dtype=dtype, quantize=quantize)
+        if not use_kernels:  # this worker process runs torch's kernels only, for the whole run
+            self._reference = reference_only()
+            self._reference.__enter__()
 
     def step(self, tokens, state):  # tokens [B, T] -> (logits of the last position [B, V], state)
         logits, state = self.model(tokens, state, last_only=True)
@@ -53,12 +57,8 @@ class AviaryEngine:
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of parameters a one-token step reads: everything except the embedding, plus one of its rows."""
-        from aviary.packed import PackedLinear
-
         m = self.model
         total = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
-        total += sum(p.out_features * p.in_features * p.dtype.itemsize for p in m.modules()
-                     if isinstance(p, PackedLinear))  # packed weights are neither parameters nor buffers
         emb = m.emb.weight
         return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
 
@@ -127,7 +127,7 @@ def worker_main(spec: dict) -> None:
     out = sys.stdout
     sys.stdout = sys.stderr  # the pip package prints at import, while loading and while running
     if kind == "aviary":
-        eng = AviaryEngine(spec["path"], spec["dtype"], spec.get("quantize"), spec.get("pack", True))
+        eng = AviaryEngine(spec["path"], spec["dtype"], spec.get("quantize"), spec.get("kernels", True))
     elif kind == "pip":
         eng = PipEngine(spec["path"], spec["strategy"], spec["version"])
     else:
@@ -139,10 +139,12 @@ def worker_main(spec: dict) -> None:
     for line in sys.stdin:
         task = json.loads(line)
         name = task["task"]
-        if kind == "aviary":  # int8: the kernel (bf16 activations), or for the error the fp32 dequantised reference
+        if kind == "aviary":  # int8: the default kernel, or for the error the dequantised reference (F.linear)
+            from aviary.quant import default_kernel
+
             for m in eng.model.modules():
-                if hasattr(m, "use_kernel"):
-                    m.use_kernel = not task.get("reference", False)
+                if hasattr(m, "kernel"):
+                    m.kernel = None if task.get("reference", False) else default_kernel()
         with torch.inference_mode():
             if name == "decode":  # continue one stream; the first call builds a state from a short prompt
                 if state is None:
@@ -287,7 +289,7 @@ def error_stats(x, ref) -> dict:
             "first_rel_rms": float(d[0].pow(2).mean().sqrt() / ref[0].pow(2).mean().sqrt())}
 
 
-UNPACKED = "aviary fp32 unpacked"  # the same model without oneDNN packing (aviary.packed): decode only
+TORCH_ONLY = "aviary fp32 torch-only"  # the same model with Aviary's C kernels off (kernels.reference_only)
 
 
 def bench_version(version: int, path: str, args, tmp: str) -> dict:
@@ -295,7 +297,7 @@ def bench_version(version: int, path: str, args, tmp: str) -> dict:
 
     specs = {
         "aviary fp32": {"kind": "aviary", "path": path, "dtype": "float32"},
-        UNPACKED: {"kind": "aviary", "path": path, "dtype": "float32", "pack": False},
+        TORCH_ONLY: {"kind": "aviary", "path": path, "dtype": "float32", "kernels": False},
         "aviary bf16": {"kind": "aviary", "path": path, "dtype": "bfloat16"},
         "aviary int8": {"kind": "aviary", "path": path, "dtype": "float32", "quantize": "int8"},
         "pip cpu fp32": {"kind": "pip", "path": path, "strategy": "cpu fp32", "version": version},
@@ -326,7 +328,7 @@ def bench_version(version: int, path: str, args, tmp: str) -> dict:
             res["profile_int8"] = workers["aviary int8"].ask(task="profile")["table"]
         if args.tasks == "decode":
             return res
-        timed.pop(UNPACKED)
+        timed.pop(TORCH_ONLY)
         print(f"  RWKV-{version}: prefill {args.prefill} ({time.perf_counter() - t0:.0f} s)", flush=True)
         pre = rounds(timed, {"task": "prefill", "T": args.prefill, "n": 1}, max(2, R // 2),
                      lambda r: min(r["times"]))
@@ -335,7 +337,7 @@ def bench_version(version: int, path: str, args, tmp: str) -> dict:
             k: median([p / a for p, a in zip(pre["pip cpu " + ("bf16" if "bf16" in k else "fp32")], v, strict=True)])
             for k, v in pre.items() if k.startswith("aviary")}
         print(f"  RWKV-{version}: batch {args.batch} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        av = {k: w for k, w in workers.items() if k.startswith("aviary") and k != UNPACKED}
+        av = {k: w for k, w in workers.items() if k.startswith("aviary") and k != TORCH_ONLY}
         bat = {k: [] for k in av}
         single = {k: [] for k in av}
         for _ in range(R):  # batch and single stream measured back to back, per engine
@@ -349,13 +351,13 @@ def bench_version(version: int, path: str, args, tmp: str) -> dict:
         toks = torch.randint(0, V, (args.error_tokens,), generator=torch.Generator().manual_seed(7)).tolist()
         logits = {}
         for k, w in workers.items():
-            if k == UNPACKED:
+            if k == TORCH_ONLY:
                 continue
             p = w.ask(task="logits", tokens=toks, out=os.path.join(tmp, f"v{version}-{k.replace(' ', '_')}.pt"))
             logits[k] = torch.load(p["path"])
         p = workers["aviary int8"].ask(task="logits", tokens=toks, reference=True,
                                        out=os.path.join(tmp, f"v{version}-int8-ref.pt"))
-        logits["aviary int8 (fp32 activations)"] = torch.load(p["path"])
+        logits["aviary int8 (dequantised reference)"] = torch.load(p["path"])
         res["error_vs_own_fp32"] = {}
         for k, lg in logits.items():
             ref = logits["aviary fp32" if k.startswith("aviary") else "pip cpu fp32"]

@@ -29,7 +29,7 @@ def test_generate_prints_the_greedy_continuation(checkpoint, capsys):
 
 
 @pytest.mark.parametrize("flags, load_kwargs", [(["--quantize", "int8"], {"quantize": "int8"}),
-                                                (["--no-pack"], {"pack": False})])
+                                                (["--dtype", "bfloat16"], {"dtype": "bfloat16"})])
 def test_generate_loading_flags_reach_the_model(checkpoint, capsys, monkeypatch, flags, load_kwargs):
     prompt = "The Eiffel tower is in"
     real_load, seen = aviary.load, {}

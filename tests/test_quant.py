@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import aviary
+from aviary.kernels import Linear
 from aviary.loading import model_from_state_dict
 from aviary.quant import (
     KERNEL_MAX_ROWS,
@@ -97,8 +98,8 @@ def test_load_quantize_option_and_head_flag(tmp_path):
     assert isinstance(model.head, Int8Linear) and isinstance(model.blocks[1].ffn.value, Int8Linear)
     assert isinstance(model.blocks[0].att.w1, nn.Parameter)  # LoRAs stay float
     keep_head = aviary.load(path).quantize("int8", head=False)
-    assert not isinstance(keep_head.head, Int8Linear)  # still float (packed, as aviary.load left it)
-    assert isinstance(keep_head.blocks[0].att.key, Int8Linear)  # packed linears quantise too
+    assert isinstance(keep_head.head, Linear) and keep_head.split_decode_threads  # float head keeps the kernel
+    assert isinstance(keep_head.blocks[0].att.key, Int8Linear)
     with pytest.raises(ValueError, match="scheme"):
         aviary.load(path, quantize="int4")
     with pytest.raises(ValueError, match="already quantised"):

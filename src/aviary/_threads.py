@@ -5,7 +5,7 @@ ops on vectors of a few hundred numbers. torch parallelises some of the small on
 bmm, group norm), and each parallel region wakes the sleeping worker threads: with
 OMP_WAIT_POLICY=PASSIVE (which `aviary` sets, because spinning workers are ruinous on a shared CPU)
 that wake costs tens of microseconds, about 10 ms of a 45 ms RWKV-7 step on the 2-core test machine.
-Inside `small_ops_on_one_thread()` torch runs on one thread, and the big products (`PackedLinear`,
+Inside `small_ops_on_one_thread()` torch runs on one thread, and the big products (`kernels.Linear`,
 `Int8Linear`) step back up to the full count inside `all_threads()`.
 
 torch's thread count is process-wide, so two Python threads running models at the same time would

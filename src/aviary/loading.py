@@ -66,17 +66,13 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], *, backend: str = "chunke
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-         backend: str = "chunked", rescale_every: int | None = None, quantize: str | None = None,
-         pack: bool = True) -> RWKV:
+         backend: str = "chunked", rescale_every: int | None = None, quantize: str | None = None) -> RWKV:
     """Load an RWKV-4/5/6/7 checkpoint: official `.pth`, safetensors, or a Hugging Face / fla folder.
 
     dtype:          float32 or bfloat16 (CPU and GPU), float16 (GPU; v4-v6 then halve the residual
                     every `rescale_every` layers, default 6, to stay in fp16 range)
     backend:        how sequences run: "chunked" (parallel form) or "recurrent" (reference loop)
     quantize:       None, or "int8": int8 weight-only block linears and head (`RWKV.quantize`, aviary.quant)
-    pack:           on CPU, pack the float linears into oneDNN's layout for inference (`RWKV.pack`,
-                    aviary.packed): about 1.4x faster fp32 decode, but no backward. Pass False to train or
-                    fine-tune the loaded model.
     Raises CheckpointError naming the file for anything it cannot read or understand.
     """
     torch_dtype = _dtype(dtype)
@@ -94,6 +90,4 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         model.apply_rescale(rescale_every)
     if quantize is not None:
         model.quantize(quantize)
-    if pack:
-        model.pack()
     return model

@@ -16,11 +16,15 @@ CPU kernels implement. Its logit error against fp32 is measured in `benchmarks/b
 reported in docs/benchmarks.md. Quantise after loading: a quantised model's state dict holds
 `weight_int8` and `scale` tensors and is not an official checkpoint.
 
-Two forms of the same product, as for the ops:
-    `int8_linear_reference`  dequantise the weight to the activation dtype, then F.linear
-    `int8_linear_kernel`     torch's CPU kernel `aten._weight_int8pack_mm` (int8 weights, bf16
-                             activations and scales, fp32 accumulation), used for a few rows at a time
-                             (decode); it is slow for many rows, where the dequantised matmul wins.
+Three forms of the same product, as for the ops (`Int8Linear.kernel` picks; tests compare them):
+    `int8_linear_reference`  dequantise the weight to the activation dtype, then F.linear; used for
+                             more than KERNEL_MAX_ROWS rows (prefill), where a matmul wins
+    `kernels.linear`         Aviary's C kernel (`aviary/_kernels.c`, AVX-512 / AVX2, OpenMP): int8
+                             widened to float32 in registers, float32 activations, weights streamed
+                             once at memory speed; the default for up to KERNEL_MAX_ROWS rows
+    `int8_linear_kernel`     torch's `aten._weight_int8pack_mm` (bf16 activations and scales, fp32
+                             accumulation); the fallback where the C kernel was not built. It widens
+                             every weight to bf16 and is compute-bound at one row (4-9 GB/s here).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aviary import kernels
 from aviary._threads import all_threads
 
 __all__ = ["Int8Linear", "int8_linear_kernel", "int8_linear_reference", "quantize_int8", "quantize_model"]
@@ -51,8 +56,11 @@ def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor)
     return F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None])
 
 
-def _kernel_available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+def default_kernel() -> str | None:
+    """The fastest int8 kernel here: Aviary's C kernel (`aviary.kernels`), else torch's int8pack, else None."""
+    if kernels.available(torch.int8):
+        return "aviary"
+    return "int8pack" if hasattr(torch.ops.aten, "_weight_int8pack_mm") else None
 
 
 def int8_linear_kernel(x: torch.Tensor, q: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
@@ -72,12 +80,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16).contiguous(), persistent=False)
-        self.use_kernel = _kernel_available()
+        self.kernel = default_kernel()  # for up to KERNEL_MAX_ROWS rows; None: always the reference
 
     @classmethod
-    def from_linear(cls, linear: nn.Module) -> Int8Linear:
-        """From an `nn.Linear` or an `aviary.packed.PackedLinear` (anything with a 2-D `weight` and no bias)."""
-        if getattr(linear, "bias", None) is not None:
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        if linear.bias is not None:
             raise ValueError("Int8Linear has no bias; RWKV's linears have none")
         return cls(*quantize_int8(linear.weight))
 
@@ -89,8 +96,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        small = x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS
         with all_threads():
-            if self.use_kernel and x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS:
+            if small and self.kernel == "aviary" and kernels.available(torch.int8):
+                y = kernels.linear(x2, self.weight_int8, self.scale)
+            elif small and self.kernel == "int8pack":
                 y = int8_linear_kernel(x2, self.weight_int8, self.scale_bf16)
             else:
                 y = int8_linear_reference(x2, self.weight_int8, self.scale)
@@ -103,16 +113,13 @@ class Int8Linear(nn.Module):
 def quantize_model(model: nn.Module, scheme: str = "int8", *, head: bool = True) -> nn.Module:
     """Replace the model's block linears (and the head, unless head=False) with `Int8Linear`, in place.
 
-    Only `nn.Linear` (or packed) modules inside `model.blocks` (and `model.head`) are touched; LoRA matrices are
+    Only `nn.Linear` modules inside `model.blocks` (and `model.head`) are touched; LoRA matrices are
     plain parameters and stay as they are. Returns the model."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation scheme {scheme!r}; choose one of {SCHEMES}")
-    from aviary.packed import PackedLinear
-
-    float_linear = (nn.Linear, PackedLinear)
     targets = [(parent, name, child) for parent in model.blocks.modules()
-               for name, child in parent.named_children() if isinstance(child, float_linear)]
-    if head and isinstance(model.head, float_linear):
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    if head and isinstance(model.head, nn.Linear):
         targets.append((model, "head", model.head))
     if not targets:
         raise ValueError("nothing to quantise: the model has no float Linear layers left (already quantised?)")

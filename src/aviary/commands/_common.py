@@ -15,9 +15,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", default=None, choices=["int8"],
                        help="int8: int8 weight-only block linears and head (faster CPU decode, small logit error; "
                             "see docs/benchmarks.md)")
-    group.add_argument("--no-pack", dest="pack", action="store_false",
-                       help="keep plain float weights instead of oneDNN's packed layout (slower CPU decode; "
-                            "for debugging)")
     group.add_argument("--tokenizer", default=None, metavar="NAME|PATH",
                        help="world, 20b, or a vocabulary/tokenizer file (default: the one for the model's version)")
     group.add_argument("--state", default=None, metavar="FILE",
@@ -74,7 +71,7 @@ def load_model(args: argparse.Namespace, model: str | None):
     import aviary
 
     path = resolve_model_path(model)
-    net = aviary.load(path, device=args.device, dtype=args.dtype, quantize=args.quantize, pack=args.pack)
+    net = aviary.load(path, device=args.device, dtype=args.dtype, quantize=args.quantize)
     tokenizer = aviary.load_tokenizer(args.tokenizer, version=net.config.version)
     state = None
     if args.state:

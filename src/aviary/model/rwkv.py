@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from aviary._threads import small_ops_on_one_thread
 from aviary.config import ModelConfig
+from aviary.kernels import Linear
 from aviary.ops import BACKENDS
 from aviary.state import RWKVState, StateError
 
@@ -82,14 +83,13 @@ class RWKV(nn.Module):
         self.emb = nn.Embedding(V, C)
         self.blocks = nn.ModuleList(Block(config, i, self.arch) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(C)
-        self.head = nn.Linear(C, V, bias=False)
+        self.head = Linear(C, V, bias=False)
         self.backend = backend
         self.rescale_every = 0  # fp16 trick for v4-v6: halve x every N layers (see apply_rescale)
         self.initial_wkv: torch.Tensor | None = None  # [L, *S] from a state-tuned checkpoint
         self.tokenizer = None  # what generate() uses; None: the standard one for the version, on first use
-        # one-token steps run small ops on one thread and the big products on all (aviary._threads); set
-        # by pack() / quantize() once every big product is a layer that steps the thread count back up
-        self.split_decode_threads = False
+        # one-token steps run small ops on one thread and the big products on all (aviary._threads)
+        self.split_decode_threads = True
 
     @property
     def backend(self) -> str:
@@ -187,7 +187,7 @@ class RWKV(nn.Module):
         if every <= 0:
             raise ValueError(f"rescale interval must be positive, got {every}")
         if not isinstance(self.blocks[0].att.output, nn.Linear):
-            raise ValueError("rescale a model before quantising or packing it (those weights are fixed)")
+            raise ValueError("rescale a model before quantising it (the int8 weights are fixed)")
         with torch.no_grad():
             for i, block in enumerate(self.blocks):
                 scale = 2 ** (i // every)
@@ -204,18 +204,13 @@ class RWKV(nn.Module):
         self._update_thread_split()
         return self
 
-    def pack(self) -> int:
-        """Pack the block linears and head for fast CPU inference (oneDNN layout, no backward), in place;
-        see `aviary.packed`. Returns how many layers were packed (0 off CPU or when nothing is left)."""
-        from aviary.packed import pack_model
-
-        n = pack_model(self)
-        self._update_thread_split()
-        return n
-
     def _update_thread_split(self) -> None:
-        # only when every big product is a PackedLinear or Int8Linear (which step the thread count back up)
-        self.split_decode_threads = not any(isinstance(m, nn.Linear) for m in (*self.blocks.modules(), self.head))
+        # only while every big product is a layer that steps the thread count back up (kernels.Linear,
+        # Int8Linear): a plain nn.Linear swapped in by a user would otherwise run on one thread
+        from aviary.quant import Int8Linear
+
+        self.split_decode_threads = all(isinstance(m, (Linear, Int8Linear)) or not isinstance(m, nn.Linear)
+                                        for m in (*self.blocks.modules(), self.head))
 
     # ---- generation (the loop lives in aviary.generation) --------------------------------------
 
@@ -247,12 +242,10 @@ class RWKV(nn.Module):
 
     @property
     def num_parameters(self) -> int:
-        from aviary.packed import PackedLinear
         from aviary.quant import Int8Linear
 
-        n = sum(p.numel() for p in self.parameters())  # packed and int8 weights are not parameters:
-        return n + sum(m.in_features * m.out_features for m in self.modules()
-                       if isinstance(m, (PackedLinear, Int8Linear)))
+        n = sum(p.numel() for p in self.parameters())  # int8 weights are buffers, not parameters
+        return n + sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, Int8Linear))
 
 
 def group_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from aviary.config import ModelConfig
+from aviary.kernels import Linear
 from aviary.ops import wkv4
 from aviary.ops.wkv4 import empty_state
 
@@ -45,10 +46,10 @@ class TimeMix(nn.Module):
         self.time_mix_k = nn.Parameter(torch.ones(1, 1, C))
         self.time_mix_v = nn.Parameter(torch.ones(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.ones(1, 1, C))
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
 
     def forward(self, x, sx, wkv, v_first, backend: str):
         """x, sx [B, T, C]; wkv [B, 3, C] -> (out [B, T, C], wkv, v_first unchanged)."""
@@ -66,9 +67,9 @@ class ChannelMix(nn.Module):
         C, F = config.n_embd, config.dim_ffn
         self.time_mix_k = nn.Parameter(torch.ones(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.ones(1, 1, C))
-        self.key = nn.Linear(C, F, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(F, C, bias=False)
+        self.key = Linear(C, F, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.value = Linear(F, C, bias=False)
 
     def forward(self, x, sx):
         k = torch.relu(self.key(lerp(x, sx, self.time_mix_k))) ** 2  # [B, T, F]

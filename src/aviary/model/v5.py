@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aviary.config import ModelConfig
+from aviary.kernels import Linear
 from aviary.model.rwkv import group_norm
 from aviary.model.v4 import ChannelMix, lerp
 from aviary.ops import gla
@@ -45,11 +46,11 @@ class TimeMix(nn.Module):
         self.time_mix_g = nn.Parameter(torch.ones(1, 1, C))
         self.time_decay = nn.Parameter(torch.zeros(H, N))
         self.time_faaaa = nn.Parameter(torch.zeros(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.gate = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
     def forward(self, x, sx, wkv, v_first, backend: str):

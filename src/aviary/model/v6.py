@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aviary.config import ModelConfig
+from aviary.kernels import Linear
 from aviary.model.rwkv import group_norm
 from aviary.model.v5 import empty_wkv, wkv_shape
 from aviary.ops import gla
@@ -42,11 +43,11 @@ class TimeMix(nn.Module):
         self.time_decay_w1 = nn.Parameter(torch.zeros(C, Dd))
         self.time_decay_w2 = nn.Parameter(torch.zeros(Dd, C))
         self.time_faaaa = nn.Parameter(torch.zeros(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.gate = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
     def forward(self, x, sx, wkv, v_first, backend: str):
@@ -79,9 +80,9 @@ class ChannelMix(nn.Module):
         C, F_ = config.n_embd, config.dim_ffn
         self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
         self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, F_, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(F_, C, bias=False)
+        self.key = Linear(C, F_, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.value = Linear(F_, C, bias=False)
 
     def forward(self, x, sx):
         xx = sx - x

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aviary.config import ModelConfig
+from aviary.kernels import Linear
 from aviary.model.rwkv import group_norm
 from aviary.model.v5 import empty_wkv, wkv_shape
 from aviary.ops import delta_rule
@@ -49,10 +50,10 @@ class TimeMix(nn.Module):
             setattr(self, f"{name}1", nn.Parameter(torch.zeros(C, rank)))
             setattr(self, f"{name}2", nn.Parameter(torch.zeros(rank, C)))
         self.r_k = nn.Parameter(torch.zeros(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
     def forward(self, x, sx, wkv, v_first, backend: str):
@@ -92,8 +93,8 @@ class ChannelMix(nn.Module):
         super().__init__()
         C, F_ = config.n_embd, config.dim_ffn
         self.x_k = _vec(C)
-        self.key = nn.Linear(C, F_, bias=False)
-        self.value = nn.Linear(F_, C, bias=False)
+        self.key = Linear(C, F_, bias=False)
+        self.value = Linear(F_, C, bias=False)
 
     def forward(self, x, sx):
         k = torch.relu(self.key(x + (sx - x) * self.x_k)) ** 2  # [B, T, F]

@@ -92,7 +92,7 @@ def _build_model(cfg: TrainConfig, device: torch.device, vocab: CompactVocab | N
     if m.load:
         from aviary.loading import load
 
-        model = load(m.load, dtype="float32", pack=False)
+        model = load(m.load, dtype="float32")
         model.train()
         return model.to(device)
     rows = vocab.size if vocab is not None else m.vocab_size
