@@ -52,7 +52,8 @@ class AviaryEngine:
             self._reference.__enter__()
 
     def step(self, tokens, state):  # tokens [B, T] -> (logits of the last position [B, V], state)
-        logits, state = self.model(tokens, state, last_only=True)
+        # a state that the loop owns is updated in place, as the pip package and Aviary's Engine do
+        logits, state = self.model(tokens, state, last_only=True, inplace=state is not None)
         return logits[:, -1], state
 
     def weight_bytes_per_token(self) -> int:

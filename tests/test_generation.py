@@ -149,7 +149,8 @@ class ScriptedModel(torch.nn.Module):
     def check_state(self, state, batch_size):
         assert state.batch_size == batch_size
 
-    def forward(self, tokens, state=None, last_only=False):
+    def forward(self, tokens, state=None, last_only=False, inplace=False):  # may ignore inplace: the engine
+        # keeps the state it gets back
         B, T = tokens.shape
         state = state if state is not None else self.init_state(B)
         pos = state.shift[:, 0, 0, 0] + T
@@ -231,7 +232,8 @@ class ConstantModel(ScriptedModel):
         super().__init__([], vocab_size=logits.numel())
         self.logits = logits
 
-    def forward(self, tokens, state=None, last_only=False):
+    def forward(self, tokens, state=None, last_only=False, inplace=False):  # may ignore inplace: the engine
+        # keeps the state it gets back
         B = tokens.shape[0]
         return self.logits.expand(B, 1, -1).clone(), state if state is not None else self.init_state(B)
 

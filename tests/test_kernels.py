@@ -154,3 +154,34 @@ def test_thread_split_is_off_when_a_plain_linear_is_swapped_in(tmp_path):
     model.head = plain
     model._update_thread_split()
     assert not model.split_decode_threads
+
+
+@pytest.mark.parametrize("version", [5, 7])
+def test_inplace_decode_equals_a_fresh_state_and_reuses_it(version):
+    model = model_from_state_dict(random_state_dict(random_config(version, n_layer=2, n_embd=128, vocab_size=300)))
+    toks = torch.randint(0, 300, (3, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, fresh = model(toks[:, :3])
+        owned = fresh.clone()
+        shift_ptr, wkv_ptr = owned.shift.data_ptr(), owned.wkv.data_ptr()
+        for t in range(3, 6):
+            ref, fresh = model(toks[:, t:t + 1], fresh)
+            out, same = model(toks[:, t:t + 1], owned, inplace=True)
+            assert same is owned and owned.wkv.data_ptr() == wkv_ptr and owned.shift.data_ptr() == shift_ptr
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(owned.wkv, fresh.wkv, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(owned.shift, fresh.shift, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="inplace"):
+        model(toks[:, :1], None, inplace=True)
+    grad_state = fresh.clone()
+    grad_state.wkv.requires_grad_(True)
+    with pytest.raises(ValueError, match="no autograd"):
+        model(toks[:, :1], grad_state, inplace=True)
+
+
+def test_new_states_are_laid_out_layer_by_layer():
+    model = model_from_state_dict(random_state_dict(random_config(7, n_layer=3, n_embd=128, vocab_size=300)))
+    with torch.no_grad():
+        _, state = model(torch.tensor([[1, 2], [3, 4]]))
+    assert all(state.wkv[:, i].is_contiguous() and state.shift[:, i].is_contiguous() for i in range(3))
+    assert state.wkv.shape[:2] == (2, 3)

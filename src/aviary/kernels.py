@@ -96,6 +96,11 @@ def _run(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> t
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor whose data_ptr() is its whole storage: not a subclass such as FSDP2's sharded DTensor."""
+    return type(t) is torch.Tensor or (type(t) is nn.Parameter and type(t.data) is torch.Tensor)
+
+
 class Linear(nn.Linear):
     """`nn.Linear` (bias-free in RWKV) that runs decode-sized inputs through Aviary's C kernel.
 
@@ -106,7 +111,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and self.bias is None and available(w.dtype) and w.is_contiguous()):
+                and self.bias is None and available(w.dtype) and _plain(w) and w.is_contiguous()):
             n_in = x.shape[-1]
             rows = x.numel() // n_in if n_in else 0
             if 0 < rows <= MAX_ROWS[w.dtype]:

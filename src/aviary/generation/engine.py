@@ -180,7 +180,8 @@ class Engine:
             out.final_state = seq_state
             return out
         self._running.append(run)
-        self._state = seq_state if self._state is None else RWKVState.cat([self._state, seq_state])
+        # the batch state is the engine's own (decode updates it in place): never the caller's or the cache's
+        self._state = seq_state.clone() if self._state is None else RWKVState.cat([self._state, seq_state])
         self._logits = logits[None] if self._logits is None else torch.cat([self._logits, logits[None]])
         return out
 
@@ -245,7 +246,7 @@ class Engine:
         if feed:
             tokens = torch.tensor(feed, dtype=torch.long, device=self._state.device)[:, None]
             state = self._state.select(rows) if len(rows) != len(self._running) else self._state
-            logits, state = self.model(tokens, state, last_only=True)
+            logits, state = self.model(tokens, state, last_only=True, inplace=True)
             self._state, self._logits = state, logits[:, 0].float()
             self._running = [self._running[i] for i in rows]
         else:

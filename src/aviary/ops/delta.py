@@ -15,10 +15,13 @@ Shapes: r, k, a, b, logw [B, T, H, K]; v [B, T, H, V]; state [B, H, K, V]; all f
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
-from aviary.ops._dispatch import pick
+from aviary._threads import all_threads
+from aviary.ops._dispatch import PARALLEL_STATE_NUMEL, pick
 
 
 def delta_rule_recurrent(r, logw, k, v, a, b, state):
@@ -121,5 +124,6 @@ def delta_rule(r, logw, k, v, a, b, state, *, backend: str = "chunked"):
     """Generalised delta rule. Returns (y [B, T, H, V], state [B, H, K, V]). One token takes the fused
     `delta_rule_step` whatever the backend (tests compare it with the reference loop)."""
     if r.shape[1] == 1:
-        return delta_rule_step(r, logw, k, v, a, b, state)
+        with all_threads() if state.numel() >= PARALLEL_STATE_NUMEL else nullcontext():
+            return delta_rule_step(r, logw, k, v, a, b, state)
     return pick("delta_rule", BACKENDS, backend)(r, logw, k, v, a, b, state)
