@@ -99,7 +99,7 @@ class Int8Linear(nn.Module):
         small = x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS
         with all_threads():
             if small and self.kernel == "aviary" and kernels.available(torch.int8):
-                y = kernels.linear(x2, self.weight_int8, self.scale)
+                y = kernels._run(x2, self.weight_int8, self.scale)  # buffers are contiguous CPU int8/fp32
             elif small and self.kernel == "int8pack":
                 y = int8_linear_kernel(x2, self.weight_int8, self.scale_bf16)
             else:
