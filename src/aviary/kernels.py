@@ -12,10 +12,10 @@ interleaved, 2 threads (docs/benchmarks.md):
     float32   16        50.3 ms            58.8 ms
 
 `Linear` is an `nn.Linear` (same parameter, same state dict, same autograd) whose forward takes the C
-kernel when it can (CPU, float32 or bfloat16 weight, at most `max_rows` rows, no gradient needed) and
-`F.linear`, the reference, otherwise. bfloat16 stops at 2 rows: past that torch's bf16 matmul (which
-uses the CPU's bf16 dot-product instructions) wins. int8 weights go through `linear` from
-`aviary.quant.Int8Linear`.
+kernel when it can (CPU, float32 or bfloat16 weight, at most `MAX_ROWS[dtype]` rows, no gradient
+needed) and `F.linear`, the reference, otherwise. bfloat16 stops at 2 rows: past that torch's bf16
+matmul (which uses the CPU's bf16 dot-product instructions) wins. int8 weights reach the same kernel
+from `aviary.quant.Int8Linear` (up to its KERNEL_MAX_ROWS rows).
 
 `reference_only()` turns the kernels off, for tests and benchmarks that compare.
 """
@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - depends on the build
 __all__ = ["Linear", "available", "linear", "reference_only"]
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2, torch.int8: 16}  # beyond: torch's matmul (faster there)
+MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}  # beyond: torch's matmul (faster there)
 PARALLEL_MIN_BYTES = 4 << 20  # weight bytes x rows below which one thread is faster (waking a worker ~50 us)
 _local = threading.local()
 
@@ -114,7 +114,7 @@ class Linear(nn.Linear):
                 and self.bias is None and available(w.dtype) and _plain(w) and w.is_contiguous()):
             n_in = x.shape[-1]
             rows = x.numel() // n_in if n_in else 0
-            if 0 < rows <= MAX_ROWS[w.dtype]:
+            if 0 < rows <= MAX_ROWS.get(w.dtype, 0):
                 with all_threads():
                     return _run(x.reshape(rows, n_in), w, None).view(*x.shape[:-1], w.shape[0])
         with all_threads():
