@@ -9,9 +9,10 @@
  * fixed cost of ~100 us per call. Here each weight is widened to float32 in SIMD registers, x stays
  * float32, and every weight is read once for all M rows (4x4 register tiles for M > 1).
  *
- * ISA: AVX-512 versions of all three, an AVX2 version of int8, and plain C for the rest; the module
- * picks at import (`ISA`). Python only uses the float kernels where `ISA == "avx512"` (plain C would
- * be slower than torch). Output rows are split across OpenMP threads; the caller passes the count.
+ * ISA: AVX-512 versions of all three and an AVX2 version of int8; the module picks at import (`ISA`:
+ * "avx512", "avx2" or "none"). Where there is no SIMD version, `linear` refuses and Python uses torch
+ * (a plain C loop would be slower than torch's kernels). Output rows are split across OpenMP
+ * threads; the caller passes the count.
  * torch's wheel ships libgomp.so.1 too and the loader reuses it by soname, so there is one OpenMP
  * runtime and one thread pool in the process.
  *
@@ -42,28 +43,6 @@ static inline float bf16_to_f32(uint16_t v) {
 
 static inline float f32_scalar(float v) { return v; }
 static inline float i8_scalar(int8_t v) { return (float)v; }
-
-/* Plain C: any CPU, any compiler. One (o, m) dot product at a time. */
-#define DEFINE_PLAIN(NAME, WTYPE, WSCALAR)                                                                     \
-    static void NAME(const void *wp, const float *scale, const float *x, float *y, int64_t o0, int64_t o1,   \
-                     int64_t in, int64_t out, int64_t M) {                                                   \
-        const WTYPE *W = (const WTYPE *)wp;                                                                  \
-        for (int64_t o = o0; o < o1; o++) {                                                                  \
-            const WTYPE *w = W + o * in;                                                                     \
-            for (int64_t m = 0; m < M; m++) {                                                                \
-                const float *xm = x + m * in;                                                                \
-                float acc = 0.0f;                                                                            \
-                for (int64_t i = 0; i < in; i++) {                                                           \
-                    acc += WSCALAR(w[i]) * xm[i];                                                            \
-                }                                                                                            \
-                y[m * out + o] = scale ? acc * scale[o] : acc;                                               \
-            }                                                                                                \
-        }                                                                                                    \
-    }
-
-DEFINE_PLAIN(f32_rows_plain, float, f32_scalar)
-DEFINE_PLAIN(bf16_rows_plain, uint16_t, bf16_to_f32)
-DEFINE_PLAIN(i8_rows_plain, int8_t, i8_scalar)
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
@@ -187,8 +166,8 @@ __attribute__((target("avx2,fma"))) static void i8_rows_avx2(const void *wp, con
 }
 #endif
 
-static rows_fn kernels[3] = {f32_rows_plain, bf16_rows_plain, i8_rows_plain};
-static const char *isa = "plain";
+static rows_fn kernels[3] = {NULL, NULL, NULL}; /* NULL: no SIMD kernel here; Python uses torch's */
+static const char *isa = "none";
 
 static void pick_kernels(void) {
 #ifdef AVIARY_X86
@@ -218,6 +197,10 @@ static PyObject *linear(PyObject *self, PyObject *args) {
         return NULL;
     }
     rows_fn fn = kernels[wtype];
+    if (fn == NULL) {
+        PyErr_Format(PyExc_RuntimeError, "linear: no kernel for weight type %d on this CPU (ISA %s)", wtype, isa);
+        return NULL;
+    }
     const void *w = (const void *)(uintptr_t)pw;
     const float *scale = (const float *)(uintptr_t)ps; /* 0: no scale */
     const float *x = (const float *)(uintptr_t)px;
@@ -261,13 +244,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     if (mod == NULL) {
         return NULL;
     }
-    if (PyModule_AddStringConstant(mod, "ISA", isa) < 0 || PyModule_AddIntConstant(mod, "OPENMP",
-#ifdef _OPENMP
-                                                                                   1
-#else
-                                                                                   0
-#endif
-                                                                                   ) < 0) {
+    if (PyModule_AddStringConstant(mod, "ISA", isa) < 0) {
         Py_DECREF(mod);
         return NULL;
     }
