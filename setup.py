@@ -1,8 +1,8 @@
 """Builds Aviary's C code; everything else about the package is in pyproject.toml.
 
 - aviary.tokenizer._trie: the World tokenizer's core (required).
-- aviary._kernels: a weight-only int8 matrix-vector kernel with OpenMP (optional: without it, or
-  without a compiler that knows -fopenmp, int8 models use torch's own kernel).
+- aviary._kernels: the decode-time matrix products for float32, bfloat16 and int8 weights, with their
+  own pthread workers on Linux (optional: without it, every product uses torch's kernels).
 """
 
 import sys
@@ -10,7 +10,7 @@ import sys
 from setuptools import Extension, setup
 
 unix = sys.platform != "win32"
-openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+pthread = ["-pthread"] if sys.platform.startswith("linux") else []
 
 setup(
     ext_modules=[
@@ -22,8 +22,8 @@ setup(
         Extension(
             "aviary._kernels",
             sources=["src/aviary/_kernels.c"],
-            extra_compile_args=(["-O3"] if unix else []) + openmp,
-            extra_link_args=openmp,
+            extra_compile_args=(["-O3"] if unix else []) + pthread,
+            extra_link_args=pthread,
             optional=True,
         ),
     ]

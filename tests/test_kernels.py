@@ -185,3 +185,164 @@ def test_new_states_are_laid_out_layer_by_layer():
         _, state = model(torch.tensor([[1, 2], [3, 4]]))
     assert all(state.wkv[:, i].is_contiguous() and state.shift[:, i].is_contiguous() for i in range(3))
     assert state.wkv.shape[:2] == (2, 3)
+
+
+# ---- input-major weights (the LoRA matrices) and `kernels.matmul` ------------------------------------
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs[d]) for d in (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (64, 768), (768, 64), (100, 130)])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_input_major_kernel_matches_reference(dtype, rows, shape, batch, threads, monkeypatch):
+    n_in, out = shape
+    g = torch.Generator().manual_seed(rows * 31 + n_in)
+    x = torch.randn(batch * rows, n_in, generator=g)
+    w = torch.randn(batch, n_in, out, generator=g).to(dtype)
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_BYTES", 0 if threads > 1 else 1 << 62)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernels._run(x, w, None, input_major=True, batch=batch)
+    finally:
+        torch.set_num_threads(before)
+    ref = torch.bmm(x.double().view(batch, rows, n_in), w.double()).reshape(batch * rows, out)
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+@needs[torch.bfloat16]
+def test_matmul_takes_the_kernel_only_where_it_should(monkeypatch):
+    calls = []
+    real = kernels._run
+    monkeypatch.setattr(kernels, "_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    w = torch.randn(32, 48)
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.matmul(x, w), x @ w)  # float32: torch's product
+        assert not calls
+        wb, xb = w.bfloat16(), x.bfloat16()
+        torch.testing.assert_close(kernels.matmul(xb, wb).float(), (xb.float() @ wb.float()), atol=0.05, rtol=0.02)
+        assert calls and kernels.matmul(xb, wb).dtype == torch.bfloat16
+        stack = torch.randn(5, 32, 48).bfloat16()
+        h = torch.randn(5, 1, 32).bfloat16()
+        torch.testing.assert_close(kernels.matmul(h, stack).float(), torch.bmm(h.float(), stack.float()),
+                                   atol=0.05, rtol=0.02)
+        calls.clear()
+        big = torch.randn(kernels.MATMUL_MAX_ROWS[torch.bfloat16] + 1, 32).bfloat16()
+        kernels.matmul(big, wb)
+        with reference_only():
+            kernels.matmul(xb, wb)
+        assert not calls
+    xg = torch.randn(2, 32, requires_grad=True)
+    kernels.matmul(xg.bfloat16(), wb).float().sum().backward()  # needs a gradient: torch's product
+    assert xg.grad is not None and not calls
+
+
+# ---- one-token WKV steps in C against the torch steps in aviary.ops ----------------------------------
+
+from aviary.ops.delta import delta_rule_step  # noqa: E402
+from aviary.ops.gla import gla_step  # noqa: E402
+
+steps_built = pytest.mark.skipif(kernels._kernels is None, reason="aviary._kernels is not built")
+
+
+def _step_inputs(B, H, K, V, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return dict(r=rnd(B, 1, H, K), k=rnd(B, 1, H, K), v=rnd(B, 1, H, V), logw=-torch.exp(rnd(B, 1, H, K)),
+                a=rnd(B, 1, H, K) * 0.2, b=rnd(B, 1, H, K) * 0.2, u=rnd(H, K), state=rnd(B, H, K, V))
+
+
+def _f64(d):
+    return {n: t.double() for n, t in d.items()}
+
+
+@steps_built
+@pytest.mark.parametrize("B,H,K,V", [(1, 1, 1, 1), (1, 12, 64, 64), (3, 2, 5, 7), (2, 3, 64, 17), (16, 4, 32, 32)])
+def test_c_wkv_steps_match_the_torch_steps(B, H, K, V):
+    d = _step_inputs(B, H, K, V, seed=B * 100 + K)
+    assert kernels.steps_available(d["state"], d["r"])
+    e = _f64(d)
+    for lw_c, lw_ref in ((d["logw"], e["logw"]), (d["logw"][:1, :, :, :], e["logw"][:1])):  # own and broadcast
+        y, S = kernels.gla_step(d["r"], d["k"], d["v"], lw_c, d["u"], d["state"])
+        y_ref, S_ref = gla_step(e["r"], e["k"], e["v"], lw_ref.expand(B, 1, H, K), e["u"], e["state"])
+        torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(S.double(), S_ref, atol=1e-5, rtol=1e-5)
+    y, S = kernels.delta_rule_step(d["r"], d["logw"], d["k"], d["v"], d["a"], d["b"], d["state"])
+    y_ref, S_ref = delta_rule_step(e["r"], e["logw"], e["k"], e["v"], e["a"], e["b"], e["state"])
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(S.double(), S_ref, atol=1e-5, rtol=1e-5)
+    assert d["state"].equal(_step_inputs(B, H, K, V, seed=B * 100 + K)["state"])  # the input state is untouched
+
+
+@steps_built
+def test_c_wkv_steps_read_strided_states_and_step_aside_when_they_should():
+    d = _step_inputs(2, 3, 8, 8, seed=5)
+    layers = torch.stack([d["state"], d["state"] * 2], dim=1)  # [B, L, ...]: layer 1's slice is strided
+    y, S = kernels.gla_step(d["r"], d["k"], d["v"], d["logw"], d["u"], layers[:, 1])
+    y_ref, S_ref = gla_step(d["r"], d["k"], d["v"], d["logw"], d["u"], layers[:, 1].contiguous())
+    torch.testing.assert_close(S, S_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    assert not kernels.steps_available(d["state"].double(), d["r"].double())
+    assert not kernels.steps_available(d["state"].requires_grad_(True), d["r"])
+    with reference_only():
+        assert not kernels.steps_available(layers, d["r"])
+
+
+# ---- the worker pool: many threads, concurrent callers, a forked child --------------------------------
+
+@needs[torch.float32]
+@pytest.mark.parametrize("threads", [3, 5])
+def test_more_threads_than_cores_still_adds_up(threads, monkeypatch):
+    x, w, _, ref = _case(torch.float32, 1000, 96, 4)
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_BYTES", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernels.linear(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@needs[torch.float32]
+def test_concurrent_callers_get_their_own_results(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_BYTES", 0)
+    cases = [_case(torch.float32, 700, 300, rows, seed=rows) for rows in (1, 2, 5, 16)]
+    errors = []
+
+    def work(case):
+        x, w, _, ref = case
+        for _ in range(50):
+            if float((kernels.linear(x, w).double() - ref).abs().max()) > 1e-5 * float(ref.abs().max()):
+                errors.append("mismatch")
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@needs[torch.float32]
+def test_a_forked_child_can_use_the_kernels(monkeypatch):
+    import multiprocessing as mp
+
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_BYTES", 0)
+    x, w, _, ref = _case(torch.float32, 500, 64, 2)
+    kernels.linear(x, w)  # the parent's workers exist now
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        y = pool.apply_async(_child_product, (x, w)).get(timeout=60)
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def _child_product(x, w):
+    torch.set_num_threads(2)
+    return kernels.linear(x, w)

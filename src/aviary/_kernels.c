@@ -1,4 +1,5 @@
-/* Matrix products for decode: a few rows of x against a large weight matrix, at memory speed.
+/* Aviary's CPU decode kernels: the matrix products of a decode step (a few rows of x against a large
+ * weight matrix, at memory speed), the one-token WKV state updates, and the worker threads they share.
  *
  *     y[m, o] = scale[o] * sum_i W[o, i] * x[m, i]      W [out, in] float32, bfloat16 or int8 (row scales),
  *                                                       x [M, in] and y [M, out] float32, scale optional
@@ -11,10 +12,8 @@
  *
  * ISA: AVX-512 versions of all three and an AVX2 version of int8; the module picks at import (`ISA`:
  * "avx512", "avx2" or "none"). Where there is no SIMD version, `linear` refuses and Python uses torch
- * (a plain C loop would be slower than torch's kernels). Output rows are split across OpenMP
- * threads; the caller passes the count.
- * torch's wheel ships libgomp.so.1 too and the loader reuses it by soname, so there is one OpenMP
- * runtime and one thread pool in the process.
+ * (a plain C loop would be slower than torch's kernels). On Linux, output rows are split across this
+ * module's own worker threads (see "threads" below); the caller passes the count.
  *
  * Called from `aviary.kernels` with raw data pointers of contiguous CPU tensors whose dtypes and
  * shapes the Python side has checked: this module trusts its arguments. The references beside it are
@@ -23,11 +22,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <stdlib.h>
 
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
 
@@ -47,6 +45,9 @@ static inline float i8_scalar(int8_t v) { return (float)v; }
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define AVIARY_X86 1
+#if defined(__linux__)
+#define AVIARY_POOL 1 /* the worker pool below (pthreads) */
+#endif
 
 /* 16 weights widened to float32. */
 #define LOAD_F32(p) _mm512_loadu_ps(p)
@@ -132,6 +133,63 @@ DEFINE_AVX512(f32_rows_avx512, float, LOAD_F32, f32_scalar)
 DEFINE_AVX512(bf16_rows_avx512, uint16_t, LOAD_BF16, bf16_to_f32)
 DEFINE_AVX512(i8_rows_avx512, int8_t, LOAD_I8, i8_scalar)
 
+/* Weights stored [in, out] ("input-major": the LoRA matrices of RWKV-6/7, used as x @ W):
+ *     y[m, o] = sum_i x[m, i] * W[i, o]
+ * Tiles of 64 outputs (4 vectors) x 4 rows of x, 16 accumulators: each step of i widens 4 weight
+ * vectors once and broadcasts one x value per row. Outputs past the last multiple of 16 take a scalar
+ * loop. */
+#define DEFINE_AVX512_T(NAME, WTYPE, WLOAD, WSCALAR)                                                            \
+    __attribute__((target("avx512f"))) static void NAME(const void *wp, const float *scale, const float *x,   \
+                                                        float *y, int64_t o0, int64_t o1, int64_t in,        \
+                                                        int64_t out, int64_t M) {                            \
+        const WTYPE *W = (const WTYPE *)wp;                                                                  \
+        (void)scale;                                                                                         \
+        int64_t o16 = o0 + (o1 - o0) / 16 * 16;                                                              \
+        for (int64_t m = 0; m < M; m += 4) {                                                                 \
+            int rows = M - m < 4 ? (int)(M - m) : 4;                                                         \
+            for (int64_t o = o0; o < o16; o += 64) {                                                         \
+                int nv = (int)((o16 - o) / 16 < 4 ? (o16 - o) / 16 : 4);                                     \
+                __m512 c[4][4];                                                                              \
+                for (int r = 0; r < 4; r++)                                                                  \
+                    for (int j = 0; j < 4; j++) c[r][j] = _mm512_setzero_ps();                               \
+                if (nv == 4 && rows == 4) {                                                                  \
+                    for (int64_t i = 0; i < in; i++) {                                                       \
+                        const WTYPE *wi = W + i * out + o;                                                   \
+                        __m512 b0 = WLOAD(wi), b1 = WLOAD(wi + 16), b2 = WLOAD(wi + 32), b3 = WLOAD(wi + 48); \
+                        for (int r = 0; r < 4; r++) {                                                        \
+                            __m512 a = _mm512_set1_ps(x[(m + r) * in + i]);                                  \
+                            c[r][0] = _mm512_fmadd_ps(a, b0, c[r][0]);                                       \
+                            c[r][1] = _mm512_fmadd_ps(a, b1, c[r][1]);                                       \
+                            c[r][2] = _mm512_fmadd_ps(a, b2, c[r][2]);                                       \
+                            c[r][3] = _mm512_fmadd_ps(a, b3, c[r][3]);                                       \
+                        }                                                                                    \
+                    }                                                                                        \
+                } else {                                                                                     \
+                    for (int64_t i = 0; i < in; i++) {                                                       \
+                        const WTYPE *wi = W + i * out + o;                                                   \
+                        for (int j = 0; j < nv; j++) {                                                       \
+                            __m512 b = WLOAD(wi + 16 * j);                                                   \
+                            for (int r = 0; r < rows; r++)                                                   \
+                                c[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(x[(m + r) * in + i]), b, c[r][j]);  \
+                        }                                                                                    \
+                    }                                                                                        \
+                }                                                                                            \
+                for (int r = 0; r < rows; r++)                                                               \
+                    for (int j = 0; j < nv; j++) _mm512_storeu_ps(y + (m + r) * out + o + 16 * j, c[r][j]);  \
+            }                                                                                                \
+            for (int64_t o = o16; o < o1; o++) {                                                             \
+                for (int r = 0; r < rows; r++) {                                                             \
+                    float s = 0.0f;                                                                          \
+                    for (int64_t i = 0; i < in; i++) s += x[(m + r) * in + i] * WSCALAR(W[i * out + o]);      \
+                    y[(m + r) * out + o] = s;                                                                \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+DEFINE_AVX512_T(f32_t_rows_avx512, float, LOAD_F32, f32_scalar)
+DEFINE_AVX512_T(bf16_t_rows_avx512, uint16_t, LOAD_BF16, bf16_to_f32)
+
 /* AVX2 + FMA, int8 only: 32 weights per iteration, one (o, m) dot product at a time. */
 __attribute__((target("avx2,fma"))) static void i8_rows_avx2(const void *wp, const float *scale, const float *x,
                                                             float *y, int64_t o0, int64_t o1, int64_t in,
@@ -166,7 +224,8 @@ __attribute__((target("avx2,fma"))) static void i8_rows_avx2(const void *wp, con
 }
 #endif
 
-static rows_fn kernels[3] = {NULL, NULL, NULL}; /* NULL: no SIMD kernel here; Python uses torch's */
+static rows_fn kernels[3] = {NULL, NULL, NULL};  /* W [out, in]; NULL: no SIMD kernel here, Python uses torch's */
+static rows_fn kernels_t[3] = {NULL, NULL, NULL}; /* W [in, out] (no int8 version) */
 static const char *isa = "none";
 
 static void pick_kernels(void) {
@@ -176,6 +235,8 @@ static void pick_kernels(void) {
         kernels[W_F32] = f32_rows_avx512;
         kernels[W_BF16] = bf16_rows_avx512;
         kernels[W_I8] = i8_rows_avx512;
+        kernels_t[W_F32] = f32_t_rows_avx512;
+        kernels_t[W_BF16] = bf16_t_rows_avx512;
         isa = "avx512";
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         kernels[W_I8] = i8_rows_avx2;
@@ -184,54 +245,340 @@ static void pick_kernels(void) {
 #endif
 }
 
+/* ---- threads -------------------------------------------------------------------------------------
+ * The products of a decode step come every ~20-400 us, with one-thread small ops in between. An OpenMP
+ * (torch's thread pool) parallel region under OMP_WAIT_POLICY=PASSIVE (which Aviary's CLI sets) wakes a sleeping worker each
+ * time, ~50 us: 3-4 ms of a 32 ms RWKV-7 step, and it kept 768x768 products on one thread. These
+ * workers instead wait for the next product by spinning for SPIN_NS after each one (first with
+ * `pause`, then yielding the core to anything else runnable), and only then sleep on a condition
+ * variable. So a decode step keeps its helpers awake and the machine gets its cores back within
+ * SPIN_NS of the last product. One caller at a time uses the pool; a second concurrent caller (another
+ * Python thread) runs its product on its own thread. Workers are created on first use, up to the
+ * requested count, and forgotten in a forked child (which has none). */
+#ifdef AVIARY_POOL
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+
+#define MAX_THREADS 256
+#define SPIN_NS 300000 /* 0.3 ms: longer than most gaps between the products of a decode step */
+#define PAUSE_NS 20000 /* of which the first 20 us spin on `pause` without yielding */
+
+/* A parallel job: run(ctx, lo, hi) over [0, n), split into blocks of `align` items per thread. */
+typedef struct {
+    void (*run)(const void *ctx, int64_t lo, int64_t hi);
+    const void *ctx;
+    int64_t n, align, chunk;
+} task_t;
+
+typedef struct {
+    _Alignas(64) atomic_uint go; /* the task number this worker should run */
+    atomic_uint done;            /* the last task number it finished */
+    atomic_int sleeping;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} worker_t;
+
+static task_t pool_task;
+static worker_t *pool_workers[MAX_THREADS];
+static int pool_size;      /* workers started (the caller is thread 0 and is not one of them) */
+static unsigned pool_gen;  /* task number, written by the pool's holder only */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void run_chunk(const task_t *t, int64_t part) {
+    int64_t lo = part * t->chunk, hi = lo + t->chunk < t->n ? lo + t->chunk : t->n;
+    if (lo < hi) {
+        t->run(t->ctx, lo, hi);
+    }
+}
+
+typedef struct {
+    worker_t *me;
+    int64_t part;
+} worker_arg_t;
+
+static void *worker_main(void *arg) {
+    worker_t *me = ((worker_arg_t *)arg)->me;
+    int64_t part = ((worker_arg_t *)arg)->part;
+    free(arg);
+    unsigned seen = atomic_load(&me->done);
+    for (;;) {
+        unsigned g = atomic_load_explicit(&me->go, memory_order_acquire);
+        if (g == seen) {
+            int64_t start = now_ns(), spun = 0;
+            while ((g = atomic_load_explicit(&me->go, memory_order_acquire)) == seen && spun < SPIN_NS) {
+                if (spun < PAUSE_NS) {
+                    for (int i = 0; i < 64; i++) _mm_pause();
+                } else {
+                    sched_yield();
+                }
+                spun = now_ns() - start;
+            }
+            if (g == seen) { /* asleep until the next product (see pool_run for the handshake) */
+                pthread_mutex_lock(&me->mu);
+                atomic_store(&me->sleeping, 1);
+                while ((g = atomic_load(&me->go)) == seen) pthread_cond_wait(&me->cv, &me->mu);
+                atomic_store(&me->sleeping, 0);
+                pthread_mutex_unlock(&me->mu);
+            }
+        }
+        run_chunk(&pool_task, part);
+        seen = g;
+        atomic_store_explicit(&me->done, g, memory_order_release);
+    }
+    return NULL;
+}
+
+static void pool_forget(void) { /* in a forked child: the workers did not come along */
+    pool_size = 0;
+    pthread_mutex_init(&pool_mu, NULL);
+}
+
+/* Start workers up to n - 1; returns the thread count available (>= 1). Caller holds pool_mu. */
+static int pool_grow(int n) {
+    static int registered = 0;
+    if (!registered) {
+        pthread_atfork(NULL, NULL, pool_forget);
+        registered = 1;
+    }
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    while (pool_size < n - 1) {
+        worker_t *w = calloc(1, sizeof *w);
+        worker_arg_t *a = malloc(sizeof *a);
+        pthread_t th;
+        pthread_attr_t attr;
+        if (w == NULL || a == NULL) {
+            free(w);
+            free(a);
+            break;
+        }
+        pthread_mutex_init(&w->mu, NULL);
+        pthread_cond_init(&w->cv, NULL);
+        atomic_store(&w->go, pool_gen);
+        atomic_store(&w->done, pool_gen);
+        a->me = w;
+        a->part = pool_size + 1;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int err = pthread_create(&th, &attr, worker_main, a);
+        pthread_attr_destroy(&attr);
+        if (err != 0) {
+            free(w);
+            free(a);
+            break;
+        }
+        pool_workers[pool_size++] = w;
+    }
+    return pool_size + 1 < n ? pool_size + 1 : n;
+}
+
+/* Run t on n threads (the caller's and n - 1 workers); t->chunk is set here. */
+static void pool_run(task_t *t, int n) {
+    if (n <= 1 || pthread_mutex_trylock(&pool_mu) != 0) { /* busy: another thread has the pool */
+        t->chunk = t->n;
+        run_chunk(t, 0);
+        return;
+    }
+    n = pool_grow(n);
+    t->chunk = ((t->n + n - 1) / n + t->align - 1) / t->align * t->align;
+    pool_task = *t;
+    unsigned g = ++pool_gen;
+    int used = 0;
+    for (int i = 0; i + 1 < n && (i + 1) * t->chunk < t->n; i++, used++) {
+        worker_t *w = pool_workers[i];
+        atomic_store_explicit(&w->go, g, memory_order_seq_cst);
+        if (atomic_load(&w->sleeping)) { /* it set `sleeping` before its last look at `go`, under mu */
+            pthread_mutex_lock(&w->mu);
+            pthread_cond_signal(&w->cv);
+            pthread_mutex_unlock(&w->mu);
+        }
+    }
+    run_chunk(&pool_task, 0);
+    for (int i = 0; i < used; i++) {
+        while (atomic_load_explicit(&pool_workers[i]->done, memory_order_acquire) != g) _mm_pause();
+    }
+    pthread_mutex_unlock(&pool_mu);
+}
+#endif
+
+/* Run job(ctx, 0, n) on `threads` threads in blocks of `align` (one thread without the pool). */
+static void parallel(void (*job)(const void *, int64_t, int64_t), const void *ctx, int64_t n, int64_t align,
+                     int threads) {
+#ifdef AVIARY_POOL
+    task_t t = {job, ctx, n, align, n};
+    pool_run(&t, threads);
+#else
+    (void)align;
+    (void)threads;
+    job(ctx, 0, n);
+#endif
+}
+
+typedef struct {
+    rows_fn fn;
+    const void *w;
+    const float *scale, *x;
+    float *y;
+    int64_t in, out, M;
+} linear_args;
+
+static void linear_job(const void *ctx, int64_t o0, int64_t o1) {
+    const linear_args *a = ctx;
+    a->fn(a->w, a->scale, a->x, a->y, o0, o1, a->in, a->out, a->M);
+}
+
 static PyObject *linear(PyObject *self, PyObject *args) {
     unsigned long long pw, ps, px, py;
-    long long in, out, M;
-    int threads, wtype;
+    long long in, out, M, batch = 1;
+    int threads, wtype, input_major = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKKLLLii", &pw, &ps, &px, &py, &in, &out, &M, &threads, &wtype)) {
+    if (!PyArg_ParseTuple(args, "KKKKLLLii|pL", &pw, &ps, &px, &py, &in, &out, &M, &threads, &wtype, &input_major,
+                          &batch)) {
         return NULL;
     }
-    if (wtype < 0 || wtype > 2 || in < 0 || out < 0 || M < 0) {
+    if (wtype < 0 || wtype > 2 || in < 0 || out < 0 || M < 0 || batch < 0) {
         PyErr_SetString(PyExc_ValueError, "linear: bad weight type or size");
         return NULL;
     }
-    rows_fn fn = kernels[wtype];
+    rows_fn fn = (input_major ? kernels_t : kernels)[wtype];
     if (fn == NULL) {
-        PyErr_Format(PyExc_RuntimeError, "linear: no kernel for weight type %d on this CPU (ISA %s)", wtype, isa);
+        PyErr_Format(PyExc_RuntimeError, "linear: no %s kernel for weight type %d on this CPU (ISA %s)",
+                     input_major ? "input-major" : "output-major", wtype, isa);
         return NULL;
     }
-    const void *w = (const void *)(uintptr_t)pw;
+    static const int64_t wsize[3] = {4, 2, 1};
+    const char *w = (const char *)(uintptr_t)pw;
     const float *scale = (const float *)(uintptr_t)ps; /* 0: no scale */
     const float *x = (const float *)(uintptr_t)px;
     float *y = (float *)(uintptr_t)py;
     Py_BEGIN_ALLOW_THREADS
-#ifdef _OPENMP
-    if (threads > 1 && out >= 64) {
-#pragma omp parallel num_threads(threads)
-        {
-            int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-            int64_t chunk = ((out + n - 1) / n + 15) / 16 * 16; /* whole 16-row blocks per thread */
-            int64_t o0 = t * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
-            if (o0 < o1) {
-                fn(w, scale, x, y, o0, o1, in, out, M);
+    for (int64_t b = 0; b < batch; b++) { /* batch: [batch, M, in] x [batch, W] -> [batch, M, out] */
+        const char *wb = w + b * in * out * wsize[wtype];
+        const float *xb = x + b * M * in, *sb = scale ? scale + b * out : NULL;
+        float *yb = y + b * M * out;
+        linear_args a = {fn, wb, sb, xb, yb, in, out, M};
+        parallel(linear_job, &a, out, 16, out >= 64 ? threads : 1); /* whole 16-row blocks per thread */
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---- one-token WKV steps --------------------------------------------------------------------------
+ * The state update of a decode step, per (batch, head) pair, with the state read once and written
+ * once (the torch forms in aviary/ops read and write it several times, which dominates a batch-16
+ * step: 3 MB of state per layer). All float32; S [K, V] per pair (row k = key channel); S_out may be
+ * S_in (the update reads each pair's block before writing it). References: aviary.ops.gla.gla_step and
+ * aviary.ops.delta.delta_rule_step (tests/test_kernels.py compares).
+ *
+ *   gla:   y[v] = sum_k r[k] S[k, v] + (sum_k r[k] u[k] k[k]) v[v]          (u: the per-head bonus)
+ *          S'[k, v] = exp(logw[k]) S[k, v] + k[k] v[v]
+ *   delta: aS[v] = sum_k a[k] S[k, v]
+ *          S'[k, v] = exp(logw[k]) S[k, v] + b[k] aS[v] + k[k] v[v];   y[v] = sum_k r[k] S'[k, v]
+ * Plain C loops over v (contiguous), which the compiler vectorises; target_clones builds an AVX-512,
+ * an AVX2 and a baseline version and picks one at load. */
+typedef struct {
+    const float *r, *k, *v, *logw, *u, *a, *b, *S_in;
+    float *S_out, *y;
+    int64_t H, K, V;
+} wkv_args;
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+MULTIVERSION static void gla_job(const void *ctx, int64_t lo, int64_t hi) {
+    const wkv_args *p = ctx;
+    const int64_t K = p->K, V = p->V;
+    for (int64_t bh = lo; bh < hi; bh++) {
+        const float *r = p->r + bh * K, *k = p->k + bh * K, *lw = p->logw + bh * K, *u = p->u + (bh % p->H) * K;
+        const float *v = p->v + bh * V, *S = p->S_in + bh * K * V;
+        float *So = p->S_out + bh * K * V, *y = p->y + bh * V;
+        float bonus = 0.0f;
+        for (int64_t i = 0; i < K; i++) bonus += r[i] * u[i] * k[i];
+        for (int64_t j = 0; j < V; j++) y[j] = bonus * v[j];
+        for (int64_t i = 0; i < K; i++) {
+            const float ri = r[i], wi = expf(lw[i]), ki = k[i];
+            const float *row = S + i * V;
+            float *out = So + i * V;
+            for (int64_t j = 0; j < V; j++) {
+                float sj = row[j];
+                y[j] += ri * sj;
+                out[j] = wi * sj + ki * v[j];
             }
         }
-    } else {
-        fn(w, scale, x, y, 0, out, in, out, M);
     }
-#else
-    (void)threads;
-    fn(w, scale, x, y, 0, out, in, out, M);
-#endif
+}
+
+MULTIVERSION static void delta_job(const void *ctx, int64_t lo, int64_t hi) {
+    const wkv_args *p = ctx;
+    const int64_t K = p->K, V = p->V;
+    float aS[1024]; /* V <= 1024, checked by the caller */
+    for (int64_t bh = lo; bh < hi; bh++) {
+        const float *r = p->r + bh * K, *k = p->k + bh * K, *lw = p->logw + bh * K, *a = p->a + bh * K;
+        const float *b = p->b + bh * K, *v = p->v + bh * V, *S = p->S_in + bh * K * V;
+        float *So = p->S_out + bh * K * V, *y = p->y + bh * V;
+        for (int64_t j = 0; j < V; j++) aS[j] = 0.0f;
+        for (int64_t i = 0; i < K; i++) {
+            const float ai = a[i], *row = S + i * V;
+            for (int64_t j = 0; j < V; j++) aS[j] += ai * row[j];
+        }
+        for (int64_t j = 0; j < V; j++) y[j] = 0.0f;
+        for (int64_t i = 0; i < K; i++) {
+            const float ri = r[i], wi = expf(lw[i]), bi = b[i], ki = k[i];
+            const float *row = S + i * V;
+            float *out = So + i * V;
+            for (int64_t j = 0; j < V; j++) {
+                float sj = wi * row[j] + bi * aS[j] + ki * v[j];
+                out[j] = sj;
+                y[j] += ri * sj;
+            }
+        }
+    }
+}
+
+/* wkv_step(kind, r, k, v, logw, u_or_a, b, S_in, S_out, y, BH, H, K, V, threads): kind 0 = gla, 1 = delta. */
+static PyObject *wkv_step(PyObject *self, PyObject *args) {
+    int kind, threads;
+    unsigned long long pr, pk, pv, pw, pu, pb, psi, pso, py;
+    long long BH, H, K, V;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKKKKKKKKLLLLi", &kind, &pr, &pk, &pv, &pw, &pu, &pb, &psi, &pso, &py, &BH, &H, &K,
+                          &V, &threads)) {
+        return NULL;
+    }
+    if (kind < 0 || kind > 1 || BH < 0 || H <= 0 || K < 0 || V < 0 || V > 1024) {
+        PyErr_SetString(PyExc_ValueError, "wkv_step: bad kind or size (head sizes up to 1024)");
+        return NULL;
+    }
+#define PTR(p) ((const float *)(uintptr_t)(p))
+    wkv_args a = {PTR(pr), PTR(pk), PTR(pv), PTR(pw), kind == 0 ? PTR(pu) : NULL, kind == 1 ? PTR(pu) : NULL,
+                  PTR(pb), PTR(psi), (float *)(uintptr_t)pso, (float *)(uintptr_t)py, H, K, V};
+#undef PTR
+    Py_BEGIN_ALLOW_THREADS
+    parallel(kind == 0 ? gla_job : delta_job, &a, BH, 1, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"linear", linear, METH_VARARGS,
-     "linear(w_ptr, scale_ptr_or_0, x_ptr, y_ptr, in, out, M, threads, wtype): y[M, out] = x W^T (* scale);\n"
-     "wtype 0 = float32, 1 = bfloat16, 2 = int8. Raw pointers to contiguous CPU buffers."},
+     "linear(w_ptr, scale_ptr_or_0, x_ptr, y_ptr, in, out, M, threads, wtype, input_major=False, batch=1):\n"
+     "y[M, out] = x W^T (* scale) for W [out, in], or x W for W [in, out] when input_major (float weights);\n"
+     "wtype 0 = float32, 1 = bfloat16, 2 = int8. Raw pointers to contiguous CPU buffers; batch > 1 runs\n"
+     "that many such products on consecutive x, W, scale and y blocks."},
+    {"wkv_step", wkv_step, METH_VARARGS,
+     "wkv_step(kind, r, k, v, logw, u_or_a, b, S_in, S_out, y, BH, H, K, V, threads): one-token WKV step,\n"
+     "kind 0 = gla (RWKV-5/6: u [H, K], b unused), 1 = delta rule (RWKV-7: a and b [BH, K]). Raw pointers\n"
+     "to contiguous float32 CPU buffers; S_out may equal S_in."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -5,8 +5,9 @@ ops on vectors of a few hundred numbers. torch parallelises some of the small on
 bmm, group norm), and each parallel region wakes the sleeping worker threads: with
 OMP_WAIT_POLICY=PASSIVE (which `aviary` sets, because spinning workers are ruinous on a shared CPU)
 that wake costs tens of microseconds, about 10 ms of a 45 ms RWKV-7 step on the 2-core test machine.
-Inside `small_ops_on_one_thread()` torch runs on one thread, and the big products (`kernels.Linear`,
-`Int8Linear`) step back up to the full count inside `all_threads()`.
+Inside `small_ops_on_one_thread()` torch runs on one thread. The big products step back up to the full
+count: Aviary's C kernels ask `full_count()` (they have their own worker threads, `aviary/_kernels.c`),
+and a product that falls back to torch runs inside `all_threads()`.
 
 torch's thread count is process-wide, so two Python threads running models at the same time would
 share these settings; Aviary's server runs every model step on one thread.
@@ -36,6 +37,12 @@ def small_ops_on_one_thread():
     finally:
         torch.set_num_threads(n)
         _local.threads = None
+
+
+def full_count() -> int:
+    """The thread count the big products should use: the remembered one inside
+    `small_ops_on_one_thread`, torch's current one elsewhere."""
+    return getattr(_local, "threads", None) or torch.get_num_threads()
 
 
 class all_threads:  # noqa: N801 - used like a function: `with all_threads():`

@@ -1,4 +1,4 @@
-"""Decode-time matrix products: Aviary's C kernels (`_kernels.c`) behind a drop-in `nn.Linear`.
+"""Aviary's C decode kernels (`_kernels.c`): matrix products behind a drop-in `nn.Linear`, and WKV steps.
 
 A decode step multiplies one row of activations (or the batch's few rows) by every weight matrix of
 the model, so its speed is how fast the weights stream from memory. torch's CPU kernels leave a lot of
@@ -17,6 +17,15 @@ needed) and `F.linear`, the reference, otherwise. bfloat16 stops at 2 rows: past
 matmul (which uses the CPU's bf16 dot-product instructions) wins. int8 weights reach the same kernel
 from `aviary.quant.Int8Linear` (up to its KERNEL_MAX_ROWS rows).
 
+`matmul` does the same for the small LoRA matrices, which are stored [in, out] (bfloat16 only: torch's
+float32 product is as fast there). `gla_step` and `delta_rule_step` are the one-token WKV updates of
+RWKV-5/6 and RWKV-7 with the state read and written once; `aviary.ops` sends float32 decode steps to
+them and keeps its torch steps as the reference.
+
+The products and steps run on the module's own worker threads, which stay awake for a fraction of a
+millisecond after each call, so the ~75 products of a decode step do not each pay to wake a sleeping
+OpenMP thread (see the "threads" section of `_kernels.c`).
+
 `reference_only()` turns the kernels off, for tests and benchmarks that compare.
 """
 
@@ -29,18 +38,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary._threads import all_threads
+from aviary._threads import all_threads, full_count
 
 try:  # built by setup.py; optional (no compiler, or not x86): everything falls back to torch
     from aviary import _kernels
 except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 
-__all__ = ["Linear", "available", "linear", "reference_only"]
+__all__ = ["Linear", "available", "delta_rule_step", "gla_step", "linear", "matmul", "reference_only",
+           "steps_available"]
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}  # beyond: torch's matmul (faster there)
-PARALLEL_MIN_BYTES = 4 << 20  # weight bytes x rows below which one thread is faster (waking a worker ~50 us)
+# `matmul` (small [in, out] LoRA weights, in cache): torch's float32 product is as fast as the kernel
+# plus its Python overhead, its bfloat16 one is ~5 us slower per call up to 8 rows
+MATMUL_MAX_ROWS = {torch.bfloat16: 8}
+PARALLEL_MIN_BYTES = 1 << 20  # weight bytes x rows below which one thread is faster
 _local = threading.local()
 
 
@@ -85,15 +98,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     return _run(x, weight, scale)
 
 
-def _run(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """`linear` without the argument checks (for callers that have made them)."""
+def _run(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, input_major: bool = False,
+         batch: int = 1) -> torch.Tensor:
+    """`linear` without the argument checks (for callers that have made them). x [batch * M, in]; weight
+    [batch, out, in] ([batch, in, out] if input_major) -> [batch * M, out]."""
     x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-    M, (out, n_in) = x32.shape[0], weight.shape
-    y = torch.empty(M, out, dtype=torch.float32)
-    big = weight.numel() * weight.element_size() * M >= PARALLEL_MIN_BYTES
+    n_in, out = weight.shape[-2:] if input_major else weight.shape[-1:-3:-1]
+    M = x32.shape[0] // batch
+    y = torch.empty(batch * M, out, dtype=torch.float32)
+    big = n_in * out * weight.element_size() * M >= PARALLEL_MIN_BYTES
     _kernels.linear(weight.data_ptr(), 0 if scale is None else scale.data_ptr(), x32.data_ptr(), y.data_ptr(),
-                    n_in, out, M, torch.get_num_threads() if big else 1, _WTYPE[weight.dtype])
+                    n_in, out, M, full_count() if big else 1, _WTYPE[weight.dtype], input_major, batch)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _decode_sized(x: torch.Tensor, w: torch.Tensor, rows: int, max_rows: dict = MAX_ROWS) -> bool:
+    """Whether x times w can take the C kernel: CPU, no gradient wanted, plain contiguous float weights
+    this CPU has a kernel for, and at most max_rows[dtype] rows."""
+    return (x.device.type == "cpu" and 0 < rows <= max_rows.get(w.dtype, 0) and available(w.dtype)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and _plain(w) and w.is_contiguous())
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`x @ w` for a weight stored [in, out] (RWKV's LoRA matrices), by the C kernel for decode-sized inputs.
+
+    w [in, out] with x [..., in] -> [..., out]; or a stack w [F, in, out] with x [F, M, in] -> [F, M, out].
+    Anything the kernel does not take (float32 weights, gradients, GPU, more than MATMUL_MAX_ROWS rows;
+    see `Linear`) is `torch.matmul`."""
+    n_in = w.shape[-2]
+    if x.shape[-1] != n_in or w.dim() not in (2, 3) or (w.dim() == 3 and (x.dim() != 3 or x.shape[0] != w.shape[0])):
+        return x @ w  # torch's error (or broadcasting) for anything else
+    batch = w.shape[0] if w.dim() == 3 else 1
+    rows = x.numel() // (n_in * batch) if n_in else 0
+    if _decode_sized(x, w, rows, MATMUL_MAX_ROWS):
+        y = _run(x.reshape(batch * rows, n_in), w, None, input_major=True, batch=batch)
+        return y.view(*x.shape[:-1], w.shape[-1])
+    with all_threads():
+        return x @ w
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -109,13 +151,55 @@ class Linear(nn.Linear):
     threads even inside a decode step's one-thread region (`aviary._threads`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and self.bias is None and available(w.dtype) and _plain(w) and w.is_contiguous()):
-            n_in = x.shape[-1]
-            rows = x.numel() // n_in if n_in else 0
-            if 0 < rows <= MAX_ROWS.get(w.dtype, 0):
-                with all_threads():
-                    return _run(x.reshape(rows, n_in), w, None).view(*x.shape[:-1], w.shape[0])
+        w, n_in = self.weight, x.shape[-1]
+        rows = x.numel() // n_in if n_in else 0
+        if self.bias is None and _decode_sized(x, w, rows):
+            return _run(x.reshape(rows, n_in), w, None).view(*x.shape[:-1], w.shape[0])
         with all_threads():
             return F.linear(x, w, self.bias)
+
+
+# ---- one-token WKV steps ----------------------------------------------------------------------------
+
+STEP_MAX_HEAD = 1024  # the C step keeps one [V] row on the stack
+PARALLEL_STEP_NUMEL = 1 << 16  # state numbers below which one thread is faster (a batch-1 state is 2^17..)
+
+
+def steps_available(state: torch.Tensor, *xs: torch.Tensor) -> bool:
+    """Whether the C WKV step can run this one-token update: float32 CPU tensors that need no gradient."""
+    if _kernels is None or getattr(_local, "off", False) or state.shape[-1] > STEP_MAX_HEAD:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and _plain(t) and not (grad and t.requires_grad)
+               for t in (state, *xs))
+
+
+def _rows(t: torch.Tensor, B: int, H: int) -> torch.Tensor:
+    """[B or 1, 1, H or 1, D] -> contiguous [B, H, D] (broadcast dimensions expanded)."""
+    return t.expand(B, 1, H, t.shape[-1]).reshape(B, H, t.shape[-1]).contiguous()
+
+
+def _step(kind: int, r, k, v, logw, ua, b, state):
+    B, H, K, V = state.shape
+    S = state.contiguous()
+    S_out = torch.empty_like(S)
+    y = torch.empty(B, 1, H, V, dtype=torch.float32)
+    r, k, v, logw = _rows(r, B, H), _rows(k, B, H), _rows(v, B, H), _rows(logw, B, H)
+    ua = ua.contiguous() if kind == 0 else _rows(ua, B, H)
+    b = _rows(b, B, H) if b is not None else r
+    threads = full_count() if S.numel() >= PARALLEL_STEP_NUMEL else 1
+    _kernels.wkv_step(kind, r.data_ptr(), k.data_ptr(), v.data_ptr(), logw.data_ptr(), ua.data_ptr(), b.data_ptr(),
+                      S.data_ptr(), S_out.data_ptr(), y.data_ptr(), B * H, H, K, V, threads)
+    return y, S_out
+
+
+def gla_step(r, k, v, logw, u, state):
+    """`aviary.ops.gla.gla_step` (RWKV-5/6, one token) in C: r, k, logw [B, 1, H, K] (logw may broadcast
+    over B), v [B, 1, H, V], u [H, K], state [B, H, K, V] -> (y [B, 1, H, V], new state). Check
+    `steps_available` first."""
+    return _step(0, r, k, v, logw, u, None, state)
+
+
+def delta_rule_step(r, logw, k, v, a, b, state):
+    """`aviary.ops.delta.delta_rule_step` (RWKV-7, one token) in C; same arguments and results."""
+    return _step(1, r, k, v, logw, a, b, state)

@@ -97,13 +97,14 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         small = x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS
-        with all_threads():
-            if small and self.kernel == "aviary" and kernels.available(torch.int8):
-                y = kernels._run(x2, self.weight_int8, self.scale)  # buffers are contiguous CPU int8/fp32
-            elif small and self.kernel == "int8pack":
-                y = int8_linear_kernel(x2, self.weight_int8, self.scale_bf16)
-            else:
-                y = int8_linear_reference(x2, self.weight_int8, self.scale)
+        if small and self.kernel == "aviary" and kernels.available(torch.int8):
+            y = kernels._run(x2, self.weight_int8, self.scale)  # buffers are contiguous CPU int8/fp32
+        else:
+            with all_threads():
+                if small and self.kernel == "int8pack":
+                    y = int8_linear_kernel(x2, self.weight_int8, self.scale_bf16)
+                else:
+                    y = int8_linear_reference(x2, self.weight_int8, self.scale)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aviary.config import ModelConfig
-from aviary.kernels import Linear
+from aviary.kernels import Linear, matmul
 from aviary.model.rwkv import group_norm
 from aviary.model.v5 import empty_wkv, wkv_shape
 from aviary.ops import gla
@@ -56,8 +56,8 @@ class TimeMix(nn.Module):
         H, N = self.time_faaaa.shape
         xx = sx - x  # [B, T, C]
         xxx = x + xx * self.time_maa_x
-        h = torch.tanh(xxx @ self.time_maa_w1).view(B, T, 5, -1)  # [B, T, 5, D]
-        mw, mk, mv, mr, mg = torch.einsum("btfd,fdc->fbtc", h, self.time_maa_w2)  # each [B, T, C]
+        h = torch.tanh(matmul(xxx, self.time_maa_w1)).view(B * T, 5, -1).transpose(0, 1)  # [5, B*T, D]
+        mw, mk, mv, mr, mg = matmul(h.contiguous(), self.time_maa_w2).view(5, B, T, C)  # each [B, T, C]
         xw = x + xx * (self.time_maa_w + mw)
         xk = x + xx * (self.time_maa_k + mk)
         xv = x + xx * (self.time_maa_v + mv)
@@ -67,7 +67,7 @@ class TimeMix(nn.Module):
         k = self.key(xk).view(B, T, H, N).float()
         v = self.value(xv).view(B, T, H, N).float()
         g = F.silu(self.gate(xg))  # [B, T, C]
-        wlog = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # [B, T, C]
+        wlog = self.time_decay + matmul(torch.tanh(matmul(xw, self.time_decay_w1)), self.time_decay_w2)  # [B, T, C]
         logw = -torch.exp(wlog.float()).view(B, T, H, N)
         y, wkv = gla(r, k, v, logw, self.time_faaaa.float(), wkv, backend=backend)
         y = group_norm(y.reshape(B, T, C), self.ln_x.weight, self.ln_x.bias, H)

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aviary.config import ModelConfig
-from aviary.kernels import Linear
+from aviary.kernels import Linear, matmul
 from aviary.model.rwkv import group_norm
 from aviary.model.v5 import empty_wkv, wkv_shape
 from aviary.ops import delta_rule
@@ -66,14 +66,14 @@ class TimeMix(nn.Module):
         r = self.receptance(xr)  # [B, T, C]
         k = self.key(xk)
         v = self.value(xv)
-        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # [B, T, C], pre-clamp decay
+        w = self.w0 + matmul(torch.tanh(matmul(xw, self.w1)), self.w2)  # [B, T, C], pre-clamp decay
         logw = -DECAY_SCALE * torch.sigmoid(w.float())  # log decay in (-0.607, 0)
         if self.layer_id == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # [B, T, C]
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + matmul(matmul(xv, self.v1), self.v2))
+        a = torch.sigmoid(self.a0 + matmul(matmul(xa, self.a1), self.a2))  # [B, T, C]
+        g = matmul(torch.sigmoid(matmul(xg, self.g1)), self.g2)
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)  # [B, T, H, N]
         k = k * (1 + (a - 1) * self.k_a)
 

@@ -20,6 +20,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from aviary import kernels
 from aviary._threads import all_threads
 from aviary.ops._dispatch import PARALLEL_STATE_NUMEL, pick
 
@@ -124,6 +125,8 @@ def delta_rule(r, logw, k, v, a, b, state, *, backend: str = "chunked"):
     """Generalised delta rule. Returns (y [B, T, H, V], state [B, H, K, V]). One token takes the fused
     `delta_rule_step` whatever the backend (tests compare it with the reference loop)."""
     if r.shape[1] == 1:
+        if kernels.steps_available(state, r, logw, k, v, a, b):
+            return kernels.delta_rule_step(r, logw, k, v, a, b, state)
         with all_threads() if state.numel() >= PARALLEL_STATE_NUMEL else nullcontext():
             return delta_rule_step(r, logw, k, v, a, b, state)
     return pick("delta_rule", BACKENDS, backend)(r, logw, k, v, a, b, state)

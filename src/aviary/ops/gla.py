@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from aviary import kernels
 from aviary._threads import all_threads
 from aviary.ops._dispatch import PARALLEL_STATE_NUMEL, pick
 
@@ -100,6 +101,8 @@ def gla(r, k, v, logw, u, state, *, backend: str = "chunked"):
     """Gated linear attention with bonus. Returns (y [B, T, H, V], state [B, H, K, V]). One token takes
     the fused `gla_step` whatever the backend (tests compare it with the reference loop)."""
     if r.shape[1] == 1:
+        if kernels.steps_available(state, r, k, v, logw, u):
+            return kernels.gla_step(r, k, v, logw, u, state)
         with all_threads() if state.numel() >= PARALLEL_STATE_NUMEL else nullcontext():
             return gla_step(r, k, v, logw, u, state)
     return pick("gla", BACKENDS, backend)(r, k, v, logw, u, state)
