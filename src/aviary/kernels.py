@@ -52,8 +52,8 @@ _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}  # beyond: torch's matmul (faster there)
 # `matmul` (small [in, out] LoRA weights, in cache): torch's float32 product is as fast as the kernel
 # plus its Python overhead, its bfloat16 one is ~5 us slower per call up to 8 rows
-MATMUL_MAX_ROWS = {torch.bfloat16: 8}
-PARALLEL_MIN_BYTES = 1 << 20  # weight bytes x rows below which one thread is faster
+MATMUL_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
+PARALLEL_MIN_BYTES = 1 << 16  # weight bytes x rows below which one thread is faster
 _local = threading.local()
 
 
@@ -179,10 +179,13 @@ def _rows(t: torch.Tensor, B: int, H: int) -> torch.Tensor:
     return t.expand(B, 1, H, t.shape[-1]).reshape(B, H, t.shape[-1]).contiguous()
 
 
-def _step(kind: int, r, k, v, logw, ua, b, state):
+def _step(kind: int, r, k, v, logw, ua, b, state, out):
     B, H, K, V = state.shape
     S = state.contiguous()
-    S_out = torch.empty_like(S)
+    if out is None or out.shape != S.shape or out.dtype != torch.float32 or not out.is_contiguous() \
+            or out.device.type != "cpu" or not _plain(out):
+        out = torch.empty_like(S)  # (a strided slice of a batch-major state, say: the caller copies)
+    S_out = out  # may be the input state itself: each (batch, head) block is read before it is written
     y = torch.empty(B, 1, H, V, dtype=torch.float32)
     r, k, v, logw = _rows(r, B, H), _rows(k, B, H), _rows(v, B, H), _rows(logw, B, H)
     ua = ua.contiguous() if kind == 0 else _rows(ua, B, H)
@@ -193,13 +196,14 @@ def _step(kind: int, r, k, v, logw, ua, b, state):
     return y, S_out
 
 
-def gla_step(r, k, v, logw, u, state):
+def gla_step(r, k, v, logw, u, state, out=None):
     """`aviary.ops.gla.gla_step` (RWKV-5/6, one token) in C: r, k, logw [B, 1, H, K] (logw may broadcast
-    over B), v [B, 1, H, V], u [H, K], state [B, H, K, V] -> (y [B, 1, H, V], new state). Check
-    `steps_available` first."""
-    return _step(0, r, k, v, logw, u, None, state)
+    over B), v [B, 1, H, V], u [H, K], state [B, H, K, V] -> (y [B, 1, H, V], new state). The new state
+    is written into `out` and returned as it when `out` is a contiguous float32 CPU tensor shaped like
+    state (it may be state itself); otherwise it is a new tensor. Check `steps_available` first."""
+    return _step(0, r, k, v, logw, u, None, state, out)
 
 
-def delta_rule_step(r, logw, k, v, a, b, state):
+def delta_rule_step(r, logw, k, v, a, b, state, out=None):
     """`aviary.ops.delta.delta_rule_step` (RWKV-7, one token) in C; same arguments and results."""
-    return _step(1, r, k, v, logw, a, b, state)
+    return _step(1, r, k, v, logw, a, b, state, out)

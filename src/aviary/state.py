@@ -14,7 +14,11 @@ Layout (one orientation for every version):
 
 The official `rwkv` pip package keeps v7 as [H, V, K] and official `time_state` tensors are [H, V, K]
 as well; `transpose(-1, -2)` converts. Forward calls return a new state and never modify the one
-passed in, so branching a conversation is just keeping the old value.
+passed in (unless asked to with `inplace=True`), so branching a conversation is just keeping the old value.
+
+Memory order: the states this module and the model make are laid out layer by layer (`layer_major`):
+the shape is [B, L, ...], and each layer's [B, ...] slice is one contiguous block, which is what a
+decode step reads and writes. The values do not depend on it; any layout is accepted.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["RWKVState", "StateError"]
+__all__ = ["RWKVState", "StateError", "layer_major"]
+
+
+def layer_major(t: torch.Tensor) -> torch.Tensor:
+    """t [B, L, ...] with memory ordered [L, B, ...] (each layer's slice contiguous); t itself if it is."""
+    lb = t.transpose(0, 1)
+    return t if lb.is_contiguous() else lb.contiguous().transpose(0, 1)
 
 
 class StateError(ValueError):
@@ -78,14 +88,15 @@ class RWKVState:
         idx = torch.as_tensor(index, dtype=torch.long, device=self.shift.device)
         if idx.numel() and (idx.min() < -self.batch_size or idx.max() >= self.batch_size):
             raise IndexError(f"state batch index {idx.tolist()} out of range for batch size {self.batch_size}")
-        return RWKVState(self.version, self.shift[idx], self.wkv[idx])
+        return RWKVState(self.version, self.shift.transpose(0, 1)[:, idx].transpose(0, 1),
+                         self.wkv.transpose(0, 1)[:, idx].transpose(0, 1))
 
     def expand(self, batch_size: int) -> RWKVState:
         """Repeat a batch-of-one state `batch_size` times (for a shared prefix)."""
         if self.batch_size != 1:
             raise StateError(f"expand needs a batch-of-one state, this one has batch {self.batch_size}")
-        return RWKVState(self.version, self.shift.expand(batch_size, *self.shift.shape[1:]).clone(),
-                         self.wkv.expand(batch_size, *self.wkv.shape[1:]).clone())
+        return RWKVState(self.version, layer_major(self.shift.expand(batch_size, *self.shift.shape[1:])),
+                         layer_major(self.wkv.expand(batch_size, *self.wkv.shape[1:])))
 
     @staticmethod
     def cat(states: Sequence[RWKVState]) -> RWKVState:
@@ -97,7 +108,10 @@ class RWKVState:
             if s.version != first.version or s.shift.shape[1:] != first.shift.shape[1:] \
                     or s.wkv.shape[1:] != first.wkv.shape[1:]:
                 raise StateError("cannot concatenate states of different models")
-        return RWKVState(first.version, torch.cat([s.shift for s in states]), torch.cat([s.wkv for s in states]))
+        def cat(ts):  # along B of [L, B, ...] views: the result is layer-major
+            return torch.cat([t.transpose(0, 1) for t in ts], dim=1).transpose(0, 1)
+
+        return RWKVState(first.version, cat([s.shift for s in states]), cat([s.wkv for s in states]))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file (atomically: a temporary file, then a rename)."""

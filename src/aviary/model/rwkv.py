@@ -24,7 +24,7 @@ from aviary._threads import small_ops_on_one_thread
 from aviary.config import ModelConfig
 from aviary.kernels import Linear
 from aviary.ops import BACKENDS
-from aviary.state import RWKVState, StateError
+from aviary.state import RWKVState, StateError, layer_major
 
 __all__ = ["RWKV"]
 
@@ -55,10 +55,13 @@ class Block(nn.Module):
         self.att = arch.TimeMix(config, layer_id)
         self.ffn = arch.ChannelMix(config, layer_id)
 
-    def forward(self, x, shift, wkv, v_first, backend: str):
-        """x [B, T, C]; shift [B, 2, C]; wkv [B, *S] -> (x, shift, wkv, v_first)."""
+    def forward(self, x, shift, wkv, v_first, backend: str, wkv_out=None):
+        """x [B, T, C]; shift [B, 2, C]; wkv [B, *S] -> (x, shift, wkv, v_first).
+
+        wkv_out: where the new wkv may be written (it may be `wkv` itself). A hint for the C decode
+        step, which then needs no copy; every other path returns a new tensor and ignores it."""
         xa = self.ln1(x)
-        dx, wkv, v_first = self.att(xa, token_shift(xa, shift[:, 0]), wkv, v_first, backend)
+        dx, wkv, v_first = self.att(xa, token_shift(xa, shift[:, 0]), wkv, v_first, backend, wkv_out)
         x = x + dx
         xf = self.ln2(x)
         x = x + self.ffn(xf, token_shift(xf, shift[:, 1]))
@@ -106,12 +109,12 @@ class RWKV(nn.Module):
     def init_state(self, batch_size: int = 1) -> RWKVState:
         """The state before any token: zeros, or the state-tuned `time_state` when the checkpoint has one."""
         cfg, device = self.config, self.emb.weight.device
-        shift = torch.zeros(batch_size, cfg.n_layer, 2, cfg.n_embd, device=device)
+        shift = torch.zeros(cfg.n_layer, batch_size, 2, cfg.n_embd, device=device).transpose(0, 1)
         if self.initial_wkv is not None:
-            wkv = self.initial_wkv.to(device)[None].expand(batch_size, *self.initial_wkv.shape).clone()
+            wkv = layer_major(self.initial_wkv.to(device)[None].expand(batch_size, *self.initial_wkv.shape))
         else:
             one = self.arch.empty_wkv(cfg, batch_size, device)  # [B, *S]
-            wkv = torch.stack([one] * cfg.n_layer, dim=1)
+            wkv = torch.stack([one] * cfg.n_layer, dim=0).transpose(0, 1)  # layer-major (aviary.state)
         return RWKVState(cfg.version, shift, wkv)
 
     def set_initial_state(self, wkv: torch.Tensor) -> None:
@@ -169,16 +172,18 @@ class RWKV(nn.Module):
     def _run(self, tokens, state, backend, last_only, inplace):
         x = self.emb(tokens.to(self.emb.weight.device))  # [B, T, C]
         x = self.blocks[0].ln0(x)
+        training = torch.is_grad_enabled()
         if inplace:  # layer i's slice is read (inside block) before it is overwritten
             shift_out, wkv_out = state.shift, state.wkv
-        elif torch.is_grad_enabled():  # training: plain tensors (FSDP warns about returning views)
+        elif training:  # plain tensors (FSDP warns about returning views)
             shift_out, wkv_out = torch.empty_like(state.shift), torch.empty_like(state.wkv)
         else:
             shift_out, wkv_out = _layer_major_like(state.shift), _layer_major_like(state.wkv)  # filled per layer
         v_first = None
         for i, block in enumerate(self.blocks):
+            # with the C decode step the new wkv is already in wkv_out[:, i]: the assignment is then a no-op
             x, shift_out[:, i], wkv_out[:, i], v_first = block(x, state.shift[:, i], state.wkv[:, i], v_first,
-                                                               backend)
+                                                               backend, None if training else wkv_out[:, i])
             if self.rescale_every and (i + 1) % self.rescale_every == 0:
                 x = x / 2
         if last_only:

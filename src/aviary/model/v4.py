@@ -51,7 +51,7 @@ class TimeMix(nn.Module):
         self.receptance = Linear(C, C, bias=False)
         self.output = Linear(C, C, bias=False)
 
-    def forward(self, x, sx, wkv, v_first, backend: str):
+    def forward(self, x, sx, wkv, v_first, backend: str, wkv_out=None):
         """x, sx [B, T, C]; wkv [B, 3, C] -> (out [B, T, C], wkv, v_first unchanged)."""
         r = torch.sigmoid(self.receptance(lerp(x, sx, self.time_mix_r)))  # [B, T, C]
         k = self.key(lerp(x, sx, self.time_mix_k)).float()  # [B, T, C]

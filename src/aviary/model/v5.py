@@ -53,7 +53,7 @@ class TimeMix(nn.Module):
         self.output = Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
-    def forward(self, x, sx, wkv, v_first, backend: str):
+    def forward(self, x, sx, wkv, v_first, backend: str, wkv_out=None):
         """x, sx [B, T, C]; wkv [B, H, N, N] -> (out [B, T, C], wkv, v_first unchanged)."""
         B, T, C = x.shape
         H, N = self.time_faaaa.shape
@@ -62,6 +62,6 @@ class TimeMix(nn.Module):
         v = self.value(lerp(x, sx, self.time_mix_v)).view(B, T, H, N).float()
         g = F.silu(self.gate(lerp(x, sx, self.time_mix_g)))  # [B, T, C]
         logw = -torch.exp(self.time_decay.float())[None, None]  # [1, 1, H, N]
-        y, wkv = gla(r, k, v, logw, self.time_faaaa.float(), wkv, backend=backend)
+        y, wkv = gla(r, k, v, logw, self.time_faaaa.float(), wkv, backend=backend, out=wkv_out)
         y = group_norm(y.reshape(B, T, C), self.ln_x.weight, self.ln_x.bias, H)
         return self.output(y.to(x.dtype) * g), wkv, v_first

@@ -56,7 +56,7 @@ class TimeMix(nn.Module):
         self.output = Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
-    def forward(self, x, sx, wkv, v_first, backend: str):
+    def forward(self, x, sx, wkv, v_first, backend: str, wkv_out=None):
         """x, sx [B, T, C]; wkv [B, H, N, N]; v_first [B, T, C] or None -> (out, wkv, v_first)."""
         B, T, C = x.shape
         H, N = self.r_k.shape
@@ -81,7 +81,7 @@ class TimeMix(nn.Module):
             return t.reshape(B, T, H, N).float()
 
         y, wkv = delta_rule(heads(r), logw.view(B, T, H, N), heads(k), heads(v), -kk.float(),
-                            heads(kk.reshape(B, T, C) * a), wkv, backend=backend)
+                            heads(kk.reshape(B, T, C) * a), wkv, backend=backend, out=wkv_out)
         y = group_norm(y.reshape(B, T, C), self.ln_x.weight, self.ln_x.bias, H).to(x.dtype)
         bonus = (r * k * self.r_k.view(1, 1, C)).view(B, T, H, N).sum(-1, keepdim=True)  # [B, T, H, 1]
         y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)

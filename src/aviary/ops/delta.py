@@ -121,12 +121,13 @@ def delta_rule_chunked(r, logw, k, v, a, b, state, chunk_len: int = 32):
 BACKENDS = {"recurrent": delta_rule_recurrent, "chunked": delta_rule_chunked}
 
 
-def delta_rule(r, logw, k, v, a, b, state, *, backend: str = "chunked"):
+def delta_rule(r, logw, k, v, a, b, state, *, backend: str = "chunked", out=None):
     """Generalised delta rule. Returns (y [B, T, H, V], state [B, H, K, V]). One token takes the fused
-    `delta_rule_step` whatever the backend (tests compare it with the reference loop)."""
+    `delta_rule_step` whatever the backend (tests compare it with the reference loop), or its C version
+    (`aviary.kernels`) where that runs, which writes the new state into `out` when given."""
     if r.shape[1] == 1:
         if kernels.steps_available(state, r, logw, k, v, a, b):
-            return kernels.delta_rule_step(r, logw, k, v, a, b, state)
+            return kernels.delta_rule_step(r, logw, k, v, a, b, state, out=out)
         with all_threads() if state.numel() >= PARALLEL_STATE_NUMEL else nullcontext():
             return delta_rule_step(r, logw, k, v, a, b, state)
     return pick("delta_rule", BACKENDS, backend)(r, logw, k, v, a, b, state)

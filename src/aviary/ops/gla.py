@@ -97,12 +97,13 @@ def gla_chunked(r, k, v, logw, u, state, chunk_len: int = 16):
 BACKENDS = {"recurrent": gla_recurrent, "chunked": gla_chunked}
 
 
-def gla(r, k, v, logw, u, state, *, backend: str = "chunked"):
+def gla(r, k, v, logw, u, state, *, backend: str = "chunked", out=None):
     """Gated linear attention with bonus. Returns (y [B, T, H, V], state [B, H, K, V]). One token takes
-    the fused `gla_step` whatever the backend (tests compare it with the reference loop)."""
+    the fused `gla_step` whatever the backend (tests compare it with the reference loop), or its C
+    version (`aviary.kernels`) where that runs, which writes the new state into `out` when given."""
     if r.shape[1] == 1:
         if kernels.steps_available(state, r, k, v, logw, u):
-            return kernels.gla_step(r, k, v, logw, u, state)
+            return kernels.gla_step(r, k, v, logw, u, state, out=out)
         with all_threads() if state.numel() >= PARALLEL_STATE_NUMEL else nullcontext():
             return gla_step(r, k, v, logw, u, state)
     return pick("gla", BACKENDS, backend)(r, k, v, logw, u, state)
