@@ -19,7 +19,7 @@ reported in docs/benchmarks.md. Quantise after loading: a quantised model's stat
 Three forms of the same product, as for the ops (`Int8Linear.kernel` picks; tests compare them):
     `int8_linear_reference`  dequantise the weight to the activation dtype, then F.linear; used for
                              more than KERNEL_MAX_ROWS rows (prefill), where a matmul wins
-    `kernels.linear`         Aviary's C kernel (`aviary/_kernels.c`, AVX-512 / AVX2, OpenMP): int8
+    `kernels.linear`         Aviary's C kernel (`aviary/_kernels.c`, AVX-512 / AVX2, own threads): int8
                              widened to float32 in registers, float32 activations, weights streamed
                              once at memory speed; the default for up to KERNEL_MAX_ROWS rows
     `int8_linear_kernel`     torch's `aten._weight_int8pack_mm` (bf16 activations and scales, fp32
