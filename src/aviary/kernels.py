@@ -17,10 +17,9 @@ needed) and `F.linear`, the reference, otherwise. bfloat16 stops at 2 rows: past
 matmul (which uses the CPU's bf16 dot-product instructions) wins. int8 weights reach the same kernel
 from `aviary.quant.Int8Linear` (up to its KERNEL_MAX_ROWS rows).
 
-`matmul` does the same for the small LoRA matrices, which are stored [in, out] (bfloat16 only: torch's
-float32 product is as fast there). `gla_step` and `delta_rule_step` are the one-token WKV updates of
-RWKV-5/6 and RWKV-7 with the state read and written once; `aviary.ops` sends float32 decode steps to
-them and keeps its torch steps as the reference.
+`matmul` does the same for the small LoRA matrices, which are stored [in, out]. `gla_step` and
+`delta_rule_step` are the one-token WKV updates of RWKV-5/6 and RWKV-7 with the state read and written
+once; `aviary.ops` sends float32 decode steps to them and keeps its torch steps as the reference.
 
 The products and steps run on the module's own worker threads, which stay awake for a fraction of a
 millisecond after each call, so the ~75 products of a decode step do not each pay to wake a sleeping
@@ -50,8 +49,7 @@ __all__ = ["Linear", "available", "delta_rule_step", "gla_step", "linear", "matm
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}  # beyond: torch's matmul (faster there)
-# `matmul` (small [in, out] LoRA weights, in cache): torch's float32 product is as fast as the kernel
-# plus its Python overhead, its bfloat16 one is ~5 us slower per call up to 8 rows
+# `matmul` (the small [in, out] LoRA weights): above 8 rows torch's bfloat16 product is faster
 MATMUL_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 PARALLEL_MIN_BYTES = 1 << 16  # weight bytes x rows below which one thread is faster
 _local = threading.local()
@@ -124,8 +122,8 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`x @ w` for a weight stored [in, out] (RWKV's LoRA matrices), by the C kernel for decode-sized inputs.
 
     w [in, out] with x [..., in] -> [..., out]; or a stack w [F, in, out] with x [F, M, in] -> [F, M, out].
-    Anything the kernel does not take (float32 weights, gradients, GPU, more than MATMUL_MAX_ROWS rows;
-    see `Linear`) is `torch.matmul`."""
+    Anything the kernel does not take (gradients, GPU, more than MATMUL_MAX_ROWS rows; see `Linear`) is
+    `torch.matmul`."""
     n_in = w.shape[-2]
     if x.shape[-1] != n_in or w.dim() not in (2, 3) or (w.dim() == 3 and (x.dim() != 3 or x.shape[0] != w.shape[0])):
         return x @ w  # torch's error (or broadcasting) for anything else
@@ -162,7 +160,7 @@ class Linear(nn.Linear):
 # ---- one-token WKV steps ----------------------------------------------------------------------------
 
 STEP_MAX_HEAD = 1024  # the C step keeps one [V] row on the stack
-PARALLEL_STEP_NUMEL = 1 << 16  # state numbers below which one thread is faster (a batch-1 state is 2^17..)
+PARALLEL_STEP_NUMEL = 1 << 16  # state numbers below which one thread is faster (one L12-D768 layer: 49,152)
 
 
 def steps_available(state: torch.Tensor, *xs: torch.Tensor) -> bool:

@@ -52,7 +52,8 @@ class TimeMix(nn.Module):
         self.output = Linear(C, C, bias=False)
 
     def forward(self, x, sx, wkv, v_first, backend: str, wkv_out=None):
-        """x, sx [B, T, C]; wkv [B, 3, C] -> (out [B, T, C], wkv, v_first unchanged)."""
+        """x, sx [B, T, C]; wkv [B, 3, C] -> (out [B, T, C], wkv, v_first unchanged). wkv_out is ignored
+        (a destination hint for the C steps of RWKV-5/6/7; RWKV-4's small state has none)."""
         r = torch.sigmoid(self.receptance(lerp(x, sx, self.time_mix_r)))  # [B, T, C]
         k = self.key(lerp(x, sx, self.time_mix_k)).float()  # [B, T, C]
         v = self.value(lerp(x, sx, self.time_mix_v)).float()  # [B, T, C]
