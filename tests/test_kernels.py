@@ -46,7 +46,8 @@ def test_kernel_matches_reference(dtype, rows, shape, threads, monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = kernels.linear(x, w, scale)
+        with small_ops_on_one_thread():  # a decode step: the kernels' worker threads
+            y = kernels.linear(x, w, scale)
     finally:
         torch.set_num_threads(before)
     assert y.shape == (rows, out) and y.dtype == torch.float32
@@ -203,7 +204,8 @@ def test_input_major_kernel_matches_reference(dtype, rows, shape, batch, threads
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = kernels._run(x, w, None, input_major=True, batch=batch)
+        with small_ops_on_one_thread():
+            y = kernels._run(x, w, None, input_major=True, batch=batch)
     finally:
         torch.set_num_threads(before)
     ref = torch.bmm(x.double().view(batch, rows, n_in), w.double()).reshape(batch * rows, out)
@@ -267,6 +269,12 @@ def test_c_wkv_steps_match_the_torch_steps(B, H, K, V):
     d = _step_inputs(B, H, K, V, seed=B * 100 + K)
     assert kernels.steps_available(d["state"], d["r"])
     e = _f64(d)
+    with small_ops_on_one_thread():  # a decode step: (16, 4, 32, 32) is big enough for the worker threads
+        _check_steps(d, e, B, H, K)
+    assert d["state"].equal(_step_inputs(B, H, K, V, seed=B * 100 + K)["state"])  # the input state is untouched
+
+
+def _check_steps(d, e, B, H, K):
     for lw_c, lw_ref in ((d["logw"], e["logw"]), (d["logw"][:1, :, :, :], e["logw"][:1])):  # own and broadcast
         y, S = kernels.gla_step(d["r"], d["k"], d["v"], lw_c, d["u"], d["state"])
         y_ref, S_ref = gla_step(e["r"], e["k"], e["v"], lw_ref.expand(B, 1, H, K), e["u"], e["state"])
@@ -276,7 +284,6 @@ def test_c_wkv_steps_match_the_torch_steps(B, H, K, V):
     y_ref, S_ref = delta_rule_step(e["r"], e["logw"], e["k"], e["v"], e["a"], e["b"], e["state"])
     torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(S.double(), S_ref, atol=1e-5, rtol=1e-5)
-    assert d["state"].equal(_step_inputs(B, H, K, V, seed=B * 100 + K)["state"])  # the input state is untouched
 
 
 @steps_built
@@ -303,7 +310,8 @@ def test_more_threads_than_cores_still_adds_up(threads, monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = kernels.linear(x, w)
+        with small_ops_on_one_thread():
+            y = kernels.linear(x, w)
     finally:
         torch.set_num_threads(before)
     assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
@@ -319,9 +327,10 @@ def test_concurrent_callers_get_their_own_results(monkeypatch):
 
     def work(case):
         x, w, _, ref = case
-        for _ in range(50):
-            if float((kernels.linear(x, w).double() - ref).abs().max()) > 1e-5 * float(ref.abs().max()):
-                errors.append("mismatch")
+        with small_ops_on_one_thread():  # (per Python thread) the kernels' worker threads
+            for _ in range(50):
+                if float((kernels.linear(x, w).double() - ref).abs().max()) > 1e-5 * float(ref.abs().max()):
+                    errors.append("mismatch")
 
     threads = [threading.Thread(target=work, args=(c,)) for c in cases]
     for t in threads:
@@ -337,7 +346,13 @@ def test_a_forked_child_can_use_the_kernels(monkeypatch):
 
     monkeypatch.setattr(kernels, "PARALLEL_MIN_BYTES", 0)
     x, w, _, ref = _case(torch.float32, 500, 64, 2)
-    kernels.linear(x, w)  # the parent's workers exist now
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with small_ops_on_one_thread():
+            kernels.linear(x, w)  # the parent's workers exist now
+    finally:
+        torch.set_num_threads(before)
     ctx = mp.get_context("fork")
     with ctx.Pool(1) as pool:
         y = pool.apply_async(_child_product, (x, w)).get(timeout=60)
@@ -346,7 +361,8 @@ def test_a_forked_child_can_use_the_kernels(monkeypatch):
 
 def _child_product(x, w):
     torch.set_num_threads(2)
-    return kernels.linear(x, w)
+    with small_ops_on_one_thread():
+        return kernels.linear(x, w)
 
 
 def test_states_from_init_cat_select_and_expand_are_layer_major():

@@ -252,8 +252,10 @@ static void pick_kernels(void) {
  * workers instead wait for the next product by spinning for SPIN_NS after each one (first with
  * `pause`, then yielding the core to anything else runnable), and only then sleep on a condition
  * variable. So a decode step keeps its helpers awake and the machine gets its cores back within
- * SPIN_NS of the last product. One caller at a time uses the pool; a second concurrent caller (another
- * Python thread) runs its product on its own thread. Workers are created on first use, up to the
+ * SPIN_NS of the last product. Python uses them only inside a decode step, where torch runs on one
+ * thread: elsewhere torch's OpenMP workers may be spinning too (OpenMP's default wait policy), and two
+ * sets of spinning threads on the same cores stall each other. One caller at a time uses the pool; a
+ * second concurrent caller (another Python thread) runs its product on its own thread. Workers are created on first use, up to the
  * requested count, and forgotten in a forked child (which has none). */
 #ifdef AVIARY_POOL
 #include <pthread.h>
@@ -402,7 +404,13 @@ static void pool_run(task_t *t, int n) {
     }
     run_chunk(&pool_task, 0);
     for (int i = 0; i < used; i++) {
-        while (atomic_load_explicit(&pool_workers[i]->done, memory_order_acquire) != g) _mm_pause();
+        for (int spins = 0; atomic_load_explicit(&pool_workers[i]->done, memory_order_acquire) != g; spins++) {
+            if (spins < 4096) {
+                _mm_pause();
+            } else {
+                sched_yield(); /* the worker is not running yet: let it have a core */
+            }
+        }
     }
     pthread_mutex_unlock(&pool_mu);
 }

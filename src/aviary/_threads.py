@@ -6,7 +6,7 @@ bmm, group norm), and each parallel region wakes the sleeping worker threads: wi
 OMP_WAIT_POLICY=PASSIVE (which `aviary` sets, because spinning workers are ruinous on a shared CPU)
 that wake costs tens of microseconds, about 10 ms of a 45 ms RWKV-7 step on the 2-core test machine.
 Inside `small_ops_on_one_thread()` torch runs on one thread. The big products step back up to the full
-count: Aviary's C kernels ask `full_count()` (they have their own worker threads, `aviary/_kernels.c`),
+count: Aviary's C kernels ask `kernel_threads()` (they have their own worker threads, `aviary/_kernels.c`),
 and a product that falls back to torch runs inside `all_threads()`.
 
 torch's thread count is process-wide, so two Python threads running models at the same time would
@@ -39,10 +39,12 @@ def small_ops_on_one_thread():
         _local.threads = None
 
 
-def full_count() -> int:
-    """The thread count the big products should use: the remembered one inside
-    `small_ops_on_one_thread`, torch's current one elsewhere."""
-    return getattr(_local, "threads", None) or torch.get_num_threads()
+def kernel_threads() -> int:
+    """Threads for Aviary's C kernels: the remembered count inside `small_ops_on_one_thread` (a decode
+    step), 1 elsewhere. Outside a decode step torch's own OpenMP threads are busy with torch's ops, and
+    with OpenMP's default wait policy they spin between ops: the kernels' worker threads would then
+    fight them for the cores (a 3-token prefill took 6.7 s instead of 0.2 s)."""
+    return getattr(_local, "threads", None) or 1
 
 
 class all_threads:  # noqa: N801 - used like a function: `with all_threads():`

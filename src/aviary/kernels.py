@@ -21,9 +21,10 @@ from `aviary.quant.Int8Linear` (up to its KERNEL_MAX_ROWS rows).
 `delta_rule_step` are the one-token WKV updates of RWKV-5/6 and RWKV-7 with the state read and written
 once; `aviary.ops` sends float32 decode steps to them and keeps its torch steps as the reference.
 
-The products and steps run on the module's own worker threads, which stay awake for a fraction of a
-millisecond after each call, so the ~75 products of a decode step do not each pay to wake a sleeping
-OpenMP thread (see the "threads" section of `_kernels.c`).
+Inside a decode step (`aviary._threads.small_ops_on_one_thread`) the products and steps run on the
+module's own worker threads, which stay awake for a fraction of a millisecond after each call, so the
+~75 products of a step do not each pay to wake a sleeping OpenMP thread (see the "threads" section of
+`_kernels.c`). Elsewhere they run on the calling thread only (`_threads.kernel_threads`).
 
 `reference_only()` turns the kernels off, for tests and benchmarks that compare.
 """
@@ -37,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary._threads import all_threads, full_count
+from aviary._threads import all_threads, kernel_threads
 
 try:  # built by setup.py; optional (no compiler, or not x86): everything falls back to torch
     from aviary import _kernels
@@ -51,7 +52,7 @@ _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}  # beyond: torch's matmul (faster there)
 # `matmul` (the small [in, out] LoRA weights): above 8 rows torch's bfloat16 product is faster
 MATMUL_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
-PARALLEL_MIN_BYTES = 1 << 16  # weight bytes x rows below which one thread is faster
+PARALLEL_MIN_BYTES = 1 << 20  # weight bytes x rows below which one thread is used (docs/benchmarks.md, item 6)
 _local = threading.local()
 
 
@@ -106,7 +107,7 @@ def _run(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, inpu
     y = torch.empty(batch * M, out, dtype=torch.float32)
     big = n_in * out * weight.element_size() * M >= PARALLEL_MIN_BYTES
     _kernels.linear(weight.data_ptr(), 0 if scale is None else scale.data_ptr(), x32.data_ptr(), y.data_ptr(),
-                    n_in, out, M, full_count() if big else 1, _WTYPE[weight.dtype], input_major, batch)
+                    n_in, out, M, kernel_threads() if big else 1, _WTYPE[weight.dtype], input_major, batch)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -188,7 +189,7 @@ def _step(kind: int, r, k, v, logw, ua, b, state, out):
     r, k, v, logw = _rows(r, B, H), _rows(k, B, H), _rows(v, B, H), _rows(logw, B, H)
     ua = ua.contiguous() if kind == 0 else _rows(ua, B, H)
     b = _rows(b, B, H) if b is not None else r
-    threads = full_count() if S.numel() >= PARALLEL_STEP_NUMEL else 1
+    threads = kernel_threads() if S.numel() >= PARALLEL_STEP_NUMEL else 1
     _kernels.wkv_step(kind, r.data_ptr(), k.data_ptr(), v.data_ptr(), logw.data_ptr(), ua.data_ptr(), b.data_ptr(),
                       S.data_ptr(), S_out.data_ptr(), y.data_ptr(), B * H, H, K, V, threads)
     return y, S_out
