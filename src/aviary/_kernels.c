@@ -55,6 +55,16 @@ static inline float i8_scalar(int8_t v) { return (float)v; }
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define LOAD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 
+/* acc[j] += a * b_j for four weight vectors: one row of a 4x4 register tile. */
+#define FMA4(acc, a, b0, b1, b2, b3)                   \
+    do {                                               \
+        __m512 a_ = (a);                               \
+        (acc)[0] = _mm512_fmadd_ps(a_, b0, (acc)[0]);  \
+        (acc)[1] = _mm512_fmadd_ps(a_, b1, (acc)[1]);  \
+        (acc)[2] = _mm512_fmadd_ps(a_, b2, (acc)[2]);  \
+        (acc)[3] = _mm512_fmadd_ps(a_, b3, (acc)[3]);  \
+    } while (0)
+
 /* M == 1: four independent accumulators over 64 weights per iteration (hides the FMA latency).
  * M > 1: tiles of 4 weight rows x 4 rows of x, 16 accumulators; each weight vector is widened once per
  * 4 rows of x. Leftover rows (out % 4, M % 4) take a one-accumulator loop. */
@@ -97,13 +107,7 @@ static inline float i8_scalar(int8_t v) { return (float)v; }
                     for (int64_t i = 0; i < in16; i += 16) {                                                 \
                         __m512 b0 = WLOAD(w[0] + i), b1 = WLOAD(w[1] + i), b2 = WLOAD(w[2] + i),             \
                                b3 = WLOAD(w[3] + i);                                                         \
-                        for (int r = 0; r < 4; r++) {                                                        \
-                            __m512 a = _mm512_loadu_ps(xs[r] + i);                                           \
-                            c[r][0] = _mm512_fmadd_ps(a, b0, c[r][0]);                                       \
-                            c[r][1] = _mm512_fmadd_ps(a, b1, c[r][1]);                                       \
-                            c[r][2] = _mm512_fmadd_ps(a, b2, c[r][2]);                                       \
-                            c[r][3] = _mm512_fmadd_ps(a, b3, c[r][3]);                                       \
-                        }                                                                                    \
+                        for (int r = 0; r < 4; r++) FMA4(c[r], _mm512_loadu_ps(xs[r] + i), b0, b1, b2, b3);  \
                     }                                                                                        \
                     for (int r = 0; r < 4; r++) {                                                            \
                         for (int j = 0; j < 4; j++) {                                                        \
@@ -156,13 +160,7 @@ DEFINE_AVX512(i8_rows_avx512, int8_t, LOAD_I8, i8_scalar)
                     for (int64_t i = 0; i < in; i++) {                                                       \
                         const WTYPE *wi = W + i * out + o;                                                   \
                         __m512 b0 = WLOAD(wi), b1 = WLOAD(wi + 16), b2 = WLOAD(wi + 32), b3 = WLOAD(wi + 48); \
-                        for (int r = 0; r < 4; r++) {                                                        \
-                            __m512 a = _mm512_set1_ps(x[(m + r) * in + i]);                                  \
-                            c[r][0] = _mm512_fmadd_ps(a, b0, c[r][0]);                                       \
-                            c[r][1] = _mm512_fmadd_ps(a, b1, c[r][1]);                                       \
-                            c[r][2] = _mm512_fmadd_ps(a, b2, c[r][2]);                                       \
-                            c[r][3] = _mm512_fmadd_ps(a, b3, c[r][3]);                                       \
-                        }                                                                                    \
+                        for (int r = 0; r < 4; r++) FMA4(c[r], _mm512_set1_ps(x[(m + r) * in + i]), b0, b1, b2, b3); \
                     }                                                                                        \
                 } else {                                                                                     \
                     for (int64_t i = 0; i < in; i++) {                                                       \
@@ -246,17 +244,20 @@ static void pick_kernels(void) {
 }
 
 /* ---- threads -------------------------------------------------------------------------------------
- * The products of a decode step come every ~20-400 us, with one-thread small ops in between. An OpenMP
- * (torch's thread pool) parallel region under OMP_WAIT_POLICY=PASSIVE (which Aviary's CLI sets) wakes a sleeping worker each
- * time, ~50 us: 3-4 ms of a 32 ms RWKV-7 step, and it kept 768x768 products on one thread. These
- * workers instead wait for the next product by spinning for SPIN_NS after each one (first with
- * `pause`, then yielding the core to anything else runnable), and only then sleep on a condition
- * variable. So a decode step keeps its helpers awake and the machine gets its cores back within
- * SPIN_NS of the last product. Python uses them only inside a decode step, where torch runs on one
- * thread: elsewhere torch's OpenMP workers may be spinning too (OpenMP's default wait policy), and two
- * sets of spinning threads on the same cores stall each other. One caller at a time uses the pool; a
- * second concurrent caller (another Python thread) runs its product on its own thread. Workers are created on first use, up to the
- * requested count, and forgotten in a forked child (which has none). */
+ * The products of a decode step come every ~20-400 us, with one-thread small ops in between. A torch
+ * (OpenMP) parallel region under OMP_WAIT_POLICY=PASSIVE wakes a sleeping worker each time, ~50 us:
+ * 3-4 ms of a 32 ms RWKV-7 step. These workers instead wait for the next job by spinning for SPIN_NS
+ * after each one (first with `pause`, then yielding the core to anything else runnable), and only then
+ * sleep on a condition variable: a decode step keeps its helpers awake, and the machine gets its cores
+ * back within SPIN_NS of the last job.
+ *
+ * A job is cut into a few chunks per thread, and every thread, the caller included, claims chunks one
+ * at a time with a compare-and-swap on (job number, next chunk). The caller waits only for chunks that a
+ * worker has claimed and is running. A worker that is not on a core (torch's OpenMP workers may be
+ * spinning on it, under OpenMP's default wait policy) claims nothing: the caller does its chunks and the
+ * job runs at one-thread speed instead of stalling. One caller at a time uses the pool (a second one,
+ * from another Python thread, runs its job alone); workers are started on first use, up to the count
+ * asked for, and a forked child starts with none. */
 #ifdef AVIARY_POOL
 #include <pthread.h>
 #include <sched.h>
@@ -264,29 +265,25 @@ static void pick_kernels(void) {
 #include <time.h>
 
 #define MAX_THREADS 256
-#define SPIN_NS 300000 /* 0.3 ms: longer than most gaps between the products of a decode step */
-#define PAUSE_NS 20000 /* of which the first 20 us spin on `pause` without yielding */
+#define SPIN_NS 300000   /* 0.3 ms: longer than most gaps between the products of a decode step */
+#define PAUSE_NS 20000   /* of which the first 20 us spin on `pause` without yielding */
+#define CHUNKS_PER_THREAD 4
 
-/* A parallel job: run(ctx, lo, hi) over [0, n), split into blocks of `align` items per thread. */
+/* A parallel job: run(ctx, lo, hi) over [0, n) in chunks of `chunk` items. */
 typedef struct {
     void (*run)(const void *ctx, int64_t lo, int64_t hi);
     const void *ctx;
-    int64_t n, align, chunk;
+    int64_t n, chunk, nchunks;
 } task_t;
 
-typedef struct {
-    _Alignas(64) atomic_uint go; /* the task number this worker should run */
-    atomic_uint done;            /* the last task number it finished */
-    atomic_int sleeping;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-} worker_t;
-
-static task_t pool_task;
-static worker_t *pool_workers[MAX_THREADS];
-static int pool_size;      /* workers started (the caller is thread 0 and is not one of them) */
-static unsigned pool_gen;  /* task number, written by the pool's holder only */
-static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static task_t pool_task;                 /* written by the pool's holder before it publishes a job */
+static _Atomic uint64_t pool_claim;      /* (job number << 32) | next unclaimed chunk */
+static atomic_int pool_done;             /* chunks of the current job finished */
+static atomic_int pool_sleepers;         /* workers asleep on pool_cv */
+static pthread_mutex_t pool_sleep_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER; /* held by the caller that uses the pool */
+static int pool_size;                                        /* workers started */
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -294,28 +291,28 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static void run_chunk(const task_t *t, int64_t part) {
-    int64_t lo = part * t->chunk, hi = lo + t->chunk < t->n ? lo + t->chunk : t->n;
-    if (lo < hi) {
-        t->run(t->ctx, lo, hi);
+/* Claim and run chunks of job `job` until none is left. A claim made with a stale job number fails. */
+static void run_chunks(uint32_t job) {
+    uint64_t v = atomic_load(&pool_claim);
+    while ((uint32_t)(v >> 32) == job && (int64_t)(v & 0xffffffffu) < pool_task.nchunks) {
+        if (atomic_compare_exchange_weak(&pool_claim, &v, v + 1)) { /* chunk (v & mask) is ours */
+            int64_t lo = (int64_t)(v & 0xffffffffu) * pool_task.chunk;
+            int64_t hi = lo + pool_task.chunk < pool_task.n ? lo + pool_task.chunk : pool_task.n;
+            pool_task.run(pool_task.ctx, lo, hi);
+            atomic_fetch_add(&pool_done, 1);
+            v = atomic_load(&pool_claim);
+        }
     }
 }
 
-typedef struct {
-    worker_t *me;
-    int64_t part;
-} worker_arg_t;
-
 static void *worker_main(void *arg) {
-    worker_t *me = ((worker_arg_t *)arg)->me;
-    int64_t part = ((worker_arg_t *)arg)->part;
-    free(arg);
-    unsigned seen = atomic_load(&me->done);
+    (void)arg;
+    uint32_t seen = (uint32_t)(atomic_load(&pool_claim) >> 32);
     for (;;) {
-        unsigned g = atomic_load_explicit(&me->go, memory_order_acquire);
-        if (g == seen) {
+        uint32_t job = (uint32_t)(atomic_load(&pool_claim) >> 32);
+        if (job == seen) {
             int64_t start = now_ns(), spun = 0;
-            while ((g = atomic_load_explicit(&me->go, memory_order_acquire)) == seen && spun < SPIN_NS) {
+            while ((job = (uint32_t)(atomic_load(&pool_claim) >> 32)) == seen && spun < SPIN_NS) {
                 if (spun < PAUSE_NS) {
                     for (int i = 0; i < 64; i++) _mm_pause();
                 } else {
@@ -323,28 +320,32 @@ static void *worker_main(void *arg) {
                 }
                 spun = now_ns() - start;
             }
-            if (g == seen) { /* asleep until the next product (see pool_run for the handshake) */
-                pthread_mutex_lock(&me->mu);
-                atomic_store(&me->sleeping, 1);
-                while ((g = atomic_load(&me->go)) == seen) pthread_cond_wait(&me->cv, &me->mu);
-                atomic_store(&me->sleeping, 0);
-                pthread_mutex_unlock(&me->mu);
+            if (job == seen) { /* asleep until the next job: see pool_run for the handshake */
+                pthread_mutex_lock(&pool_sleep_mu);
+                atomic_fetch_add(&pool_sleepers, 1);
+                while ((job = (uint32_t)(atomic_load(&pool_claim) >> 32)) == seen) {
+                    pthread_cond_wait(&pool_cv, &pool_sleep_mu);
+                }
+                atomic_fetch_sub(&pool_sleepers, 1);
+                pthread_mutex_unlock(&pool_sleep_mu);
             }
         }
-        run_chunk(&pool_task, part);
-        seen = g;
-        atomic_store_explicit(&me->done, g, memory_order_release);
+        seen = job;
+        run_chunks(job);
     }
     return NULL;
 }
 
 static void pool_forget(void) { /* in a forked child: the workers did not come along */
     pool_size = 0;
+    atomic_store(&pool_sleepers, 0);
     pthread_mutex_init(&pool_mu, NULL);
+    pthread_mutex_init(&pool_sleep_mu, NULL);
+    pthread_cond_init(&pool_cv, NULL);
 }
 
-/* Start workers up to n - 1; returns the thread count available (>= 1). Caller holds pool_mu. */
-static int pool_grow(int n) {
+/* Start workers up to n - 1 (the caller is the n-th thread). Caller holds pool_mu. */
+static void pool_grow(int n) {
     static int registered = 0;
     if (!registered) {
         pthread_atfork(NULL, NULL, pool_forget);
@@ -352,76 +353,55 @@ static int pool_grow(int n) {
     }
     if (n > MAX_THREADS) n = MAX_THREADS;
     while (pool_size < n - 1) {
-        worker_t *w = calloc(1, sizeof *w);
-        worker_arg_t *a = malloc(sizeof *a);
         pthread_t th;
         pthread_attr_t attr;
-        if (w == NULL || a == NULL) {
-            free(w);
-            free(a);
-            break;
-        }
-        pthread_mutex_init(&w->mu, NULL);
-        pthread_cond_init(&w->cv, NULL);
-        atomic_store(&w->go, pool_gen);
-        atomic_store(&w->done, pool_gen);
-        a->me = w;
-        a->part = pool_size + 1;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int err = pthread_create(&th, &attr, worker_main, a);
+        int err = pthread_create(&th, &attr, worker_main, NULL);
         pthread_attr_destroy(&attr);
         if (err != 0) {
-            free(w);
-            free(a);
-            break;
+            break; /* fewer workers: the caller claims what they do not */
         }
-        pool_workers[pool_size++] = w;
+        pool_size++;
     }
-    return pool_size + 1 < n ? pool_size + 1 : n;
 }
 
-/* Run t on n threads (the caller's and n - 1 workers); t->chunk is set here. */
-static void pool_run(task_t *t, int n) {
-    if (n <= 1 || pthread_mutex_trylock(&pool_mu) != 0) { /* busy: another thread has the pool */
-        t->chunk = t->n;
-        run_chunk(t, 0);
+/* Run job(ctx, 0, n) on up to n_threads threads, in chunks that are multiples of `align`. */
+static void pool_run(void (*job)(const void *, int64_t, int64_t), const void *ctx, int64_t n, int64_t align,
+                     int n_threads) {
+    if (n_threads <= 1 || pthread_mutex_trylock(&pool_mu) != 0) { /* busy: another thread has the pool */
+        job(ctx, 0, n);
         return;
     }
-    n = pool_grow(n);
-    t->chunk = ((t->n + n - 1) / n + t->align - 1) / t->align * t->align;
-    pool_task = *t;
-    unsigned g = ++pool_gen;
-    int used = 0;
-    for (int i = 0; i + 1 < n && (i + 1) * t->chunk < t->n; i++, used++) {
-        worker_t *w = pool_workers[i];
-        atomic_store_explicit(&w->go, g, memory_order_seq_cst);
-        if (atomic_load(&w->sleeping)) { /* it set `sleeping` before its last look at `go`, under mu */
-            pthread_mutex_lock(&w->mu);
-            pthread_cond_signal(&w->cv);
-            pthread_mutex_unlock(&w->mu);
-        }
+    pool_grow(n_threads);
+    int64_t pieces = (int64_t)n_threads * CHUNKS_PER_THREAD;
+    int64_t chunk = ((n + pieces - 1) / pieces + align - 1) / align * align;
+    pool_task = (task_t){job, ctx, n, chunk, (n + chunk - 1) / chunk};
+    atomic_store(&pool_done, 0);
+    uint32_t id = (uint32_t)(atomic_load(&pool_claim) >> 32) + 1;
+    atomic_store(&pool_claim, (uint64_t)id << 32); /* publishes the job (seq_cst) */
+    if (atomic_load(&pool_sleepers) > 0) { /* a sleeper counted itself before its last look at the job */
+        pthread_mutex_lock(&pool_sleep_mu);
+        pthread_cond_broadcast(&pool_cv);
+        pthread_mutex_unlock(&pool_sleep_mu);
     }
-    run_chunk(&pool_task, 0);
-    for (int i = 0; i < used; i++) {
-        for (int spins = 0; atomic_load_explicit(&pool_workers[i]->done, memory_order_acquire) != g; spins++) {
-            if (spins < 4096) {
-                _mm_pause();
-            } else {
-                sched_yield(); /* the worker is not running yet: let it have a core */
-            }
+    run_chunks(id);
+    for (int spins = 0; atomic_load(&pool_done) < pool_task.nchunks; spins++) { /* chunks workers run */
+        if (spins < 4096) {
+            _mm_pause();
+        } else {
+            sched_yield();
         }
     }
     pthread_mutex_unlock(&pool_mu);
 }
 #endif
 
-/* Run job(ctx, 0, n) on `threads` threads in blocks of `align` (one thread without the pool). */
+/* Run job(ctx, 0, n) on `threads` threads in chunks of multiples of `align` (one thread without the pool). */
 static void parallel(void (*job)(const void *, int64_t, int64_t), const void *ctx, int64_t n, int64_t align,
                      int threads) {
 #ifdef AVIARY_POOL
-    task_t t = {job, ctx, n, align, n};
-    pool_run(&t, threads);
+    pool_run(job, ctx, n, align, threads);
 #else
     (void)align;
     (void)threads;
