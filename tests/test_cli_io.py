@@ -97,3 +97,32 @@ def test_bad_file_is_one_line_and_exit_code_2(capsys, tmp_path, verb):
     code, out, err = run(capsys, *args)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and str(bad) in err and "error" in err
+
+
+def test_the_command_sets_the_openmp_wait_policy_before_torch_loads():
+    # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: `import aviary` must not import torch, so
+    # that `aviary ...` (and `python -m aviary`) can set PASSIVE first
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "os.environ.pop('OMP_WAIT_POLICY', None)\n"
+            "import aviary, aviary.cli\n"
+            "assert 'torch' not in sys.modules, 'import aviary loaded torch'\n"
+            "try:\n"
+            "    aviary.cli.main(['info', '--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "PASSIVE"
+
+
+def test_lazy_package_attributes():
+    import aviary
+
+    assert aviary.load is aviary.loading.load and aviary.RWKV.__name__ == "RWKV"
+    assert set(aviary.__all__) == set(aviary._EXPORTS) and set(aviary.__all__) <= set(dir(aviary))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        aviary.nope  # noqa: B018

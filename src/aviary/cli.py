@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP threads that spin steal the core the next small op needs: on a shared 2-core machine one
-    # RWKV-7 decode step measured 950 ms spinning vs 72 ms passive (docs/benchmarks.md). Takes effect only
-    # if torch is not imported yet; an explicit OMP_WAIT_POLICY from the user wins.
+    # RWKV-7 decode step measured 950 ms spinning vs 72 ms passive (docs/benchmarks.md). OpenMP reads it
+    # when torch loads, which has not happened yet: `import aviary` is lazy (aviary/__init__.py) and the
+    # command modules import torch inside run(). An explicit OMP_WAIT_POLICY from the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
