@@ -56,13 +56,15 @@ PARALLEL_MIN_BYTES = 1 << 20  # weight bytes x rows below which one thread is us
 _local = threading.local()
 
 
+# weight dtypes with a kernel in this build on this CPU
+_BUILT = frozenset() if _kernels is None else frozenset(
+    (torch.float32, torch.bfloat16, torch.int8) if _kernels.ISA == "avx512"
+    else (torch.int8,) if _kernels.ISA == "avx2" else ())
+
+
 def available(dtype: torch.dtype) -> bool:
     """Whether this install has a fast kernel for `dtype` weights on this CPU (and it is not switched off)."""
-    if _kernels is None or getattr(_local, "off", False) or dtype not in _WTYPE:
-        return False
-    if dtype == torch.int8:
-        return _kernels.ISA in ("avx512", "avx2")
-    return _kernels.ISA == "avx512"
+    return dtype in _BUILT and not getattr(_local, "off", False)
 
 
 @contextmanager
@@ -102,10 +104,14 @@ def _run(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, inpu
     """`linear` without the argument checks (for callers that have made them). x [batch * M, in]; weight
     [batch, out, in] ([batch, in, out] if input_major) -> [batch * M, out]."""
     x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-    n_in, out = weight.shape[-2:] if input_major else weight.shape[-1:-3:-1]
-    M = x32.shape[0] // batch
-    y = torch.empty(batch * M, out, dtype=torch.float32)
-    big = n_in * out * weight.element_size() * M >= PARALLEL_MIN_BYTES
+    if input_major:
+        n_in, out = weight.shape[-2:]
+    else:
+        out, n_in = weight.shape[-2:]
+    rows = x32.shape[0]
+    M = rows // batch
+    y = x32.new_empty(rows, out)
+    big = weight.nbytes * M >= PARALLEL_MIN_BYTES * batch
     _kernels.linear(weight.data_ptr(), 0 if scale is None else scale.data_ptr(), x32.data_ptr(), y.data_ptr(),
                     n_in, out, M, kernel_threads() if big else 1, _WTYPE[weight.dtype], input_major, batch)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -114,7 +120,8 @@ def _run(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, inpu
 def _decode_sized(x: torch.Tensor, w: torch.Tensor, rows: int, max_rows: dict = MAX_ROWS) -> bool:
     """Whether x times w can take the C kernel: CPU, no gradient wanted, plain contiguous float weights
     this CPU has a kernel for, and at most max_rows[dtype] rows."""
-    return (x.device.type == "cpu" and 0 < rows <= max_rows.get(w.dtype, 0) and available(w.dtype)
+    return (0 < rows <= max_rows.get(w.dtype, 0) and x.is_cpu and w.dtype in _BUILT
+            and not getattr(_local, "off", False)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and _plain(w) and w.is_contiguous())
 

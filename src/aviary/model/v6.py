@@ -55,14 +55,14 @@ class TimeMix(nn.Module):
         B, T, C = x.shape
         H, N = self.time_faaaa.shape
         xx = sx - x  # [B, T, C]
-        xxx = x + xx * self.time_maa_x
+        xxx = torch.addcmul(x, xx, self.time_maa_x)  # x + xx*maa, one op
         h = torch.tanh(matmul(xxx, self.time_maa_w1)).view(B * T, 5, -1).transpose(0, 1)  # [5, B*T, D]
         mw, mk, mv, mr, mg = matmul(h.contiguous(), self.time_maa_w2).view(5, B, T, C)  # each [B, T, C]
-        xw = x + xx * (self.time_maa_w + mw)
-        xk = x + xx * (self.time_maa_k + mk)
-        xv = x + xx * (self.time_maa_v + mv)
-        xr = x + xx * (self.time_maa_r + mr)
-        xg = x + xx * (self.time_maa_g + mg)
+        xw = torch.addcmul(x, xx, self.time_maa_w + mw)
+        xk = torch.addcmul(x, xx, self.time_maa_k + mk)
+        xv = torch.addcmul(x, xx, self.time_maa_v + mv)
+        xr = torch.addcmul(x, xx, self.time_maa_r + mr)
+        xg = torch.addcmul(x, xx, self.time_maa_g + mg)
         r = self.receptance(xr).view(B, T, H, N).float()
         k = self.key(xk).view(B, T, H, N).float()
         v = self.value(xv).view(B, T, H, N).float()
@@ -86,5 +86,5 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, sx):
         xx = sx - x
-        k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2  # [B, T, F]
-        return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k)
+        k = torch.relu(self.key(torch.addcmul(x, xx, self.time_maa_k))).square()  # [B, T, F]
+        return torch.sigmoid(self.receptance(torch.addcmul(x, xx, self.time_maa_r))) * self.value(k)

@@ -61,8 +61,8 @@ class TimeMix(nn.Module):
         B, T, C = x.shape
         H, N = self.r_k.shape
         xx = sx - x
-        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
-        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+        xr, xw, xk = (torch.addcmul(x, xx, m) for m in (self.x_r, self.x_w, self.x_k))  # x + xx*m, one op
+        xv, xa, xg = (torch.addcmul(x, xx, m) for m in (self.x_v, self.x_a, self.x_g))
         r = self.receptance(xr)  # [B, T, C]
         k = self.key(xk)
         v = self.value(xv)
@@ -97,5 +97,5 @@ class ChannelMix(nn.Module):
         self.value = Linear(F_, C, bias=False)
 
     def forward(self, x, sx):
-        k = torch.relu(self.key(x + (sx - x) * self.x_k)) ** 2  # [B, T, F]
+        k = torch.relu(self.key(torch.addcmul(x, sx - x, self.x_k))).square()  # [B, T, F]
         return self.value(k)
