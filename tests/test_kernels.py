@@ -412,3 +412,35 @@ def test_inplace_decode_of_a_batch_major_state(version):
         out, same = model(torch.tensor([[5], [6]]), batch_major, inplace=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(same.wkv, ref_state.wkv, atol=1e-5, rtol=1e-5)
+
+
+# ---- RWKV-7's one-token time-mix tail in C against the module's torch path ----------------------------
+
+@steps_built
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("head_size", [64, 24])
+def test_rwkv7_tail_matches_the_time_mix(layer, head_size, monkeypatch):
+    C = 192
+    model = model_from_state_dict(random_state_dict(random_config(7, n_layer=2, n_embd=C, vocab_size=50,
+                                                                  head_size=head_size)))
+    att = model.blocks[layer].att
+    B, H, N = 3, C // head_size, head_size
+    g = torch.Generator().manual_seed(layer * 7 + head_size)
+    x, sx, v_first = (torch.randn(B, 1, C, generator=g) for _ in range(3))
+    wkv = torch.randn(B, H, N, N, generator=g) * 0.3
+    wkv_before = wkv.clone()
+    calls = []
+    real = kernels.rwkv7_tail
+    monkeypatch.setattr(kernels, "rwkv7_tail", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        out_state = torch.empty_like(wkv)
+        y, S, vf = att(x, sx, wkv, None if layer == 0 else v_first, "recurrent", out_state)
+        assert calls and S.data_ptr() == out_state.data_ptr()
+        with reference_only():  # the module's torch path, the reference
+            y_ref, S_ref, vf_ref = att(x, sx, wkv, None if layer == 0 else v_first, "recurrent")
+    assert len(calls) == 1
+    assert float(y_ref.abs().max()) > 0.1 and float((S_ref - wkv).abs().max()) > 0.01  # not trivially zero
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(S, S_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vf, vf_ref)
+    assert torch.equal(wkv, wkv_before)  # the input state is untouched

@@ -1,5 +1,6 @@
 /* Aviary's CPU decode kernels: the matrix products of a decode step (a few rows of x against a large
- * weight matrix, at memory speed), the one-token WKV state updates, and the worker threads they share.
+ * weight matrix, at memory speed), the one-token WKV state updates, RWKV-7's one-token time-mix tail,
+ * and the worker threads they share.
  *
  *     y[m, o] = scale[o] * sum_i W[o, i] * x[m, i]      W [out, in] float32, bfloat16 or int8 (row scales),
  *                                                       x [M, in] and y [M, out] float32, scale optional
@@ -533,6 +534,107 @@ MULTIVERSION static void delta_job(const void *ctx, int64_t lo, int64_t hi) {
     }
 }
 
+/* ---- RWKV-7: the rest of a one-token time-mix after its products ----------------------------------
+ * Everything between the time-mix's matrix products and its output projection, per (batch row, head),
+ * in one pass: the reference is aviary/model/v7.py (TimeMix.forward with T = 1), which tests compare
+ * against. With C = H*N channels, all float32, every per-row input [B, C]:
+ *   v     = v + (v_first - v) * sigmoid(v0 + v_lora)           (layers >= 1; v_lora = NULL on layer 0)
+ *   a     = sigmoid(a0 + a_lora);   decay = exp(-decay_scale * sigmoid(w0 + w_lora))
+ *   kk    = normalize_head(k * k_k);   k' = k * (1 + (a - 1) * k_a)
+ *   S'    = diag(decay) S + (kk * a) (-kk^T S) + k' v^T          (delta_job's update: a_op = -kk, b_op = kk a)
+ *   y     = GroupNorm_head(S'^T r; ln_w, ln_b, eps) + (sum_head r * k' * r_k) v
+ *   out   = y * g                                               (the output projection's input) */
+typedef struct {
+    const float *r, *k, *v, *w_lora, *a_lora, *v_lora, *v_first, *g;
+    const float *w0, *a0, *v0, *k_k, *k_a, *r_k, *ln_w, *ln_b, *S_in;
+    float *S_out, *out;
+    int64_t H, N;
+    float eps, decay_scale;
+} v7_args;
+
+static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+MULTIVERSION static void v7_tail_job(const void *ctx, int64_t lo, int64_t hi) {
+    const v7_args *p = ctx;
+    const int64_t H = p->H, N = p->N, C = H * N;
+    float vv[1024], dec[1024], kk[1024], kn[1024], bb[1024], aS[1024], y[1024]; /* N <= 1024 */
+    for (int64_t bh = lo; bh < hi; bh++) {
+        const int64_t b = bh / H, h = bh % H, row = b * C + h * N, ch = h * N;
+        const float *r = p->r + row, *k = p->k + row, *v = p->v + row, *g = p->g + row;
+        const float *S = p->S_in + bh * N * N;
+        float *So = p->S_out + bh * N * N, *out = p->out + row;
+        float norm = 0.0f, bonus = 0.0f;
+        for (int64_t i = 0; i < N; i++) {
+            const int64_t c = ch + i;
+            vv[i] = p->v_lora ? v[i] + (p->v_first[row + i] - v[i]) * sigmoidf_(p->v0[c] + p->v_lora[row + i]) : v[i];
+            const float a = sigmoidf_(p->a0[c] + p->a_lora[row + i]);
+            dec[i] = expf(-p->decay_scale * sigmoidf_(p->w0[c] + p->w_lora[row + i]));
+            kk[i] = k[i] * p->k_k[c];
+            norm += kk[i] * kk[i];
+            kn[i] = k[i] * (1.0f + (a - 1.0f) * p->k_a[c]);
+            bb[i] = a; /* times kk below, once kk is normalised */
+            bonus += r[i] * kn[i] * p->r_k[c];
+        }
+        norm = sqrtf(norm);
+        const float inv = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
+        for (int64_t i = 0; i < N; i++) {
+            kk[i] *= inv;
+            bb[i] *= kk[i];
+        }
+        for (int64_t j = 0; j < N; j++) aS[j] = 0.0f;
+        for (int64_t i = 0; i < N; i++) { /* aS = a_op^T S with a_op = -kk */
+            const float ai = -kk[i], *srow = S + i * N;
+            for (int64_t j = 0; j < N; j++) aS[j] += ai * srow[j];
+        }
+        for (int64_t j = 0; j < N; j++) y[j] = 0.0f;
+        for (int64_t i = 0; i < N; i++) {
+            const float ri = r[i], di = dec[i], bi = bb[i], ki = kn[i], *srow = S + i * N;
+            float *orow = So + i * N;
+            for (int64_t j = 0; j < N; j++) {
+                float sj = di * srow[j] + bi * aS[j] + ki * vv[j];
+                orow[j] = sj;
+                y[j] += ri * sj;
+            }
+        }
+        float mean = 0.0f, var = 0.0f;
+        for (int64_t j = 0; j < N; j++) mean += y[j];
+        mean /= (float)N;
+        for (int64_t j = 0; j < N; j++) var += (y[j] - mean) * (y[j] - mean);
+        const float rstd = 1.0f / sqrtf(var / (float)N + p->eps);
+        for (int64_t j = 0; j < N; j++) {
+            const int64_t c = ch + j;
+            out[j] = ((y[j] - mean) * rstd * p->ln_w[c] + p->ln_b[c] + bonus * vv[j]) * g[j];
+        }
+    }
+}
+
+/* v7_tail(pointers..., B, H, N, eps, decay_scale, threads): see v7_args for the pointer order. */
+static PyObject *v7_tail(PyObject *self, PyObject *args) {
+    unsigned long long q[19];
+    long long B, H, N;
+    float eps, decay_scale;
+    int threads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKKKKKKKKKLLLffi", &q[0], &q[1], &q[2], &q[3], &q[4], &q[5], &q[6], &q[7],
+                          &q[8], &q[9], &q[10], &q[11], &q[12], &q[13], &q[14], &q[15], &q[16], &q[17], &q[18], &B,
+                          &H, &N, &eps, &decay_scale, &threads)) {
+        return NULL;
+    }
+    if (B < 0 || H <= 0 || N <= 0 || N > 1024) {
+        PyErr_SetString(PyExc_ValueError, "v7_tail: bad size (head sizes up to 1024)");
+        return NULL;
+    }
+#define PTR(i) ((const float *)(uintptr_t)q[i])
+    v7_args a = {PTR(0), PTR(1), PTR(2), PTR(3), PTR(4), PTR(5), PTR(6), PTR(7), PTR(8), PTR(9), PTR(10),
+                 PTR(11), PTR(12), PTR(13), PTR(14), PTR(15), PTR(16), (float *)(uintptr_t)q[17],
+                 (float *)(uintptr_t)q[18], H, N, eps, decay_scale};
+#undef PTR
+    Py_BEGIN_ALLOW_THREADS
+    parallel(v7_tail_job, &a, B * H, 1, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* wkv_step(kind, r, k, v, logw, u_or_a, b, S_in, S_out, y, BH, H, K, V, threads): kind 0 = gla, 1 = delta. */
 static PyObject *wkv_step(PyObject *self, PyObject *args) {
     int kind, threads;
@@ -567,6 +669,10 @@ static PyMethodDef methods[] = {
      "wkv_step(kind, r, k, v, logw, u_or_a, b, S_in, S_out, y, BH, H, K, V, threads): one-token WKV step,\n"
      "kind 0 = gla (RWKV-5/6: u [H, K], b unused), 1 = delta rule (RWKV-7: a and b [BH, K]). Raw pointers\n"
      "to contiguous float32 CPU buffers; S_out may equal S_in."},
+    {"v7_tail", v7_tail, METH_VARARGS,
+     "v7_tail(r, k, v, w_lora, a_lora, v_lora_or_0, v_first_or_0, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, S_in,\n"
+     "S_out, out, B, H, N, eps, decay_scale, threads): RWKV-7's one-token time-mix between its products\n"
+     "and its output projection. Raw pointers to contiguous float32 CPU buffers; S_out may equal S_in."},
     {NULL, NULL, 0, NULL},
 };
 

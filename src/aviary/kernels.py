@@ -20,6 +20,8 @@ from `aviary.quant.Int8Linear` (up to its KERNEL_MAX_ROWS rows).
 `matmul` does the same for the small LoRA matrices, which are stored [in, out]. `gla_step` and
 `delta_rule_step` are the one-token WKV updates of RWKV-5/6 and RWKV-7 with the state read and written
 once; `aviary.ops` sends float32 decode steps to them and keeps its torch steps as the reference.
+`rwkv7_tail` is RWKV-7's whole one-token time-mix between its products and its output projection (~40
+torch ops per layer) in one call; `aviary.model.v7` keeps the torch form as the reference.
 
 Inside a decode step (`aviary._threads.small_ops_on_one_thread`) the products and steps run on the
 module's own worker threads, which stay awake for a fraction of a millisecond after each call, so the
@@ -46,7 +48,7 @@ except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 
 __all__ = ["Linear", "available", "delta_rule_step", "gla_step", "linear", "matmul", "reference_only",
-           "steps_available"]
+           "rwkv7_tail", "steps_available"]
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}  # beyond: torch's matmul (faster there)
@@ -213,3 +215,30 @@ def gla_step(r, k, v, logw, u, state, out=None):
 def delta_rule_step(r, logw, k, v, a, b, state, out=None):
     """`aviary.ops.delta.delta_rule_step` (RWKV-7, one token) in C; same arguments and results."""
     return _step(1, r, k, v, logw, a, b, state, out)
+
+
+def rwkv7_tail(r, k, v, w_lora, a_lora, v_lora, v_first, g, state, *, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b,
+               eps: float, decay_scale: float, out=None):
+    """RWKV-7's one-token time-mix from its products to its output projection, in one C call.
+
+    The reference is `aviary.model.v7.TimeMix.forward` with T = 1 (the same formulas, in torch). Per-row
+    inputs r, k, v, g, w_lora, a_lora, v_lora, v_first are [B, 1, C] (v_lora and v_first None on layer 0);
+    the parameters are the module's (w0, a0, v0, k_k, k_a [C]; r_k [H, N]; ln_w, ln_b [C]); state
+    [B, H, N, N]. Returns (y * g [B, 1, C], new state), the state written into `out` when it fits (as
+    for `gla_step`). Check `steps_available` on every tensor first."""
+    B, H, N, _ = state.shape
+    C = H * N
+    S = state.contiguous()
+    if out is None or out.shape != S.shape or out.dtype != torch.float32 or not out.is_contiguous() \
+            or out.device.type != "cpu" or not _plain(out):
+        out = torch.empty_like(S)
+    rows = [t.reshape(B, C).contiguous() for t in (r, k, v, w_lora, a_lora, g)]
+    extra = [t.reshape(B, C).contiguous() for t in (v_lora, v_first)] if v_lora is not None else []
+    params = [t.reshape(-1).contiguous() for t in (w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b)]
+    y = torch.empty(B, 1, C, dtype=torch.float32)
+    ptr = [t.data_ptr() for t in rows]
+    lora_v, first = (extra[0].data_ptr(), extra[1].data_ptr()) if extra else (0, 0)
+    threads = kernel_threads() if S.numel() >= PARALLEL_STEP_NUMEL else 1
+    _kernels.v7_tail(*ptr[:5], lora_v, first, ptr[5], *(t.data_ptr() for t in params), S.data_ptr(), out.data_ptr(),
+                     y.data_ptr(), B, H, N, eps, decay_scale, threads)
+    return y, out

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aviary import kernels
 from aviary.config import ModelConfig
 from aviary.kernels import Linear, matmul
 from aviary.model.rwkv import group_norm
@@ -66,14 +67,24 @@ class TimeMix(nn.Module):
         r = self.receptance(xr)  # [B, T, C]
         k = self.key(xk)
         v = self.value(xv)
-        w = self.w0 + matmul(torch.tanh(matmul(xw, self.w1)), self.w2)  # [B, T, C], pre-clamp decay
-        logw = -DECAY_SCALE * torch.sigmoid(w.float())  # log decay in (-0.607, 0)
+        w_lora = matmul(torch.tanh(matmul(xw, self.w1)), self.w2)  # [B, T, C]
+        a_lora = matmul(matmul(xa, self.a1), self.a2)
+        v_lora = None if self.layer_id == 0 else matmul(matmul(xv, self.v1), self.v2)
+        g = matmul(torch.sigmoid(matmul(xg, self.g1)), self.g2)
         if self.layer_id == 0:
             v_first = v
-        else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + matmul(matmul(xv, self.v1), self.v2))
-        a = torch.sigmoid(self.a0 + matmul(matmul(xa, self.a1), self.a2))  # [B, T, C]
-        g = matmul(torch.sigmoid(matmul(xg, self.g1)), self.g2)
+        if T == 1:  # decode: everything below, up to the output projection, in one C call where it runs
+            params = dict(w0=self.w0, a0=self.a0, v0=self.v0, k_k=self.k_k, k_a=self.k_a, r_k=self.r_k,
+                          ln_w=self.ln_x.weight, ln_b=self.ln_x.bias)
+            per_row = (r, k, v, w_lora, a_lora, g) + (() if v_lora is None else (v_lora, v_first))
+            if kernels.steps_available(wkv, *per_row, *params.values()):
+                y, wkv = kernels.rwkv7_tail(r, k, v, w_lora, a_lora, v_lora, v_first, g, wkv, out=wkv_out,
+                                            eps=self.ln_x.eps, decay_scale=DECAY_SCALE, **params)
+                return self.output(y), wkv, v_first
+        logw = -DECAY_SCALE * torch.sigmoid((self.w0 + w_lora).float())  # log decay in (-0.607, 0)
+        if v_lora is not None:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + v_lora)
+        a = torch.sigmoid(self.a0 + a_lora)  # [B, T, C]
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)  # [B, T, H, N]
         k = k * (1 + (a - 1) * self.k_a)
 
