@@ -187,13 +187,20 @@ def _rows(t: torch.Tensor, B: int, H: int) -> torch.Tensor:
     return t.expand(B, 1, H, t.shape[-1]).reshape(B, H, t.shape[-1]).contiguous()
 
 
+def _state_out(S: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Where a C step writes the state after S: `out` when it is a contiguous float32 CPU tensor shaped like
+    S (it may be S itself: each (batch, head) block is read before it is written), else a new tensor
+    (`out` a strided slice of a batch-major state, say: the caller then copies)."""
+    if out is None or out.shape != S.shape or out.dtype != torch.float32 or not out.is_contiguous() \
+            or out.device.type != "cpu" or not _plain(out):
+        return torch.empty_like(S)
+    return out
+
+
 def _step(kind: int, r, k, v, logw, ua, b, state, out):
     B, H, K, V = state.shape
     S = state.contiguous()
-    if out is None or out.shape != S.shape or out.dtype != torch.float32 or not out.is_contiguous() \
-            or out.device.type != "cpu" or not _plain(out):
-        out = torch.empty_like(S)  # (a strided slice of a batch-major state, say: the caller copies)
-    S_out = out  # may be the input state itself: each (batch, head) block is read before it is written
+    S_out = _state_out(S, out)
     y = torch.empty(B, 1, H, V, dtype=torch.float32)
     r, k, v, logw = _rows(r, B, H), _rows(k, B, H), _rows(v, B, H), _rows(logw, B, H)
     ua = ua.contiguous() if kind == 0 else _rows(ua, B, H)
@@ -229,9 +236,7 @@ def rwkv7_tail(r, k, v, w_lora, a_lora, v_lora, v_first, g, state, *, w0, a0, v0
     B, H, N, _ = state.shape
     C = H * N
     S = state.contiguous()
-    if out is None or out.shape != S.shape or out.dtype != torch.float32 or not out.is_contiguous() \
-            or out.device.type != "cpu" or not _plain(out):
-        out = torch.empty_like(S)
+    out = _state_out(S, out)
     rows = [t.reshape(B, C).contiguous() for t in (r, k, v, w_lora, a_lora, g)]
     extra = [t.reshape(B, C).contiguous() for t in (v_lora, v_first)] if v_lora is not None else []
     params = [t.reshape(-1).contiguous() for t in (w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b)]
