@@ -444,3 +444,18 @@ def test_rwkv7_tail_matches_the_time_mix(layer, head_size, monkeypatch):
     torch.testing.assert_close(S, S_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vf, vf_ref)
     assert torch.equal(wkv, wkv_before)  # the input state is untouched
+
+
+def test_expanded_and_initial_states_are_copies_that_inplace_decode_cannot_reach(tmp_path):
+    path = tmp_path / "tuned.pth"
+    save_random_checkpoint(path, random_config(7, n_layer=2, n_embd=128, vocab_size=300), time_state=True)
+    model = aviary.load(path)
+    tuned = model.initial_wkv.clone()
+    with torch.no_grad():
+        state = model.init_state(1)
+        model(torch.tensor([[1]]), state, inplace=True)
+        assert torch.equal(model.initial_wkv, tuned)  # the model's state-tuned start is not the state's memory
+        one = state.clone()
+        copy = one.expand(1)
+        model(torch.tensor([[2]]), copy, inplace=True)
+        assert torch.equal(one.wkv, state.wkv) and not torch.equal(copy.wkv, one.wkv)

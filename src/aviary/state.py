@@ -35,9 +35,9 @@ __all__ = ["RWKVState", "StateError", "layer_major"]
 
 
 def layer_major(t: torch.Tensor) -> torch.Tensor:
-    """t [B, L, ...] with memory ordered [L, B, ...] (each layer's slice contiguous); t itself if it is."""
-    lb = t.transpose(0, 1)
-    return t if lb.is_contiguous() else lb.contiguous().transpose(0, 1)
+    """A copy of t [B, L, ...] with memory ordered [L, B, ...] (each layer's slice contiguous). Always a
+    copy, never a view: states are updated in place (`model(..., inplace=True)`)."""
+    return t.transpose(0, 1).clone(memory_format=torch.contiguous_format).transpose(0, 1)
 
 
 class StateError(ValueError):
