@@ -24,6 +24,7 @@ setup(
             sources=["src/aviary/_kernels.c"],
             extra_compile_args=(["-O3"] if unix else []) + pthread,
             extra_link_args=pthread,
+            libraries=["m"] if unix else [],  # expf / sqrtf in the WKV steps
             optional=True,
         ),
     ]
