@@ -459,3 +459,107 @@ def test_expanded_and_initial_states_are_copies_that_inplace_decode_cannot_reach
         copy = one.expand(1)
         model(torch.tensor([[2]]), copy, inplace=True)
         assert torch.equal(one.wkv, state.wkv) and not torch.equal(copy.wkv, one.wkv)
+
+
+# ---- RWKV-7's whole one-token block in C against the torch block --------------------------------------
+
+def _block_case(layer, head_size, B, quantize, batch_major, seed=0):
+    C = 192
+    model = model_from_state_dict(random_state_dict(random_config(7, n_layer=2, n_embd=C, vocab_size=50,
+                                                                  head_size=head_size)))
+    if quantize:
+        model.quantize("int8")
+    g = torch.Generator().manual_seed(seed)
+    H = C // head_size
+    x, v_first = (torch.randn(B, 1, C, generator=g) for _ in range(2))
+    shift = torch.randn(B, 3, 2, C, generator=g)  # a batch-major 3-layer state: rows strided
+    wkv = torch.randn(B, 3, H, head_size, head_size, generator=g) * 0.3
+    if not batch_major:
+        shift, wkv = shift.transpose(0, 1).contiguous().transpose(0, 1), wkv.transpose(0, 1).contiguous().transpose(0, 1)
+    return model, model.blocks[layer], x, shift[:, 1], wkv[:, 1], None if layer == 0 else v_first
+
+
+@steps_built
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("head_size,B", [(64, 1), (24, 3), (64, 5)])
+@pytest.mark.parametrize("quantize", [False, pytest.param(True, marks=needs[torch.int8])])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rwkv7_block_matches_the_torch_block(layer, head_size, B, quantize, inplace):
+    from aviary.model import v7
+
+    model, block, x, shift, wkv, v_first = _block_case(layer, head_size, B, quantize, batch_major=B > 1)
+    shift_before, wkv_before = shift.clone(), wkv.clone()
+    with torch.no_grad(), reference_only():
+        x_ref, shift_ref, wkv_ref, vf_ref = block(x, shift, wkv, v_first, "recurrent")
+    with torch.no_grad(), small_ops_on_one_thread():
+        shift_out = shift if inplace else torch.full_like(shift, float("nan"))
+        wkv_out = wkv if inplace else torch.full_like(wkv, float("nan"))
+        done = v7.decode_block(block, x, shift, wkv, v_first, shift_out, wkv_out)
+    assert done is not None
+    x_new, vf = done
+    assert float((x_ref - x).abs().max()) > 0.01 and float((wkv_ref - wkv_before).abs().max()) > 0.01
+    torch.testing.assert_close(x_new, x_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(vf, vf_ref, atol=0 if layer else 1e-5, rtol=0 if layer else 1e-5)
+    torch.testing.assert_close(shift_out, shift_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wkv_out, wkv_ref, atol=1e-5, rtol=1e-5)
+    if not inplace:  # the inputs are untouched
+        assert torch.equal(shift, shift_before) and torch.equal(wkv, wkv_before)
+
+
+@steps_built
+def test_rwkv7_block_steps_aside_where_it_cannot_run():
+    from aviary.model import v7
+
+    model, block, x, shift, wkv, v_first = _block_case(1, 64, 2, False, batch_major=False)
+    args = (shift, wkv, v_first, shift.clone(), wkv.clone())
+    with torch.no_grad():
+        assert v7.decode_block(block, x, *args) is not None
+        assert v7.decode_block(block, x, shift, wkv, None, *args[3:]) is None  # layer 1 needs v_first
+        assert v7.decode_block(block, x.bfloat16(), *args) is None
+        assert v7.decode_block(block, x[:1], *args) is None  # rows do not match the state
+        with reference_only():
+            assert v7.decode_block(block, x, *args) is None
+    assert v7.decode_block(block, x, *args) is None  # autograd wanted
+    with torch.no_grad():
+        plain = nn.Linear(192, 192, bias=False)
+        plain.weight.copy_(block.att.key.weight)
+        block.att.key = plain  # a product the kernels do not own
+        assert v7.decode_block(block, x, *args) is None
+
+
+@steps_built
+def test_rwkv7_block_sees_parameters_that_change_after_a_step():
+    """The block caches its parameter checks by address: a swapped tensor must be seen, not the old one."""
+    from aviary.model import v7
+
+    model, block, x, shift, wkv, v_first = _block_case(1, 64, 1, False, batch_major=False)
+    outs = lambda: (shift.clone(), wkv.clone())  # noqa: E731
+    with torch.no_grad():
+        first, _ = v7.decode_block(block, x, shift, wkv, v_first, *outs())
+        block.att.w0.data = block.att.w0.data + 1.0  # a new tensor at a new address
+        block.ffn.value.weight.data = block.ffn.value.weight.data * 2
+        second, _ = v7.decode_block(block, x, shift, wkv, v_first, *outs())
+        with reference_only():
+            ref, *_ = block(x, shift, wkv, v_first, "recurrent")
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, ref, atol=2e-5, rtol=1e-4)
+
+
+@steps_built
+@pytest.mark.parametrize("quantize", [False, pytest.param(True, marks=needs[torch.int8])])
+def test_rwkv7_decode_runs_one_block_call_per_layer(quantize, monkeypatch):
+    model = model_from_state_dict(random_state_dict(random_config(7, n_layer=3, n_embd=128, vocab_size=300)))
+    if quantize:
+        model.quantize("int8")
+    calls = []
+    real = kernels.rwkv7_block
+    monkeypatch.setattr(kernels, "rwkv7_block", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    with torch.no_grad():
+        _, state = model(torch.tensor([[1, 2, 3]]))
+        assert not calls  # a prompt takes the parallel form
+        with reference_only():
+            ref, _ = model(torch.tensor([[4]]), state)
+        out, _ = model(torch.tensor([[4]]), state)
+    ran = [c is not None for c in calls]  # under reference_only each layer steps aside (or never gets here)
+    assert ran[-3:] == [True] * 3 and sum(ran) == 3  # then one call per layer
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -29,6 +29,7 @@
 #include <stdlib.h>
 
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+static const int64_t wsize[3] = {4, 2, 1}; /* bytes per weight */
 
 typedef void (*rows_fn)(const void *, const float *, const float *, float *, int64_t, int64_t, int64_t,
                         int64_t, int64_t);
@@ -442,7 +443,6 @@ static PyObject *linear(PyObject *self, PyObject *args) {
                      input_major ? "input-major" : "output-major", wtype, isa);
         return NULL;
     }
-    static const int64_t wsize[3] = {4, 2, 1};
     const char *w = (const char *)(uintptr_t)pw;
     const float *scale = (const float *)(uintptr_t)ps; /* 0: no scale */
     const float *x = (const float *)(uintptr_t)px;
@@ -548,7 +548,7 @@ typedef struct {
     const float *r, *k, *v, *w_lora, *a_lora, *v_lora, *v_first, *g;
     const float *w0, *a0, *v0, *k_k, *k_a, *r_k, *ln_w, *ln_b, *S_in;
     float *S_out, *out;
-    int64_t H, N;
+    int64_t H, N, S_in_stride, S_out_stride; /* floats from one batch row's state to the next */
     float eps, decay_scale;
 } v7_args;
 
@@ -561,8 +561,8 @@ MULTIVERSION static void v7_tail_job(const void *ctx, int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; bh++) {
         const int64_t b = bh / H, h = bh % H, row = b * C + h * N, ch = h * N;
         const float *r = p->r + row, *k = p->k + row, *v = p->v + row, *g = p->g + row;
-        const float *S = p->S_in + bh * N * N;
-        float *So = p->S_out + bh * N * N, *out = p->out + row;
+        const float *S = p->S_in + b * p->S_in_stride + h * N * N;
+        float *So = p->S_out + b * p->S_out_stride + h * N * N, *out = p->out + row;
         float norm = 0.0f, bonus = 0.0f;
         for (int64_t i = 0; i < N; i++) {
             const int64_t c = ch + i;
@@ -627,11 +627,223 @@ static PyObject *v7_tail(PyObject *self, PyObject *args) {
 #define PTR(i) ((const float *)(uintptr_t)q[i])
     v7_args a = {PTR(0), PTR(1), PTR(2), PTR(3), PTR(4), PTR(5), PTR(6), PTR(7), PTR(8), PTR(9), PTR(10),
                  PTR(11), PTR(12), PTR(13), PTR(14), PTR(15), PTR(16), (float *)(uintptr_t)q[17],
-                 (float *)(uintptr_t)q[18], H, N, eps, decay_scale};
+                 (float *)(uintptr_t)q[18], H, N, H * N * N, H * N * N, eps, decay_scale};
 #undef PTR
     Py_BEGIN_ALLOW_THREADS
     parallel(v7_tail_job, &a, B * H, 1, threads);
     Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---- RWKV-7: a whole one-token block ---------------------------------------------------------------
+ * Block.forward (aviary/model/rwkv.py) with RWKV-7's mixers (aviary/model/v7.py) for one token, in one
+ * call: between the products there is nothing but a few loops over C numbers, so the ~100 torch ops and
+ * ~13 Python-level products of a layer become 5 parallel jobs and some plain loops. With x [B, C]:
+ *   xa  = LN1(x);   xx = sx_att - xa;   x_f = xa + xx * x_f        f in r, w, k, v, a, g
+ *   r, k, v = W x_r, W x_k, W x_v;   h_w, h_a, h_v, h_g = x_w w1, x_a a1, x_v v1, x_g g1    (one job)
+ *   w_lora, a_lora, v_lora, g = tanh(h_w) w2, h_a a2, h_v v2, sigmoid(h_g) g2            (one job)
+ *   y*g, S' = v7_tail_job(...);   x1 = x + W_o (y*g)                                     (two jobs)
+ *   xf  = LN2(x1);   x_out = x1 + W_fv relu(W_fk (xf + (sx_ffn - xf) * ffn_x_k))^2      (two jobs)
+ *   shift' = (xa, xf);   layer 0 writes v_first = v and has no v LoRA
+ * The pointers come as one tuple in the order of V7_BLOCK_FIELDS (the module exports the names, and
+ * Python builds the tuple from them). Products take any of the three weight types (the *_scale fields
+ * are the int8 row scales, else 0); LoRA matrices are float32 [in, out]; everything else float32.
+ * The state slices may be strided over the batch (a batch-major state): the shift and wkv row strides
+ * are arguments; within a row they are contiguous. shift_out may be shift_in and wkv_out may be wkv_in:
+ * each row is read before it is written. The reference is the torch path of the same modules, which
+ * tests/test_kernels.py compares. */
+#define V7_BLOCK_FIELDS(X)                                                                                    \
+    X(ln1_w) X(ln1_b) X(ln2_w) X(ln2_b) X(x_r) X(x_w) X(x_k) X(x_v) X(x_a) X(x_g) X(w0) X(a0) X(v0) X(k_k)   \
+    X(k_a) X(r_k) X(ln_x_w) X(ln_x_b) X(w1) X(w2) X(a1) X(a2) X(v1) X(v2) X(g1) X(g2) X(receptance)         \
+    X(receptance_scale) X(key) X(key_scale) X(value) X(value_scale) X(output) X(output_scale) X(ffn_x_k)   \
+    X(ffn_key) X(ffn_key_scale) X(ffn_value) X(ffn_value_scale) X(x_in) X(x_out) X(shift_in) X(shift_out)  \
+    X(wkv_in) X(wkv_out) X(v_first)
+#define FIELD_ENUM(name) F_##name,
+#define FIELD_NAME(name) #name,
+enum { V7_BLOCK_FIELDS(FIELD_ENUM) F_COUNT };
+static const char *v7_block_fields[] = {V7_BLOCK_FIELDS(FIELD_NAME)};
+enum { MAT_R, MAT_K, MAT_V, MAT_O, MAT_FK, MAT_FV, MAT_COUNT }; /* the order of the wtypes tuple */
+
+/* Up to 8 products that share one parallel job; outputs are claimed 16 at a time across all of them. */
+typedef struct {
+    rows_fn fn;
+    const void *w;
+    const float *scale, *x;
+    float *y;
+    int64_t in, out;
+    int wtype;
+} product_t;
+
+typedef struct {
+    product_t p[8];
+    int n;
+    int64_t M, start[9]; /* start[i]: product i's first 16-output unit */
+} products_t;
+
+static void products_job(const void *ctx, int64_t lo, int64_t hi) {
+    const products_t *a = ctx;
+    for (int i = 0; i < a->n; i++) {
+        const int64_t s = a->start[i], e = a->start[i + 1];
+        if (e <= lo || s >= hi) continue;
+        const product_t *p = &a->p[i];
+        int64_t o0 = ((lo > s ? lo : s) - s) * 16, o1 = ((hi < e ? hi : e) - s) * 16;
+        p->fn(p->w, p->scale, p->x, p->y, o0, o1 < p->out ? o1 : p->out, p->in, p->out, a->M);
+    }
+}
+
+static void add_product(products_t *a, int wtype, int input_major, const void *w, const float *scale, const float *x,
+                        float *y, int64_t in, int64_t out) {
+    a->p[a->n++] = (product_t){(input_major ? kernels_t : kernels)[wtype], w, scale, x, y, in, out, wtype};
+}
+
+/* Run the products, on `threads` threads when they read at least min_bytes of weights (times rows). */
+static void run_products(products_t *a, int threads, int64_t min_bytes) {
+    int64_t bytes = 0;
+    a->start[0] = 0;
+    for (int i = 0; i < a->n; i++) {
+        a->start[i + 1] = a->start[i] + (a->p[i].out + 15) / 16;
+        bytes += a->p[i].in * a->p[i].out * wsize[a->p[i].wtype];
+    }
+    parallel(products_job, a, a->start[a->n], 1, bytes * a->M >= min_bytes ? threads : 1);
+    a->n = 0;
+}
+
+static void layer_norm_row(const float *x, float *y, const float *w, const float *b, int64_t C, float eps) {
+    float mean = 0.0f, var = 0.0f;
+    for (int64_t c = 0; c < C; c++) mean += x[c];
+    mean /= (float)C;
+    for (int64_t c = 0; c < C; c++) var += (x[c] - mean) * (x[c] - mean);
+    const float rstd = 1.0f / sqrtf(var / (float)C + eps);
+    for (int64_t c = 0; c < C; c++) y[c] = (x[c] - mean) * rstd * w[c] + b[c];
+}
+
+typedef struct {
+    int64_t B, C, H, F, rw, ra, rv, rg;          /* rows, channels, heads, channel-mix width, LoRA ranks */
+    int wtype[MAT_COUNT];                        /* weight type of each product (W_F32, W_BF16, W_I8) */
+    int64_t shift_in, shift_out, wkv_in, wkv_out; /* row strides in floats */
+    float ln1_eps, ln2_eps, ln_x_eps, decay_scale;
+    int threads, layer0;
+    int64_t min_bytes, step_min_numel;           /* thresholds for using the threads (kernels.py) */
+} v7_block_dims;
+
+static void v7_block_run(const uintptr_t *q, const v7_block_dims *d, float *scratch) {
+#define P(name) ((const float *)q[F_##name])
+#define W(name) ((const void *)q[F_##name])
+    const int64_t B = d->B, C = d->C, F = d->F, BC = B * C;
+    float *xa = scratch, *xr = xa + BC, *xw = xr + BC, *xk = xw + BC, *xv = xk + BC, *xaa = xv + BC, *xg = xaa + BC;
+    float *r = xg + BC, *k = r + BC, *v = k + BC, *wl = v + BC, *al = wl + BC, *vl = al + BC, *g = vl + BC;
+    float *yg = g + BC, *x1 = yg + BC, *xf = x1 + BC, *xkf = xf + BC, *fo = xkf + BC, *kf = fo + BC;
+    float *hw = kf + B * F, *ha = hw + B * d->rw, *hv = ha + B * d->ra, *hg = hv + B * d->rv;
+    const float *x_in = P(x_in);
+    float *x_out = (float *)q[F_x_out];
+    float *shift_out = (float *)q[F_shift_out];
+    const float *shift_in = P(shift_in);
+    const int layer0 = d->layer0;
+
+    for (int64_t b = 0; b < B; b++) { /* LN1 and the six token mixes */
+        const int64_t o = b * C;
+        const float *sx = shift_in + b * d->shift_in;
+        layer_norm_row(x_in + o, xa + o, P(ln1_w), P(ln1_b), C, d->ln1_eps);
+        for (int64_t c = 0; c < C; c++) {
+            const float x = xa[o + c], xx = sx[c] - x;
+            xr[o + c] = x + xx * P(x_r)[c];
+            xw[o + c] = x + xx * P(x_w)[c];
+            xk[o + c] = x + xx * P(x_k)[c];
+            xv[o + c] = x + xx * P(x_v)[c];
+            xaa[o + c] = x + xx * P(x_a)[c];
+            xg[o + c] = x + xx * P(x_g)[c];
+        }
+    }
+    products_t job = {.M = B};
+    add_product(&job, d->wtype[MAT_R], 0, W(receptance), P(receptance_scale), xr, r, C, C);
+    add_product(&job, d->wtype[MAT_K], 0, W(key), P(key_scale), xk, k, C, C);
+    add_product(&job, d->wtype[MAT_V], 0, W(value), P(value_scale), xv, v, C, C);
+    add_product(&job, W_F32, 1, W(w1), NULL, xw, hw, C, d->rw);
+    add_product(&job, W_F32, 1, W(a1), NULL, xaa, ha, C, d->ra);
+    if (!layer0) {
+        add_product(&job, W_F32, 1, W(v1), NULL, xv, hv, C, d->rv);
+    }
+    add_product(&job, W_F32, 1, W(g1), NULL, xg, hg, C, d->rg);
+    run_products(&job, d->threads, d->min_bytes);
+
+    for (int64_t i = 0; i < B * d->rw; i++) hw[i] = tanhf(hw[i]);
+    for (int64_t i = 0; i < B * d->rg; i++) hg[i] = sigmoidf_(hg[i]);
+    add_product(&job, W_F32, 1, W(w2), NULL, hw, wl, d->rw, C);
+    add_product(&job, W_F32, 1, W(a2), NULL, ha, al, d->ra, C);
+    if (!layer0) add_product(&job, W_F32, 1, W(v2), NULL, hv, vl, d->rv, C);
+    add_product(&job, W_F32, 1, W(g2), NULL, hg, g, d->rg, C);
+    run_products(&job, d->threads, d->min_bytes);
+
+    float *v_first = (float *)q[F_v_first];
+    if (layer0) memcpy(v_first, v, (size_t)BC * sizeof(float));
+    v7_args tail = {r, k, v, wl, al, layer0 ? NULL : vl, layer0 ? NULL : v_first, g, P(w0), P(a0), P(v0), P(k_k),
+                    P(k_a), P(r_k), P(ln_x_w), P(ln_x_b), P(wkv_in), (float *)q[F_wkv_out], yg, d->H, C / d->H,
+                    d->wkv_in, d->wkv_out, d->ln_x_eps, d->decay_scale};
+    parallel(v7_tail_job, &tail, B * d->H, 1, B * C * (C / d->H) >= d->step_min_numel ? d->threads : 1);
+
+    add_product(&job, d->wtype[MAT_O], 0, W(output), P(output_scale), yg, x1, C, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t b = 0; b < B; b++) { /* residual, LN2, the channel-mix token mix, the new shift */
+        const int64_t o = b * C;
+        const float *sx = shift_in + b * d->shift_in + C;
+        float *so = shift_out + b * d->shift_out;
+        for (int64_t c = 0; c < C; c++) x1[o + c] += x_in[o + c];
+        layer_norm_row(x1 + o, xf + o, P(ln2_w), P(ln2_b), C, d->ln2_eps);
+        for (int64_t c = 0; c < C; c++) xkf[o + c] = xf[o + c] + (sx[c] - xf[o + c]) * P(ffn_x_k)[c];
+        memcpy(so, xa + o, (size_t)C * sizeof(float)); /* the time-mix half was read in the first loop */
+        memcpy(so + C, xf + o, (size_t)C * sizeof(float));
+    }
+    add_product(&job, d->wtype[MAT_FK], 0, W(ffn_key), P(ffn_key_scale), xkf, kf, C, F);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < B * F; i++) kf[i] = kf[i] > 0.0f ? kf[i] * kf[i] : 0.0f;
+    add_product(&job, d->wtype[MAT_FV], 0, W(ffn_value), P(ffn_value_scale), kf, fo, F, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < BC; i++) x_out[i] = x1[i] + fo[i];
+#undef P
+#undef W
+}
+
+/* v7_block(pointers, (B, C, H, F, rank_w, rank_a, rank_v, rank_g), wtypes, (shift_in, shift_out, wkv_in,
+ * wkv_out strides), (ln1_eps, ln2_eps, ln_x_eps, decay_scale), threads, min_bytes, step_min_numel, layer0) */
+static PyObject *v7_block(PyObject *self, PyObject *args) {
+    PyObject *ptrs;
+    v7_block_dims d;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!(LLLLLLLL)(iiiiii)(LLLL)(ffff)iLLp", &PyTuple_Type, &ptrs, &d.B, &d.C, &d.H, &d.F,
+                          &d.rw, &d.ra, &d.rv, &d.rg, &d.wtype[0], &d.wtype[1], &d.wtype[2], &d.wtype[3],
+                          &d.wtype[4], &d.wtype[5], &d.shift_in, &d.shift_out, &d.wkv_in, &d.wkv_out, &d.ln1_eps,
+                          &d.ln2_eps, &d.ln_x_eps, &d.decay_scale, &d.threads, &d.min_bytes, &d.step_min_numel,
+                          &d.layer0)) {
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(ptrs) != F_COUNT) {
+        PyErr_Format(PyExc_ValueError, "v7_block: %d pointers expected, got %zd", (int)F_COUNT, PyTuple_GET_SIZE(ptrs));
+        return NULL;
+    }
+    if (d.B <= 0 || d.C <= 0 || d.H <= 0 || d.C % d.H || d.C / d.H > 1024 || d.F <= 0 || d.rw <= 0 || d.ra <= 0 ||
+        d.rv <= 0 || d.rg <= 0) {
+        PyErr_SetString(PyExc_ValueError, "v7_block: bad size (head sizes up to 1024)");
+        return NULL;
+    }
+    for (int i = 0; i < MAT_COUNT; i++) {
+        if (d.wtype[i] < 0 || d.wtype[i] > 2 || kernels[d.wtype[i]] == NULL || kernels_t[W_F32] == NULL) {
+            PyErr_Format(PyExc_RuntimeError, "v7_block: no kernel for weight type %d on this CPU (ISA %s)", d.wtype[i],
+                         isa);
+            return NULL;
+        }
+    }
+    uintptr_t q[F_COUNT];
+    for (int i = 0; i < F_COUNT; i++) {
+        q[i] = (uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(ptrs, i));
+        if (PyErr_Occurred()) return NULL;
+    }
+    size_t floats = (size_t)d.B * (size_t)(19 * d.C + d.F + d.rw + d.ra + d.rv + d.rg);
+    float *scratch = malloc(floats * sizeof(float));
+    if (scratch == NULL) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    v7_block_run(q, &d, scratch);
+    Py_END_ALLOW_THREADS
+    free(scratch);
     Py_RETURN_NONE;
 }
 
@@ -673,6 +885,10 @@ static PyMethodDef methods[] = {
      "v7_tail(r, k, v, w_lora, a_lora, v_lora_or_0, v_first_or_0, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, S_in,\n"
      "S_out, out, B, H, N, eps, decay_scale, threads): RWKV-7's one-token time-mix between its products\n"
      "and its output projection. Raw pointers to contiguous float32 CPU buffers; S_out may equal S_in."},
+    {"v7_block", v7_block, METH_VARARGS,
+     "v7_block(pointers, (B, C, H, F, rank_w, rank_a, rank_v, rank_g), (wtype x 6), (strides x 4), (ln1_eps,\n"
+     "ln2_eps, ln_x_eps, decay_scale), threads, min_bytes, step_min_numel, layer0): a whole one-token RWKV-7\n"
+     "block; pointers in the order of V7_BLOCK_FIELDS (see the comment above v7_block in _kernels.c)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -685,7 +901,13 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     if (mod == NULL) {
         return NULL;
     }
-    if (PyModule_AddStringConstant(mod, "ISA", isa) < 0) {
+    PyObject *fields = PyTuple_New(F_COUNT);
+    for (int i = 0; fields != NULL && i < F_COUNT; i++) {
+        PyTuple_SET_ITEM(fields, i, PyUnicode_FromString(v7_block_fields[i])); /* NULL on failure: caught below */
+    }
+    if (PyModule_AddStringConstant(mod, "ISA", isa) < 0 || fields == NULL ||
+        PyModule_AddObject(mod, "V7_BLOCK_FIELDS", fields) < 0) {
+        Py_XDECREF(fields);
         Py_DECREF(mod);
         return NULL;
     }

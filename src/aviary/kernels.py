@@ -21,7 +21,9 @@ from `aviary.quant.Int8Linear` (up to its KERNEL_MAX_ROWS rows).
 `delta_rule_step` are the one-token WKV updates of RWKV-5/6 and RWKV-7 with the state read and written
 once; `aviary.ops` sends float32 decode steps to them and keeps its torch steps as the reference.
 `rwkv7_tail` is RWKV-7's whole one-token time-mix between its products and its output projection (~40
-torch ops per layer) in one call; `aviary.model.v7` keeps the torch form as the reference.
+torch ops per layer) in one call, and `rwkv7_block` a whole one-token RWKV-7 block (LayerNorms, both
+mixers, all 13 products: ~100 torch ops and ~1 ms of Python per layer otherwise) in one call;
+`aviary.model.v7` keeps the torch form as the reference.
 
 Inside a decode step (`aviary._threads.small_ops_on_one_thread`) the products and steps run on the
 module's own worker threads, which stay awake for a fraction of a millisecond after each call, so the
@@ -47,8 +49,8 @@ try:  # built by setup.py; optional (no compiler, or not x86): everything falls 
 except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 
-__all__ = ["Linear", "available", "delta_rule_step", "gla_step", "linear", "matmul", "reference_only",
-           "rwkv7_tail", "steps_available"]
+__all__ = ["Linear", "available", "delta_rule_step", "gla_step", "kernel_weight", "linear", "matmul",
+           "reference_only", "rwkv7_block", "rwkv7_tail", "steps_available"]
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}  # beyond: torch's matmul (faster there)
@@ -166,6 +168,12 @@ class Linear(nn.Linear):
         with all_threads():
             return F.linear(x, w, self.bias)
 
+    def kernel_weight(self) -> tuple[torch.Tensor, None] | None:
+        """(weight, None) when the C kernels can run this product (see `kernel_weight`), else None."""
+        w = self._parameters["weight"]  # not getattr: runs every decode step
+        ok = w.dtype in _BUILT and self._parameters["bias"] is None and w.is_cpu and _plain(w) and w.is_contiguous()
+        return (w, None) if ok else None
+
 
 # ---- one-token WKV steps ----------------------------------------------------------------------------
 
@@ -247,3 +255,98 @@ def rwkv7_tail(r, k, v, w_lora, a_lora, v_lora, v_first, g, state, *, w0, a0, v0
     _kernels.v7_tail(*ptr[:5], lora_v, first, ptr[5], *(t.data_ptr() for t in params), S.data_ptr(), out.data_ptr(),
                      y.data_ptr(), B, H, N, eps, decay_scale, threads)
     return y, out
+
+
+# ---- RWKV-7: a whole one-token block ------------------------------------------------------------------
+
+def kernel_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [out, in], int8 row scale or None) when `module`'s product can run in the C kernels (a
+    bias-free `Linear` with a weight type this CPU has a kernel for, or an `aviary.quant.Int8Linear`
+    set to Aviary's kernel); None for anything else (a plain nn.Linear, a bias, a GPU...)."""
+    get = getattr(module, "kernel_weight", None)
+    return None if get is None else get()
+
+
+V7_STEP_FIELDS = ("x_in", "x_out", "shift_in", "shift_out", "wkv_in", "wkv_out", "v_first")  # the last of the C order
+
+
+def _flat(t: torch.Tensor | None, numel: int) -> bool:
+    return (t is not None and t.dtype == torch.float32 and t.device.type == "cpu" and _plain(t)
+            and t.is_contiguous() and t.numel() == numel)
+
+
+def _v7_block_dims(params: dict) -> tuple | None:
+    """(C, F, LoRA ranks, weight types) when the block's parameters suit the C block, else None."""
+    C, fk = params["ln1_w"].numel(), params["ffn_key"]
+    F_ = fk.shape[0] if fk.dim() == 2 else 0
+    ranks = tuple(params[n].shape[1] if params[n].dim() == 2 else 0 for n in ("w1", "a1", "v1", "g1"))
+    products = {"receptance": (C, C), "key": (C, C), "value": (C, C), "output": (C, C), "ffn_key": (F_, C),
+                "ffn_value": (C, F_)}
+    wtypes = []
+    for name, shape in products.items():
+        w, scale = params[name], params[name + "_scale"]
+        if w.dtype not in _BUILT or w.shape != shape or not w.is_contiguous() or not _plain(w) \
+                or w.device.type != "cpu" or (scale is None) != (w.dtype != torch.int8) \
+                or (scale is not None and not _flat(scale, shape[0])):
+            return None
+        wtypes.append(_WTYPE[w.dtype])
+    numel = {f"{n}{i}": C * r for n, r in zip("wavg", ranks) for i in (1, 2)}
+    for name, t in params.items():  # the rest: float32 vectors of C numbers and the LoRA matrices
+        if name not in products and not name.endswith("_scale") and not _flat(t, numel.get(name, C)):
+            return None
+    return (C, F_, ranks, tuple(wtypes)) if min(ranks) > 0 and F_ > 0 else None
+
+
+def _row_stride(t: torch.Tensor, shape: tuple, inner: tuple) -> int | None:
+    """t's stride from one batch row to the next when t is a float32 CPU tensor of `shape` whose rows are
+    each contiguous (`inner`: their contiguous strides), as in a slice of a batch- or layer-major state."""
+    if t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not _plain(t):
+        return None
+    stride = t.stride()
+    return stride[0] if stride[1:] == inner else None
+
+
+def rwkv7_block(params: list, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, v_first: torch.Tensor | None,
+                shift_out: torch.Tensor, wkv_out: torch.Tensor, *, n_head: int, eps: tuple[float, float, float],
+                decay_scale: float, cache: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """RWKV-7's one-token block (LN1, time-mix, LN2, channel-mix) in one C call, where it can run.
+
+    params: the block's tensors in the order of `_kernels.V7_BLOCK_FIELDS` up to (not including) x_in:
+    parameters as the module holds them and each big product's (weight, int8 scale or None) from
+    `kernel_weight`. The reference is `aviary.model.rwkv.Block` with RWKV-7's mixers, in torch; the C
+    code computes the same formulas in float32. x [B, 1, C]; shift [B, 2, C]; wkv [B, H, N, N];
+    v_first [B, 1, C], or None on layer 0 (v0, v1, v2 are then unused). The new shift and wkv are
+    written into shift_out and wkv_out (the states may be strided over the batch; the outs may be the
+    ins). Returns (x after the block, v_first), or None, having done nothing, when something does not
+    fit: a weight type or device without a kernel, gradients, sizes, dtypes.
+
+    `cache` (a dict the caller keeps per block) remembers the checks of the parameters, keyed by their
+    addresses and dtypes, so a decode step does not repeat them for every layer."""
+    if _kernels is None or getattr(_local, "off", False) or torch.is_grad_enabled():
+        return None
+    key = tuple((0, None) if t is None else (t.data_ptr(), t.dtype) for t in params)
+    dims = cache.get(key, False)
+    if dims is False:
+        cache.clear()
+        dims = cache[key] = _v7_block_dims(dict(zip(_kernels.V7_BLOCK_FIELDS, params)))
+    if dims is None:
+        return None
+    C, F_, ranks, wtypes = dims
+    B, H = x.shape[0], n_head
+    layer0 = v_first is None
+    if C % H or C // H > STEP_MAX_HEAD or not _flat(x, B * C) or x.shape != (B, 1, C) \
+            or not (layer0 or _flat(v_first, B * C)):
+        return None
+    N = C // H
+    strides = (_row_stride(shift, (B, 2, C), (C, 1)), _row_stride(shift_out, (B, 2, C), (C, 1)),
+               _row_stride(wkv, (B, H, N, N), (N * N, N, 1)), _row_stride(wkv_out, (B, H, N, N), (N * N, N, 1)))
+    if None in strides:
+        return None
+    x_out = torch.empty_like(x)
+    if layer0:
+        v_first = torch.empty_like(x)
+    ptrs = (*(p for p, _ in key), x.data_ptr(), x_out.data_ptr(), shift.data_ptr(), shift_out.data_ptr(),
+            wkv.data_ptr(), wkv_out.data_ptr(), v_first.data_ptr())
+    _kernels.v7_block(ptrs, (B, C, H, F_, *ranks), wtypes, strides, (*eps, decay_scale), kernel_threads(),
+                      PARALLEL_MIN_BYTES, PARALLEL_STEP_NUMEL, layer0)
+    return x_out, v_first

@@ -107,6 +107,11 @@ class Int8Linear(nn.Module):
                     y = int8_linear_reference(x2, self.weight_int8, self.scale)
         return y.view(*lead, self.out_features)
 
+    def kernel_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int8 weight, row scale) when Aviary's C kernel runs this product (`aviary.kernels.kernel_weight`)."""
+        q, scale = self._buffers["weight_int8"], self._buffers["scale"]  # not getattr: runs every decode step
+        return (q, scale) if self.kernel == "aviary" and kernels.available(torch.int8) and q.is_cpu else None
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"
 
