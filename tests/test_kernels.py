@@ -563,3 +563,33 @@ def test_rwkv7_decode_runs_one_block_call_per_layer(quantize, monkeypatch):
     ran = [c is not None for c in calls]  # under reference_only each layer steps aside (or never gets here)
     assert ran[-3:] == [True] * 3 and sum(ran) == 3  # then one call per layer
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@steps_built
+@needs[torch.bfloat16]
+@pytest.mark.parametrize("layer", [0, 1])
+def test_rwkv7_block_of_a_bfloat16_model_computes_in_float32(layer):
+    """A bf16 model's block runs in float32 on its bf16 weights: it equals the float32 torch block on the
+    same (bf16-valued) weights, up to the rounding of x to bf16 at the block's end; the states are float32."""
+    from aviary.model import v7
+
+    C = 192
+    sd = {k: v.bfloat16() for k, v in random_state_dict(random_config(7, n_layer=2, n_embd=C, vocab_size=50)).items()}
+    model16 = model_from_state_dict(sd).to(torch.bfloat16)
+    model32 = model_from_state_dict({k: v.float() for k, v in sd.items()})
+    g = torch.Generator().manual_seed(layer)
+    x, v_first = (torch.randn(2, 1, C, generator=g).bfloat16() for _ in range(2))
+    shift, wkv = torch.randn(2, 2, C, generator=g), torch.randn(2, 3, 64, 64, generator=g) * 0.3
+    v_first = None if layer == 0 else v_first
+    with torch.no_grad():
+        with reference_only():
+            x_ref, shift_ref, wkv_ref, vf_ref = model32.blocks[layer](x.float(), shift, wkv,
+                                                                      None if layer == 0 else v_first.float(),
+                                                                      "recurrent")
+        shift_out, wkv_out = torch.empty_like(shift), torch.empty_like(wkv)
+        x_new, vf = v7.decode_block(model16.blocks[layer], x, shift, wkv, v_first, shift_out, wkv_out)
+    assert x_new.dtype == vf.dtype == torch.bfloat16
+    torch.testing.assert_close(x_new.float(), x_ref, atol=1e-2, rtol=8e-3)  # bf16: 8 bits of mantissa
+    torch.testing.assert_close(vf.float(), vf_ref, atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(shift_out, shift_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wkv_out, wkv_ref, atol=1e-5, rtol=1e-5)

@@ -647,7 +647,8 @@ static PyObject *v7_tail(PyObject *self, PyObject *args) {
  *   shift' = (xa, xf);   layer 0 writes v_first = v and has no v LoRA
  * The pointers come as one tuple in the order of V7_BLOCK_FIELDS (the module exports the names, and
  * Python builds the tuple from them). Products take any of the three weight types (the *_scale fields
- * are the int8 row scales, else 0); LoRA matrices are float32 [in, out]; everything else float32.
+ * are the int8 row scales, else 0); LoRA matrices are float32 or bfloat16 [in, out]; everything else is
+ * float32 (a bfloat16 model's vectors arrive as float32 copies).
  * The state slices may be strided over the batch (a batch-major state): the shift and wkv row strides
  * are arguments; within a row they are contiguous. shift_out may be shift_in and wkv_out may be wkv_in:
  * each row is read before it is written. The reference is the torch path of the same modules, which
@@ -720,6 +721,7 @@ static void layer_norm_row(const float *x, float *y, const float *w, const float
 typedef struct {
     int64_t B, C, H, F, rw, ra, rv, rg;          /* rows, channels, heads, channel-mix width, LoRA ranks */
     int wtype[MAT_COUNT];                        /* weight type of each product (W_F32, W_BF16, W_I8) */
+    int lora_wtype;                              /* of the LoRA matrices (W_F32 or W_BF16) */
     int64_t shift_in, shift_out, wkv_in, wkv_out; /* row strides in floats */
     float ln1_eps, ln2_eps, ln_x_eps, decay_scale;
     int threads, layer0;
@@ -758,20 +760,20 @@ static void v7_block_run(const uintptr_t *q, const v7_block_dims *d, float *scra
     add_product(&job, d->wtype[MAT_R], 0, W(receptance), P(receptance_scale), xr, r, C, C);
     add_product(&job, d->wtype[MAT_K], 0, W(key), P(key_scale), xk, k, C, C);
     add_product(&job, d->wtype[MAT_V], 0, W(value), P(value_scale), xv, v, C, C);
-    add_product(&job, W_F32, 1, W(w1), NULL, xw, hw, C, d->rw);
-    add_product(&job, W_F32, 1, W(a1), NULL, xaa, ha, C, d->ra);
+    add_product(&job, d->lora_wtype, 1, W(w1), NULL, xw, hw, C, d->rw);
+    add_product(&job, d->lora_wtype, 1, W(a1), NULL, xaa, ha, C, d->ra);
     if (!layer0) {
-        add_product(&job, W_F32, 1, W(v1), NULL, xv, hv, C, d->rv);
+        add_product(&job, d->lora_wtype, 1, W(v1), NULL, xv, hv, C, d->rv);
     }
-    add_product(&job, W_F32, 1, W(g1), NULL, xg, hg, C, d->rg);
+    add_product(&job, d->lora_wtype, 1, W(g1), NULL, xg, hg, C, d->rg);
     run_products(&job, d->threads, d->min_bytes);
 
     for (int64_t i = 0; i < B * d->rw; i++) hw[i] = tanhf(hw[i]);
     for (int64_t i = 0; i < B * d->rg; i++) hg[i] = sigmoidf_(hg[i]);
-    add_product(&job, W_F32, 1, W(w2), NULL, hw, wl, d->rw, C);
-    add_product(&job, W_F32, 1, W(a2), NULL, ha, al, d->ra, C);
-    if (!layer0) add_product(&job, W_F32, 1, W(v2), NULL, hv, vl, d->rv, C);
-    add_product(&job, W_F32, 1, W(g2), NULL, hg, g, d->rg, C);
+    add_product(&job, d->lora_wtype, 1, W(w2), NULL, hw, wl, d->rw, C);
+    add_product(&job, d->lora_wtype, 1, W(a2), NULL, ha, al, d->ra, C);
+    if (!layer0) add_product(&job, d->lora_wtype, 1, W(v2), NULL, hv, vl, d->rv, C);
+    add_product(&job, d->lora_wtype, 1, W(g2), NULL, hg, g, d->rg, C);
     run_products(&job, d->threads, d->min_bytes);
 
     float *v_first = (float *)q[F_v_first];
@@ -803,15 +805,15 @@ static void v7_block_run(const uintptr_t *q, const v7_block_dims *d, float *scra
 #undef W
 }
 
-/* v7_block(pointers, (B, C, H, F, rank_w, rank_a, rank_v, rank_g), wtypes, (shift_in, shift_out, wkv_in,
+/* v7_block(pointers, (B, C, H, F, rank_w, rank_a, rank_v, rank_g), (6 product wtypes, LoRA wtype), (shift_in, shift_out, wkv_in,
  * wkv_out strides), (ln1_eps, ln2_eps, ln_x_eps, decay_scale), threads, min_bytes, step_min_numel, layer0) */
 static PyObject *v7_block(PyObject *self, PyObject *args) {
     PyObject *ptrs;
     v7_block_dims d;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!(LLLLLLLL)(iiiiii)(LLLL)(ffff)iLLp", &PyTuple_Type, &ptrs, &d.B, &d.C, &d.H, &d.F,
-                          &d.rw, &d.ra, &d.rv, &d.rg, &d.wtype[0], &d.wtype[1], &d.wtype[2], &d.wtype[3],
-                          &d.wtype[4], &d.wtype[5], &d.shift_in, &d.shift_out, &d.wkv_in, &d.wkv_out, &d.ln1_eps,
+    if (!PyArg_ParseTuple(args, "O!(LLLLLLLL)(iiiiiii)(LLLL)(ffff)iLLp", &PyTuple_Type, &ptrs, &d.B, &d.C, &d.H,
+                          &d.F, &d.rw, &d.ra, &d.rv, &d.rg, &d.wtype[0], &d.wtype[1], &d.wtype[2], &d.wtype[3],
+                          &d.wtype[4], &d.wtype[5], &d.lora_wtype, &d.shift_in, &d.shift_out, &d.wkv_in, &d.wkv_out, &d.ln1_eps,
                           &d.ln2_eps, &d.ln_x_eps, &d.decay_scale, &d.threads, &d.min_bytes, &d.step_min_numel,
                           &d.layer0)) {
         return NULL;
@@ -825,8 +827,13 @@ static PyObject *v7_block(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "v7_block: bad size (head sizes up to 1024)");
         return NULL;
     }
+    if (d.lora_wtype < 0 || d.lora_wtype > 1 || kernels_t[d.lora_wtype] == NULL) {
+        PyErr_Format(PyExc_RuntimeError, "v7_block: no LoRA kernel for weight type %d on this CPU (ISA %s)",
+                     d.lora_wtype, isa);
+        return NULL;
+    }
     for (int i = 0; i < MAT_COUNT; i++) {
-        if (d.wtype[i] < 0 || d.wtype[i] > 2 || kernels[d.wtype[i]] == NULL || kernels_t[W_F32] == NULL) {
+        if (d.wtype[i] < 0 || d.wtype[i] > 2 || kernels[d.wtype[i]] == NULL) {
             PyErr_Format(PyExc_RuntimeError, "v7_block: no kernel for weight type %d on this CPU (ISA %s)", d.wtype[i],
                          isa);
             return NULL;
@@ -886,7 +893,7 @@ static PyMethodDef methods[] = {
      "S_out, out, B, H, N, eps, decay_scale, threads): RWKV-7's one-token time-mix between its products\n"
      "and its output projection. Raw pointers to contiguous float32 CPU buffers; S_out may equal S_in."},
     {"v7_block", v7_block, METH_VARARGS,
-     "v7_block(pointers, (B, C, H, F, rank_w, rank_a, rank_v, rank_g), (wtype x 6), (strides x 4), (ln1_eps,\n"
+     "v7_block(pointers, (B, C, H, F, rank_w, rank_a, rank_v, rank_g), (wtype x 6, LoRA wtype), (strides x 4), (ln1_eps,\n"
      "ln2_eps, ln_x_eps, decay_scale), threads, min_bytes, step_min_numel, layer0): a whole one-token RWKV-7\n"
      "block; pointers in the order of V7_BLOCK_FIELDS (see the comment above v7_block in _kernels.c)."},
     {NULL, NULL, 0, NULL},

@@ -268,20 +268,23 @@ def kernel_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 V7_STEP_FIELDS = ("x_in", "x_out", "shift_in", "shift_out", "wkv_in", "wkv_out", "v_first")  # the last of the C order
+_V7_PRODUCTS = ("receptance", "key", "value", "output", "ffn_key", "ffn_value")
 
 
-def _flat(t: torch.Tensor | None, numel: int) -> bool:
-    return (t is not None and t.dtype == torch.float32 and t.device.type == "cpu" and _plain(t)
-            and t.is_contiguous() and t.numel() == numel)
+def _flat(t: torch.Tensor | None, numel: int, dtype: torch.dtype = torch.float32) -> bool:
+    return (t is not None and t.dtype == dtype and t.device.type == "cpu" and _plain(t) and t.is_contiguous()
+            and t.numel() == numel)
 
 
-def _v7_block_dims(params: dict) -> tuple | None:
-    """(C, F, LoRA ranks, weight types) when the block's parameters suit the C block, else None."""
-    C, fk = params["ln1_w"].numel(), params["ffn_key"]
+def _v7_block_plan(params: dict) -> tuple | None:
+    """What the C block needs from the block's parameters, checked: ((C, F, LoRA ranks, product weight
+    types, LoRA weight type), their pointers, float32 copies to keep alive), or None where it cannot run."""
+    C, fk, dtype = params["ln1_w"].numel(), params["ffn_key"], params["ln1_w"].dtype
     F_ = fk.shape[0] if fk.dim() == 2 else 0
     ranks = tuple(params[n].shape[1] if params[n].dim() == 2 else 0 for n in ("w1", "a1", "v1", "g1"))
-    products = {"receptance": (C, C), "key": (C, C), "value": (C, C), "output": (C, C), "ffn_key": (F_, C),
-                "ffn_value": (C, F_)}
+    if dtype not in (torch.float32, torch.bfloat16) or dtype not in _BUILT or min(ranks) <= 0 or F_ <= 0:
+        return None
+    products = dict(zip(_V7_PRODUCTS, ((C, C),) * 4 + ((F_, C), (C, F_))))
     wtypes = []
     for name, shape in products.items():
         w, scale = params[name], params[name + "_scale"]
@@ -290,11 +293,22 @@ def _v7_block_dims(params: dict) -> tuple | None:
                 or (scale is not None and not _flat(scale, shape[0])):
             return None
         wtypes.append(_WTYPE[w.dtype])
-    numel = {f"{n}{i}": C * r for n, r in zip("wavg", ranks) for i in (1, 2)}
-    for name, t in params.items():  # the rest: float32 vectors of C numbers and the LoRA matrices
-        if name not in products and not name.endswith("_scale") and not _flat(t, numel.get(name, C)):
-            return None
-    return (C, F_, ranks, tuple(wtypes)) if min(ranks) > 0 and F_ > 0 else None
+    loras = {f"{n}{i}": C * r for n, r in zip("wavg", ranks) for i in (1, 2)}
+    ptrs, keep = [], []
+    for name, t in params.items():
+        if name in products or name.endswith("_scale"):
+            ptrs.append(0 if t is None else t.data_ptr())
+        elif name in loras:  # read as they are, float32 or bfloat16
+            if not _flat(t, loras[name], dtype):
+                return None
+            ptrs.append(t.data_ptr())
+        else:  # vectors of C numbers, read as float32
+            if not _flat(t, C, dtype):
+                return None
+            t = t if dtype == torch.float32 else t.float()
+            keep.append(t)
+            ptrs.append(t.data_ptr())
+    return (C, F_, ranks, tuple(wtypes), _WTYPE[dtype]), tuple(ptrs), keep
 
 
 def _row_stride(t: torch.Tensor, shape: tuple, inner: tuple) -> int | None:
@@ -312,41 +326,44 @@ def rwkv7_block(params: list, x: torch.Tensor, shift: torch.Tensor, wkv: torch.T
     """RWKV-7's one-token block (LN1, time-mix, LN2, channel-mix) in one C call, where it can run.
 
     params: the block's tensors in the order of `_kernels.V7_BLOCK_FIELDS` up to (not including) x_in:
-    parameters as the module holds them and each big product's (weight, int8 scale or None) from
-    `kernel_weight`. The reference is `aviary.model.rwkv.Block` with RWKV-7's mixers, in torch; the C
-    code computes the same formulas in float32. x [B, 1, C]; shift [B, 2, C]; wkv [B, H, N, N];
-    v_first [B, 1, C], or None on layer 0 (v0, v1, v2 are then unused). The new shift and wkv are
-    written into shift_out and wkv_out (the states may be strided over the batch; the outs may be the
-    ins). Returns (x after the block, v_first), or None, having done nothing, when something does not
-    fit: a weight type or device without a kernel, gradients, sizes, dtypes.
+    parameters as the module holds them (all float32, or all bfloat16) and each big product's (weight,
+    int8 scale or None) from `kernel_weight`. The reference is `aviary.model.rwkv.Block` with RWKV-7's
+    mixers, in torch. The C code computes the same formulas in float32 (for a bfloat16 model too: only
+    the block's output x is rounded to bfloat16, where torch rounds after every op). x [B, 1, C];
+    shift [B, 2, C] and wkv [B, H, N, N], float32; v_first [B, 1, C], or None on layer 0 (v0, v1, v2
+    are then unused). The new shift and wkv are written into shift_out and wkv_out (the states may be
+    strided over the batch; the outs may be the ins). Returns (x after the block, v_first), both in x's
+    dtype, or None, having done nothing, when something does not fit: a weight type or device without
+    a kernel, gradients, sizes, dtypes.
 
-    `cache` (a dict the caller keeps per block) remembers the checks of the parameters, keyed by their
-    addresses and dtypes, so a decode step does not repeat them for every layer."""
+    `cache` (a dict the caller keeps per block) remembers the checked parameters, keyed by their
+    addresses, dtypes and version counters (so an in-place update is seen), so a decode step does not
+    repeat the checks (or the bfloat16 model's float32 copies) for every layer."""
     if _kernels is None or getattr(_local, "off", False) or torch.is_grad_enabled():
         return None
-    key = tuple((0, None) if t is None else (t.data_ptr(), t.dtype) for t in params)
-    dims = cache.get(key, False)
-    if dims is False:
+    key = tuple((0, None, 0) if t is None else (t.data_ptr(), t.dtype, t._version) for t in params)
+    plan = cache.get(key, False)
+    if plan is False:
         cache.clear()
-        dims = cache[key] = _v7_block_dims(dict(zip(_kernels.V7_BLOCK_FIELDS, params)))
-    if dims is None:
+        plan = cache[key] = _v7_block_plan(dict(zip(_kernels.V7_BLOCK_FIELDS, params)))
+    if plan is None:
         return None
-    C, F_, ranks, wtypes = dims
-    B, H = x.shape[0], n_head
-    layer0 = v_first is None
-    if C % H or C // H > STEP_MAX_HEAD or not _flat(x, B * C) or x.shape != (B, 1, C) \
-            or not (layer0 or _flat(v_first, B * C)):
+    (C, F_, ranks, wtypes, lora_wtype), ptrs, _ = plan
+    B, H, dtype, layer0 = x.shape[0], n_head, x.dtype, v_first is None
+    if C % H or C // H > STEP_MAX_HEAD or dtype != params[0].dtype or x.shape != (B, 1, C) or not x.is_cpu \
+            or not _plain(x) or not (layer0 or (v_first.shape == x.shape and v_first.is_cpu and _plain(v_first))):
         return None
     N = C // H
     strides = (_row_stride(shift, (B, 2, C), (C, 1)), _row_stride(shift_out, (B, 2, C), (C, 1)),
                _row_stride(wkv, (B, H, N, N), (N * N, N, 1)), _row_stride(wkv_out, (B, H, N, N), (N * N, N, 1)))
     if None in strides:
         return None
-    x_out = torch.empty_like(x)
-    if layer0:
-        v_first = torch.empty_like(x)
-    ptrs = (*(p for p, _ in key), x.data_ptr(), x_out.data_ptr(), shift.data_ptr(), shift_out.data_ptr(),
-            wkv.data_ptr(), wkv_out.data_ptr(), v_first.data_ptr())
-    _kernels.v7_block(ptrs, (B, C, H, F_, *ranks), wtypes, strides, (*eps, decay_scale), kernel_threads(),
-                      PARALLEL_MIN_BYTES, PARALLEL_STEP_NUMEL, layer0)
-    return x_out, v_first
+    x32 = x.float().contiguous()  # no copy for a float32 model
+    x_out = torch.empty_like(x32)
+    vf = torch.empty_like(x32) if layer0 else v_first.float().contiguous()
+    _kernels.v7_block((*ptrs, x32.data_ptr(), x_out.data_ptr(), shift.data_ptr(), shift_out.data_ptr(), wkv.data_ptr(),
+                       wkv_out.data_ptr(), vf.data_ptr()), (B, C, H, F_, *ranks), (*wtypes, lora_wtype), strides,
+                      (*eps, decay_scale), kernel_threads(), PARALLEL_MIN_BYTES, PARALLEL_STEP_NUMEL, layer0)
+    if dtype == torch.float32:
+        return x_out, vf
+    return x_out.to(dtype), vf.to(dtype) if layer0 else v_first

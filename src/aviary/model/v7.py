@@ -122,10 +122,8 @@ def decode_block(block: nn.Module, x, shift, wkv, v_first, shift_out, wkv_out):
 
     x [B, 1, C]; shift [B, 2, C]; wkv [B, H, N, N]; v_first [B, 1, C] or None (layer 0). The new shift
     and wkv are written into shift_out and wkv_out (which may be shift and wkv). Returns (x, v_first),
-    or None, having done nothing, where the kernels cannot take this block (a bf16 model, gradients, a
-    weight type or device they do not handle): the caller then runs `block` itself, the reference."""
-    if x.dtype != torch.float32:
-        return None
+    or None, having done nothing, where the kernels cannot take this block (gradients, a weight type or
+    device they do not handle): the caller then runs `block` itself, the reference."""
     # module._parameters / _modules rather than attribute access: this runs for every layer of every step
     bm = block._modules
     att, ffn = bm["att"], bm["ffn"]
