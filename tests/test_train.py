@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,13 @@ def test_export_matches_the_pip_package(corpus, tmp_path):
         torch.testing.assert_close(logits, theirs[f"{name}.logits"], atol=1e-4, rtol=1e-4, msg=name)
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (a fixed one can still be held from an earlier run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one(corpus, tmp_path, strategy):
@@ -149,7 +157,7 @@ def test_two_processes_equal_one(corpus, tmp_path, strategy):
     args = [f"--{s}.{k}={v}" for s, sec in cfg.to_dict().items() for k, v in sec.items() if v != ""]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(29517 + (strategy == "fsdp")), "-m", "aviary", "train", *args],
+                           "--master-port", str(_free_port()), "-m", "aviary", "train", *args],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = log_losses(tmp_path / "two")
