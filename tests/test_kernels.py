@@ -517,6 +517,9 @@ def test_rwkv7_block_steps_aside_where_it_cannot_run():
         assert v7.decode_block(block, x, shift, wkv, None, *args[3:]) is None  # layer 1 needs v_first
         assert v7.decode_block(block, x.bfloat16(), *args) is None
         assert v7.decode_block(block, x[:1], *args) is None  # rows do not match the state
+        many = kernels.BLOCK_MAX_ROWS + 1
+        big = (torch.zeros(many, 2, 192), torch.zeros(many, 3, 64, 64))
+        assert v7.decode_block(block, torch.zeros(many, 1, 192), *big, torch.zeros(many, 1, 192), *big) is None
         with reference_only():
             assert v7.decode_block(block, x, *args) is None
     assert v7.decode_block(block, x, *args) is None  # autograd wanted

@@ -269,6 +269,9 @@ def kernel_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 
 V7_STEP_FIELDS = ("x_in", "x_out", "shift_in", "shift_out", "wkv_in", "wkv_out", "v_first")  # the last of the C order
 _V7_PRODUCTS = ("receptance", "key", "value", "output", "ffn_key", "ffn_value")
+# rows up to which the C block runs; measured faster than the torch block at 1, 16 and 32 rows in float32
+# and bfloat16 (docs/benchmarks.md); beyond, torch's blocked matmuls are untested against it
+BLOCK_MAX_ROWS = 32
 
 
 def _flat(t: torch.Tensor | None, numel: int, dtype: torch.dtype = torch.float32) -> bool:
@@ -350,8 +353,9 @@ def rwkv7_block(params: list, x: torch.Tensor, shift: torch.Tensor, wkv: torch.T
         return None
     (C, F_, ranks, wtypes, lora_wtype), ptrs, _ = plan
     B, H, dtype, layer0 = x.shape[0], n_head, x.dtype, v_first is None
-    if C % H or C // H > STEP_MAX_HEAD or dtype != params[0].dtype or x.shape != (B, 1, C) or not x.is_cpu \
-            or not _plain(x) or not (layer0 or (v_first.shape == x.shape and v_first.is_cpu and _plain(v_first))):
+    if B > BLOCK_MAX_ROWS or C % H or C // H > STEP_MAX_HEAD or dtype != params[0].dtype or x.shape != (B, 1, C) \
+            or not (x.is_cpu and _plain(x)) \
+            or not (layer0 or (v_first.shape == x.shape and v_first.is_cpu and _plain(v_first))):
         return None
     N = C // H
     strides = (_row_stride(shift, (B, 2, C), (C, 1)), _row_stride(shift_out, (B, 2, C), (C, 1)),
