@@ -25,6 +25,8 @@ def _case(dtype, out, n_in, rows, seed=0):
         q, scale = quantize_int8(w)
         return x, q, scale, int8_linear_reference(x.double(), q, scale.double())
     w = w.to(dtype)
+    if dtype == torch.bfloat16 and kernels.bf16_rounds_x():  # the bf16 dot-product kernel rounds x as torch's does
+        return x, w, None, x.bfloat16().double() @ w.double().t()
     return x, w, None, x.double() @ w.double().t()
 
 
@@ -572,8 +574,9 @@ def test_rwkv7_decode_runs_one_block_call_per_layer(quantize, monkeypatch):
 @needs[torch.bfloat16]
 @pytest.mark.parametrize("layer", [0, 1])
 def test_rwkv7_block_of_a_bfloat16_model_computes_in_float32(layer):
-    """A bf16 model's block runs in float32 on its bf16 weights: it equals the float32 torch block on the
-    same (bf16-valued) weights, up to the rounding of x to bf16 at the block's end; the states are float32."""
+    """A bf16 model's block runs in float32 on its bf16 weights, rounding only the products' inputs and
+    its output x to bf16: it is closer to the float32 torch block on the same (bf16-valued) weights than
+    the torch bf16 block (which rounds after every op) is, and its states are float32."""
     from aviary.model import v7
 
     C = 192
@@ -584,15 +587,19 @@ def test_rwkv7_block_of_a_bfloat16_model_computes_in_float32(layer):
     x, v_first = (torch.randn(2, 1, C, generator=g).bfloat16() for _ in range(2))
     shift, wkv = torch.randn(2, 2, C, generator=g), torch.randn(2, 3, 64, 64, generator=g) * 0.3
     v_first = None if layer == 0 else v_first
+    with torch.no_grad(), reference_only():
+        x32, shift32, wkv32, vf32 = model32.blocks[layer](x.float(), shift, wkv,
+                                                          None if layer == 0 else v_first.float(), "recurrent")
+        x16, shift16, wkv16, vf16 = model16.blocks[layer](x, shift, wkv, v_first, "recurrent")
     with torch.no_grad():
-        with reference_only():
-            x_ref, shift_ref, wkv_ref, vf_ref = model32.blocks[layer](x.float(), shift, wkv,
-                                                                      None if layer == 0 else v_first.float(),
-                                                                      "recurrent")
         shift_out, wkv_out = torch.empty_like(shift), torch.empty_like(wkv)
         x_new, vf = v7.decode_block(model16.blocks[layer], x, shift, wkv, v_first, shift_out, wkv_out)
     assert x_new.dtype == vf.dtype == torch.bfloat16
-    torch.testing.assert_close(x_new.float(), x_ref, atol=1e-2, rtol=8e-3)  # bf16: 8 bits of mantissa
-    torch.testing.assert_close(vf.float(), vf_ref, atol=1e-2, rtol=8e-3)
-    torch.testing.assert_close(shift_out, shift_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(wkv_out, wkv_ref, atol=1e-5, rtol=1e-5)
+
+    def err(a, b):
+        return float((a.float() - b).abs().max())
+
+    for ours, torch16, ref in ((x_new, x16, x32), (shift_out, shift16, shift32), (wkv_out, wkv16, wkv32),
+                               (vf, vf16, vf32)):
+        assert err(ours, ref) <= err(torch16, ref) + 1e-6
+        assert err(ours, ref) <= 0.03 * float(ref.abs().max())

@@ -139,6 +139,148 @@ DEFINE_AVX512(f32_rows_avx512, float, LOAD_F32, f32_scalar)
 DEFINE_AVX512(bf16_rows_avx512, uint16_t, LOAD_BF16, bf16_to_f32)
 DEFINE_AVX512(i8_rows_avx512, int8_t, LOAD_I8, i8_scalar)
 
+/* bfloat16 weights with the CPU's bf16 dot-product instruction (AVX512_BF16 `vdpbf16ps`): each step
+ * multiplies 32 weights by 32 inputs in pairs and adds into 16 float32 sums, twice the multiply-adds per
+ * instruction of widening to float32 (DEFINE_AVX512). So x is rounded to bfloat16 first, as torch's
+ * bf16 product does (a bf16 model's activations are bf16 already; the rounding is then exact). Tiles of
+ * 4 weight rows x 4 rows of x; the 16 sums of a tile are reduced together (hsum16) and written as four
+ * runs of 4 outputs. Input lengths that are not multiples of 32 take a masked last step. */
+static int hsum16_order[16]; /* hsum16's raw output position -> accumulator; filled by pick_kernels */
+
+/* [sum(v[0]), ..., sum(v[15])] in the raw order fixed by the shuffles (hsum16_order maps it). */
+__attribute__((target("avx512f"))) static __m512 hsum16_raw(__m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int k = 0; k < 8; k++) /* 128-bit lanes {0,1} + {2,3} of two vectors: 8 partial sums each */
+        a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++) /* lanes {0,2} + {1,3}: one 128-bit lane of 4 partial sums per vector */
+        b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; k++) /* within lanes: elements {0,1} + {2,3} */
+        c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+
+static __m512i hsum16_perm; /* permutes hsum16_raw's output into accumulator order */
+
+__attribute__((target("avx512f"))) static void hsum16_init(void) {
+    __m512 v[16];
+    float out[16];
+    for (int j = 0; j < 16; j++) v[j] = _mm512_set1_ps((float)j);
+    _mm512_storeu_ps(out, hsum16_raw(v)); /* 16 * (the accumulator each position holds) */
+    int idx[16];
+    for (int p = 0; p < 16; p++) hsum16_order[p] = (int)(out[p] / 16.0f + 0.5f);
+    for (int p = 0; p < 16; p++) idx[hsum16_order[p]] = p;
+    hsum16_perm = _mm512_loadu_si512(idx);
+}
+
+/* The sums of v[0..15], in order. */
+__attribute__((target("avx512f"))) static inline __m512 hsum16(__m512 v[16]) {
+    return _mm512_permutexvar_ps(hsum16_perm, hsum16_raw(v));
+}
+
+/* One tile: 4 weight rows (w) x R rows of bf16 x (xb, row stride inp), written to y (row stride out). R is
+ * a constant at every call, so the 4R sums stay in registers. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline void
+bf16dp_tile(const uint16_t *const w[4], const uint16_t *xb, int64_t inp, int64_t in32, __mmask32 tail, float *y,
+            int64_t out, const int R) {
+    __m512 c[16];
+    for (int j = 0; j < 16; j++) c[j] = _mm512_setzero_ps();
+#define DP_STEP(LOAD)                                                                      \
+    do {                                                                                   \
+        __m512bh b0 = LOAD(w[0]), b1 = LOAD(w[1]), b2 = LOAD(w[2]), b3 = LOAD(w[3]);       \
+        for (int r = 0; r < R; r++) {                                                      \
+            __m512bh a = (__m512bh)_mm512_load_si512(xb + r * inp + i);                    \
+            c[4 * r] = _mm512_dpbf16_ps(c[4 * r], a, b0);                                  \
+            c[4 * r + 1] = _mm512_dpbf16_ps(c[4 * r + 1], a, b1);                          \
+            c[4 * r + 2] = _mm512_dpbf16_ps(c[4 * r + 2], a, b2);                          \
+            c[4 * r + 3] = _mm512_dpbf16_ps(c[4 * r + 3], a, b3);                          \
+        }                                                                                  \
+    } while (0)
+#define W_FULL(p) ((__m512bh)_mm512_loadu_si512((p) + i))
+#define W_TAIL(p) ((__m512bh)_mm512_maskz_loadu_epi16(tail, (p) + i))
+    int64_t i = 0;
+    for (; i < in32; i += 32) DP_STEP(W_FULL);
+    if (i < inp) DP_STEP(W_TAIL);
+#undef W_FULL
+#undef W_TAIL
+#undef DP_STEP
+    float s[16];
+    _mm512_storeu_ps(s, hsum16(c));
+    for (int r = 0; r < R; r++) memcpy(y + r * out, s + 4 * r, 4 * sizeof(float));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void bf16dp_rows(const void *wp, const float *scale,
+                                                                              const float *x, float *y, int64_t o0,
+                                                                              int64_t o1, int64_t in, int64_t out,
+                                                                              int64_t M) {
+    const uint16_t *W = (const uint16_t *)wp;
+    (void)scale;
+    const int64_t in32 = in / 32 * 32, inp = (in + 31) / 32 * 32;
+    const __mmask32 tail = (__mmask32)((1ull << (in - in32)) - 1); /* weights past in32 */
+    uint16_t *xb = aligned_alloc(64, (size_t)(M * inp * 2 + 64));
+    if (xb == NULL) { /* no memory for the rounded copy: the widening kernel (same results up to rounding) */
+        bf16_rows_avx512(wp, scale, x, y, o0, o1, in, out, M);
+        return;
+    }
+    for (int64_t m = 0; m < M; m++) { /* x rounded to bf16, zero-padded to a multiple of 32 */
+        const float *xm = x + m * in;
+        for (int64_t i = 0; i < inp; i += 32) {
+            __mmask16 lo = (__mmask16)(i + 16 <= in ? 0xFFFF : i < in ? (1u << (in - i)) - 1 : 0);
+            __mmask16 hi = (__mmask16)(i + 32 <= in ? 0xFFFF : i + 16 < in ? (1u << (in - i - 16)) - 1 : 0);
+            __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, xm + i + 16), _mm512_maskz_loadu_ps(lo, xm + i));
+            _mm512_storeu_si512(xb + m * inp + i, (__m512i)v);
+        }
+    }
+    int64_t o = o0;
+    if (M == 1) { /* one row of x: tiles of 16 weight rows, so one hsum16 gives 16 outputs */
+        for (; o + 16 <= o1; o += 16) {
+            __m512 c[16];
+            for (int j = 0; j < 16; j++) c[j] = _mm512_setzero_ps();
+            for (int j = 0; j < 16; j++) { /* row by row: the weights stream in order */
+                const uint16_t *wj = W + (o + j) * in;
+                __m512 d = _mm512_setzero_ps(); /* a second chain: the instruction's latency is ~6 steps */
+                int64_t i = 0;
+                for (; i + 64 <= in32; i += 64) {
+                    c[j] = _mm512_dpbf16_ps(c[j], (__m512bh)_mm512_load_si512(xb + i), (__m512bh)_mm512_loadu_si512(wj + i));
+                    d = _mm512_dpbf16_ps(d, (__m512bh)_mm512_load_si512(xb + i + 32),
+                                         (__m512bh)_mm512_loadu_si512(wj + i + 32));
+                }
+                c[j] = _mm512_add_ps(c[j], d);
+                for (; i < in32; i += 32)
+                    c[j] = _mm512_dpbf16_ps(c[j], (__m512bh)_mm512_load_si512(xb + i), (__m512bh)_mm512_loadu_si512(wj + i));
+                if (i < inp)
+                    c[j] = _mm512_dpbf16_ps(c[j], (__m512bh)_mm512_load_si512(xb + i),
+                                            (__m512bh)_mm512_maskz_loadu_epi16(tail, wj + i));
+            }
+            _mm512_storeu_ps(y + o, hsum16(c));
+        }
+    }
+    for (; o + 4 <= o1; o += 4) {
+        const uint16_t *const w[4] = {W + o * in, W + (o + 1) * in, W + (o + 2) * in, W + (o + 3) * in};
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) bf16dp_tile(w, xb + m * inp, inp, in32, tail, y + m * out + o, out, 4);
+        switch (M - m) {
+        case 3: bf16dp_tile(w, xb + m * inp, inp, in32, tail, y + m * out + o, out, 3); break;
+        case 2: bf16dp_tile(w, xb + m * inp, inp, in32, tail, y + m * out + o, out, 2); break;
+        case 1: bf16dp_tile(w, xb + m * inp, inp, in32, tail, y + m * out + o, out, 1); break;
+        default: break;
+        }
+    }
+    for (; o < o1; o++) { /* leftover outputs, one at a time */
+        const uint16_t *wo = W + o * in;
+        for (int64_t m = 0; m < M; m++) {
+            __m512 c = _mm512_setzero_ps();
+            for (int64_t i = 0; i < inp; i += 32) {
+                __m512bh b = (__m512bh)(i < in32 ? _mm512_loadu_si512(wo + i) : _mm512_maskz_loadu_epi16(tail, wo + i));
+                c = _mm512_dpbf16_ps(c, (__m512bh)_mm512_load_si512(xb + m * inp + i), b);
+            }
+            y[m * out + o] = _mm512_reduce_add_ps(c);
+        }
+    }
+    free(xb);
+}
+
 /* Weights stored [in, out] ("input-major": the LoRA matrices of RWKV-6/7, used as x @ W):
  *     y[m, o] = sum_i x[m, i] * W[i, o]
  * Tiles of 64 outputs (4 vectors) x 4 rows of x, 16 accumulators: each step of i widens 4 weight
@@ -227,6 +369,7 @@ __attribute__((target("avx2,fma"))) static void i8_rows_avx2(const void *wp, con
 static rows_fn kernels[3] = {NULL, NULL, NULL};  /* W [out, in]; NULL: no SIMD kernel here, Python uses torch's */
 static rows_fn kernels_t[3] = {NULL, NULL, NULL}; /* W [in, out] (no int8 version) */
 static const char *isa = "none";
+static int bf16_dot = 0; /* bfloat16 products use vdpbf16ps (x rounded to bf16): exported as BF16_DOT */
 
 static void pick_kernels(void) {
 #ifdef AVIARY_X86
@@ -234,6 +377,11 @@ static void pick_kernels(void) {
     if (__builtin_cpu_supports("avx512f")) {
         kernels[W_F32] = f32_rows_avx512;
         kernels[W_BF16] = bf16_rows_avx512;
+        if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")) {
+            hsum16_init();
+            kernels[W_BF16] = bf16dp_rows;
+            bf16_dot = 1;
+        }
         kernels[W_I8] = i8_rows_avx512;
         kernels_t[W_F32] = f32_t_rows_avx512;
         kernels_t[W_BF16] = bf16_t_rows_avx512;
@@ -912,7 +1060,8 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     for (int i = 0; fields != NULL && i < F_COUNT; i++) {
         PyTuple_SET_ITEM(fields, i, PyUnicode_FromString(v7_block_fields[i])); /* NULL on failure: caught below */
     }
-    if (PyModule_AddStringConstant(mod, "ISA", isa) < 0 || fields == NULL ||
+    if (PyModule_AddStringConstant(mod, "ISA", isa) < 0 || PyModule_AddIntConstant(mod, "BF16_DOT", bf16_dot) < 0 ||
+        fields == NULL ||
         PyModule_AddObject(mod, "V7_BLOCK_FIELDS", fields) < 0) {
         Py_XDECREF(fields);
         Py_DECREF(mod);

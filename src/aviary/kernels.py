@@ -13,9 +13,10 @@ interleaved, 2 threads (docs/benchmarks.md):
 
 `Linear` is an `nn.Linear` (same parameter, same state dict, same autograd) whose forward takes the C
 kernel when it can (CPU, float32 or bfloat16 weight, at most `MAX_ROWS[dtype]` rows, no gradient
-needed) and `F.linear`, the reference, otherwise. bfloat16 stops at 2 rows: past that torch's bf16
-matmul (which uses the CPU's bf16 dot-product instructions) wins. int8 weights reach the same kernel
-from `aviary.quant.Int8Linear` (up to its KERNEL_MAX_ROWS rows).
+needed) and `F.linear`, the reference, otherwise. On a CPU with AVX512_BF16 the bfloat16 kernel uses
+the bf16 dot-product instruction (x rounded to bf16 first, as in torch's bf16 matmul) and runs up to 16
+rows; without it, it widens the weights to float32 and stops at 2 rows, past which torch's bf16 matmul
+wins. int8 weights reach the same kernel from `aviary.quant.Int8Linear` (up to its KERNEL_MAX_ROWS rows).
 
 `matmul` does the same for the small LoRA matrices, which are stored [in, out]. `gla_step` and
 `delta_rule_step` are the one-token WKV updates of RWKV-5/6 and RWKV-7 with the state read and written
@@ -53,7 +54,8 @@ __all__ = ["Linear", "available", "delta_rule_step", "gla_step", "kernel_weight"
            "reference_only", "rwkv7_block", "rwkv7_tail", "steps_available"]
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}  # beyond: torch's matmul (faster there)
+# beyond: torch's matmul (faster there); 16 bf16 rows with the dot-product kernel (docs/benchmarks.md)
+MAX_ROWS = {torch.float32: 16, torch.bfloat16: 16 if _kernels is not None and getattr(_kernels, "BF16_DOT", 0) else 2}
 # `matmul` (the small [in, out] LoRA weights): above 8 rows torch's bfloat16 product is faster
 MATMUL_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 PARALLEL_MIN_BYTES = 1 << 20  # weight bytes x rows below which one thread is used (docs/benchmarks.md, item 6)
@@ -64,6 +66,12 @@ _local = threading.local()
 _BUILT = frozenset() if _kernels is None else frozenset(
     (torch.float32, torch.bfloat16, torch.int8) if _kernels.ISA == "avx512"
     else (torch.int8,) if _kernels.ISA == "avx2" else ())
+
+
+def bf16_rounds_x() -> bool:
+    """Whether this CPU's bfloat16 products use its bf16 dot-product instruction (AVX512_BF16), which
+    rounds x to bfloat16 first, as torch's bf16 matmul does; without it x stays float32."""
+    return _kernels is not None and bool(getattr(_kernels, "BF16_DOT", 0))
 
 
 def available(dtype: torch.dtype) -> bool:
