@@ -552,22 +552,26 @@ def test_rwkv7_block_sees_parameters_that_change_after_a_step():
 
 @steps_built
 @pytest.mark.parametrize("quantize", [False, pytest.param(True, marks=needs[torch.int8])])
-def test_rwkv7_decode_runs_one_block_call_per_layer(quantize, monkeypatch):
+def test_rwkv7_decode_runs_all_blocks_in_one_call(quantize, monkeypatch):
     model = model_from_state_dict(random_state_dict(random_config(7, n_layer=3, n_embd=128, vocab_size=300)))
     if quantize:
         model.quantize("int8")
     calls = []
-    real = kernels.rwkv7_block
-    monkeypatch.setattr(kernels, "rwkv7_block", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    real = kernels.rwkv7_blocks
+    monkeypatch.setattr(kernels, "rwkv7_blocks", lambda layers, *a, **k: calls.append((len(layers), real(layers, *a, **k)))
+                        or calls[-1][1])
     with torch.no_grad():
         _, state = model(torch.tensor([[1, 2, 3]]))
         assert not calls  # a prompt takes the parallel form
         with reference_only():
-            ref, _ = model(torch.tensor([[4]]), state)
-        out, _ = model(torch.tensor([[4]]), state)
-    ran = [c is not None for c in calls]  # under reference_only each layer steps aside (or never gets here)
-    assert ran[-3:] == [True] * 3 and sum(ran) == 3  # then one call per layer
+            ref, ref_state = model(torch.tensor([[4]]), state)
+        assert all(done is None for _, done in calls)  # the reference steps aside (or never gets there)
+        calls.clear()
+        out, new_state = model(torch.tensor([[4]]), state)
+    assert len(calls) == 1 and calls[0][0] == 3 and calls[0][1] is not None  # one call, all three layers
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(new_state.wkv, ref_state.wkv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new_state.shift, ref_state.shift, atol=1e-5, rtol=1e-5)
 
 
 @steps_built

@@ -783,10 +783,11 @@ static PyObject *v7_tail(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* ---- RWKV-7: a whole one-token block ---------------------------------------------------------------
- * Block.forward (aviary/model/rwkv.py) with RWKV-7's mixers (aviary/model/v7.py) for one token, in one
- * call: between the products there is nothing but a few loops over C numbers, so the ~100 torch ops and
- * ~13 Python-level products of a layer become 5 parallel jobs and some plain loops. With x [B, C]:
+/* ---- RWKV-7: whole one-token blocks --------------------------------------------------------------
+ * Block.forward (aviary/model/rwkv.py) with RWKV-7's mixers (aviary/model/v7.py) for one token, all the
+ * model's blocks in one call (v7_blocks): between the products there is nothing but a few loops over C
+ * numbers, so the ~100 torch ops and ~13 Python-level products of a layer become 6 parallel jobs and
+ * some plain loops. With x [B, C], per block (v7_block_run):
  *   xa  = LN1(x);   xx = sx_att - xa;   x_f = xa + xx * x_f        f in r, w, k, v, a, g
  *   r, k, v = W x_r, W x_k, W x_v;   h_w, h_a, h_v, h_g = x_w w1, x_a a1, x_v v1, x_g g1    (one job)
  *   w_lora, a_lora, v_lora, g = tanh(h_w) w2, h_a a2, h_v v2, sigmoid(h_g) g2            (one job)
@@ -953,52 +954,90 @@ static void v7_block_run(const uintptr_t *q, const v7_block_dims *d, float *scra
 #undef W
 }
 
-/* v7_block(pointers, (B, C, H, F, rank_w, rank_a, rank_v, rank_g), (6 product wtypes, LoRA wtype), (shift_in, shift_out, wkv_in,
- * wkv_out strides), (ln1_eps, ln2_eps, ln_x_eps, decay_scale), threads, min_bytes, step_min_numel, layer0) */
-static PyObject *v7_block(PyObject *self, PyObject *args) {
-    PyObject *ptrs;
+typedef struct {
+    uintptr_t q[F_COUNT];
     v7_block_dims d;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "O!(LLLLLLLL)(iiiiiii)(LLLL)(ffff)iLLp", &PyTuple_Type, &ptrs, &d.B, &d.C, &d.H,
-                          &d.F, &d.rw, &d.ra, &d.rv, &d.rg, &d.wtype[0], &d.wtype[1], &d.wtype[2], &d.wtype[3],
-                          &d.wtype[4], &d.wtype[5], &d.lora_wtype, &d.shift_in, &d.shift_out, &d.wkv_in, &d.wkv_out, &d.ln1_eps,
-                          &d.ln2_eps, &d.ln_x_eps, &d.decay_scale, &d.threads, &d.min_bytes, &d.step_min_numel,
-                          &d.layer0)) {
-        return NULL;
+} v7_layer;
+
+/* One layer's (pointers, (B, C, H, F, rank_w, rank_a, rank_v, rank_g), (6 product wtypes, LoRA wtype),
+ * (shift_in, shift_out, wkv_in, wkv_out row strides), (ln1_eps, ln2_eps, ln_x_eps, decay_scale), layer0),
+ * checked, into *L. 0 on success; -1 with a Python error set. */
+static int v7_parse_layer(PyObject *item, v7_layer *L) {
+    PyObject *ptrs;
+    v7_block_dims *d = &L->d;
+    if (!PyArg_ParseTuple(item, "O!(LLLLLLLL)(iiiiiii)(LLLL)(ffff)p", &PyTuple_Type, &ptrs, &d->B, &d->C, &d->H,
+                          &d->F, &d->rw, &d->ra, &d->rv, &d->rg, &d->wtype[0], &d->wtype[1], &d->wtype[2],
+                          &d->wtype[3], &d->wtype[4], &d->wtype[5], &d->lora_wtype, &d->shift_in, &d->shift_out,
+                          &d->wkv_in, &d->wkv_out, &d->ln1_eps, &d->ln2_eps, &d->ln_x_eps, &d->decay_scale,
+                          &d->layer0)) {
+        return -1;
     }
     if (PyTuple_GET_SIZE(ptrs) != F_COUNT) {
-        PyErr_Format(PyExc_ValueError, "v7_block: %d pointers expected, got %zd", (int)F_COUNT, PyTuple_GET_SIZE(ptrs));
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "v7_blocks: %d pointers expected, got %zd", (int)F_COUNT, PyTuple_GET_SIZE(ptrs));
+        return -1;
     }
-    if (d.B <= 0 || d.C <= 0 || d.H <= 0 || d.C % d.H || d.C / d.H > 1024 || d.F <= 0 || d.rw <= 0 || d.ra <= 0 ||
-        d.rv <= 0 || d.rg <= 0) {
-        PyErr_SetString(PyExc_ValueError, "v7_block: bad size (head sizes up to 1024)");
-        return NULL;
+    if (d->B <= 0 || d->C <= 0 || d->H <= 0 || d->C % d->H || d->C / d->H > 1024 || d->F <= 0 || d->rw <= 0 ||
+        d->ra <= 0 || d->rv <= 0 || d->rg <= 0) {
+        PyErr_SetString(PyExc_ValueError, "v7_blocks: bad size (head sizes up to 1024)");
+        return -1;
     }
-    if (d.lora_wtype < 0 || d.lora_wtype > 1 || kernels_t[d.lora_wtype] == NULL) {
-        PyErr_Format(PyExc_RuntimeError, "v7_block: no LoRA kernel for weight type %d on this CPU (ISA %s)",
-                     d.lora_wtype, isa);
-        return NULL;
+    if (d->lora_wtype < 0 || d->lora_wtype > 1 || kernels_t[d->lora_wtype] == NULL) {
+        PyErr_Format(PyExc_RuntimeError, "v7_blocks: no LoRA kernel for weight type %d on this CPU (ISA %s)",
+                     d->lora_wtype, isa);
+        return -1;
     }
     for (int i = 0; i < MAT_COUNT; i++) {
-        if (d.wtype[i] < 0 || d.wtype[i] > 2 || kernels[d.wtype[i]] == NULL) {
-            PyErr_Format(PyExc_RuntimeError, "v7_block: no kernel for weight type %d on this CPU (ISA %s)", d.wtype[i],
-                         isa);
-            return NULL;
+        if (d->wtype[i] < 0 || d->wtype[i] > 2 || kernels[d->wtype[i]] == NULL) {
+            PyErr_Format(PyExc_RuntimeError, "v7_blocks: no kernel for weight type %d on this CPU (ISA %s)",
+                         d->wtype[i], isa);
+            return -1;
         }
     }
-    uintptr_t q[F_COUNT];
     for (int i = 0; i < F_COUNT; i++) {
-        q[i] = (uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(ptrs, i));
-        if (PyErr_Occurred()) return NULL;
+        L->q[i] = (uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(ptrs, i));
+        if (PyErr_Occurred()) return -1;
     }
-    size_t floats = (size_t)d.B * (size_t)(19 * d.C + d.F + d.rw + d.ra + d.rv + d.rg);
-    float *scratch = malloc(floats * sizeof(float));
-    if (scratch == NULL) return PyErr_NoMemory();
+    return 0;
+}
+
+/* v7_blocks(layers, threads, min_bytes, step_min_numel): run the layers (each as v7_parse_layer reads it)
+ * one after another in one call, so no Python runs between them: between two calls the ~47 MB of
+ * weights a layer streams have pushed Python's own data out of the caches, and the next ~30 us of
+ * Python took ~200 us. The caller chains them (layer i's x_out is layer i+1's x_in). */
+static PyObject *v7_blocks(PyObject *self, PyObject *args) {
+    PyObject *layers;
+    int threads;
+    long long min_bytes, step_min_numel;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!iLL", &PyTuple_Type, &layers, &threads, &min_bytes, &step_min_numel)) {
+        return NULL;
+    }
+    const Py_ssize_t n = PyTuple_GET_SIZE(layers);
+    v7_layer *L = malloc((size_t)(n > 0 ? n : 1) * sizeof(v7_layer));
+    if (L == NULL) return PyErr_NoMemory();
+    size_t floats = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (v7_parse_layer(PyTuple_GET_ITEM(layers, i), &L[i]) < 0) {
+            free(L);
+            return NULL;
+        }
+        v7_block_dims *d = &L[i].d;
+        d->threads = threads;
+        d->min_bytes = min_bytes;
+        d->step_min_numel = step_min_numel;
+        size_t need = (size_t)d->B * (size_t)(19 * d->C + d->F + d->rw + d->ra + d->rv + d->rg);
+        if (need > floats) floats = need;
+    }
+    float *scratch = malloc(floats * sizeof(float) + 64);
+    if (scratch == NULL) {
+        free(L);
+        return PyErr_NoMemory();
+    }
     Py_BEGIN_ALLOW_THREADS
-    v7_block_run(q, &d, scratch);
+    for (Py_ssize_t i = 0; i < n; i++) v7_block_run(L[i].q, &L[i].d, scratch);
     Py_END_ALLOW_THREADS
     free(scratch);
+    free(L);
     Py_RETURN_NONE;
 }
 
@@ -1040,10 +1079,10 @@ static PyMethodDef methods[] = {
      "v7_tail(r, k, v, w_lora, a_lora, v_lora_or_0, v_first_or_0, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, S_in,\n"
      "S_out, out, B, H, N, eps, decay_scale, threads): RWKV-7's one-token time-mix between its products\n"
      "and its output projection. Raw pointers to contiguous float32 CPU buffers; S_out may equal S_in."},
-    {"v7_block", v7_block, METH_VARARGS,
-     "v7_block(pointers, (B, C, H, F, rank_w, rank_a, rank_v, rank_g), (wtype x 6, LoRA wtype), (strides x 4), (ln1_eps,\n"
-     "ln2_eps, ln_x_eps, decay_scale), threads, min_bytes, step_min_numel, layer0): a whole one-token RWKV-7\n"
-     "block; pointers in the order of V7_BLOCK_FIELDS (see the comment above v7_block in _kernels.c)."},
+    {"v7_blocks", v7_blocks, METH_VARARGS,
+     "v7_blocks(layers, threads, min_bytes, step_min_numel): one-token RWKV-7 blocks, one after another;\n"
+     "each layer is (pointers in the order of V7_BLOCK_FIELDS, (B, C, H, F, rank_w, rank_a, rank_v, rank_g),\n"
+     "(6 product wtypes, LoRA wtype), (4 row strides), (ln1_eps, ln2_eps, ln_x_eps, decay_scale), layer0)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -50,8 +51,8 @@ try:  # built by setup.py; optional (no compiler, or not x86): everything falls 
 except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 
-__all__ = ["Linear", "available", "delta_rule_step", "gla_step", "kernel_weight", "linear", "matmul",
-           "reference_only", "rwkv7_block", "rwkv7_tail", "steps_available"]
+__all__ = ["Linear", "V7Layer", "available", "bf16_rounds_x", "delta_rule_step", "gla_step", "kernel_weight",
+           "linear", "matmul", "reference_only", "rwkv7_blocks", "rwkv7_tail", "steps_available"]
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 # beyond: torch's matmul (faster there); 16 bf16 rows with the dot-product kernel (docs/benchmarks.md)
@@ -331,51 +332,83 @@ def _row_stride(t: torch.Tensor, shape: tuple, inner: tuple) -> int | None:
     return stride[0] if stride[1:] == inner else None
 
 
-def rwkv7_block(params: list, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, v_first: torch.Tensor | None,
-                shift_out: torch.Tensor, wkv_out: torch.Tensor, *, n_head: int, eps: tuple[float, float, float],
-                decay_scale: float, cache: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """RWKV-7's one-token block (LN1, time-mix, LN2, channel-mix) in one C call, where it can run.
+class V7Layer(NamedTuple):
+    """One RWKV-7 block for `rwkv7_blocks`: its tensors (`params`, in the order of
+    `_kernels.V7_BLOCK_FIELDS` up to x_in: the parameters as the module holds them, all float32 or all
+    bfloat16, and each big product's (weight, int8 scale or None) from `kernel_weight`), a dict the caller
+    keeps per block (`cache`), its head count and LayerNorm eps (ln1, ln2, ln_x), whether it is layer 0
+    (it writes v_first, and v0, v1, v2 are unused), and this step's state slices: shift [B, 2, C] and
+    wkv [B, H, N, N] in, and where the new ones go (float32; strided over the batch or not; an out may
+    be its in)."""
 
-    params: the block's tensors in the order of `_kernels.V7_BLOCK_FIELDS` up to (not including) x_in:
-    parameters as the module holds them (all float32, or all bfloat16) and each big product's (weight,
-    int8 scale or None) from `kernel_weight`. The reference is `aviary.model.rwkv.Block` with RWKV-7's
-    mixers, in torch. The C code computes the same formulas in float32 (for a bfloat16 model too: only
-    the block's output x is rounded to bfloat16, where torch rounds after every op). x [B, 1, C];
-    shift [B, 2, C] and wkv [B, H, N, N], float32; v_first [B, 1, C], or None on layer 0 (v0, v1, v2
-    are then unused). The new shift and wkv are written into shift_out and wkv_out (the states may be
-    strided over the batch; the outs may be the ins). Returns (x after the block, v_first), both in x's
-    dtype, or None, having done nothing, when something does not fit: a weight type or device without
-    a kernel, gradients, sizes, dtypes.
+    params: list
+    cache: dict
+    n_head: int
+    eps: tuple
+    layer0: bool
+    shift: torch.Tensor
+    wkv: torch.Tensor
+    shift_out: torch.Tensor
+    wkv_out: torch.Tensor
 
-    `cache` (a dict the caller keeps per block) remembers the checked parameters, keyed by their
-    addresses, dtypes and version counters (so an in-place update is seen), so a decode step does not
-    repeat the checks (or the bfloat16 model's float32 copies) for every layer."""
-    if _kernels is None or getattr(_local, "off", False) or torch.is_grad_enabled():
-        return None
+
+def _plan(params: list, cache: dict):
+    """_v7_block_plan, remembered in `cache` under the parameters' addresses, dtypes and version counters
+    (so an in-place update, as load_state_dict makes, is seen)."""
     key = tuple((0, None, 0) if t is None else (t.data_ptr(), t.dtype, t._version) for t in params)
     plan = cache.get(key, False)
     if plan is False:
         cache.clear()
         plan = cache[key] = _v7_block_plan(dict(zip(_kernels.V7_BLOCK_FIELDS, params)))
-    if plan is None:
+    return plan
+
+
+def rwkv7_blocks(layers: list[V7Layer], x: torch.Tensor, v_first: torch.Tensor | None, *,
+                 decay_scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """RWKV-7's one-token blocks (LN1, time-mix, LN2, channel-mix), one after another, in one C call.
+
+    The reference is `aviary.model.rwkv.Block` with RWKV-7's mixers, in torch. The C code computes the
+    same formulas in float32, for a bfloat16 model too (its products round their inputs to bf16 where
+    the CPU multiplies in bf16, as torch does, and the last block's output is rounded to bf16; torch's
+    bf16 path rounds after every op). x [B, 1, C]; v_first [B, 1, C], or None when the first layer is
+    layer 0. Each layer's new shift and wkv are written into its outs. Returns (x after the last block,
+    v_first) in x's dtype, or None, having done nothing, when something does not fit: a weight type or
+    device without a kernel, gradients, sizes, dtypes, more than BLOCK_MAX_ROWS rows.
+
+    One call for all layers matters: a layer streams ~47 MB of weights (L12-D768 fp32), which evicts
+    Python's own data from the caches, and ~30 us of Python between two C calls then took ~200 us."""
+    if _kernels is None or getattr(_local, "off", False) or torch.is_grad_enabled() or not layers:
         return None
-    (C, F_, ranks, wtypes, lora_wtype), ptrs, _ = plan
-    B, H, dtype, layer0 = x.shape[0], n_head, x.dtype, v_first is None
-    if B > BLOCK_MAX_ROWS or C % H or C // H > STEP_MAX_HEAD or dtype != params[0].dtype or x.shape != (B, 1, C) \
-            or not (x.is_cpu and _plain(x)) \
-            or not (layer0 or (v_first.shape == x.shape and v_first.is_cpu and _plain(v_first))):
+    B, C, dtype = x.shape[0], x.shape[-1], x.dtype
+    if B > BLOCK_MAX_ROWS or x.shape != (B, 1, C) or not (x.is_cpu and _plain(x)) \
+            or (v_first is None) != layers[0].layer0 \
+            or not (v_first is None or (v_first.shape == x.shape and v_first.is_cpu and _plain(v_first))):
         return None
-    N = C // H
-    strides = (_row_stride(shift, (B, 2, C), (C, 1)), _row_stride(shift_out, (B, 2, C), (C, 1)),
-               _row_stride(wkv, (B, H, N, N), (N * N, N, 1)), _row_stride(wkv_out, (B, H, N, N), (N * N, N, 1)))
-    if None in strides:
-        return None
-    x32 = x.float().contiguous()  # no copy for a float32 model
-    x_out = torch.empty_like(x32)
-    vf = torch.empty_like(x32) if layer0 else v_first.float().contiguous()
-    _kernels.v7_block((*ptrs, x32.data_ptr(), x_out.data_ptr(), shift.data_ptr(), shift_out.data_ptr(), wkv.data_ptr(),
-                       wkv_out.data_ptr(), vf.data_ptr()), (B, C, H, F_, *ranks), (*wtypes, lora_wtype), strides,
-                      (*eps, decay_scale), kernel_threads(), PARALLEL_MIN_BYTES, PARALLEL_STEP_NUMEL, layer0)
+    xs = torch.empty(len(layers) + 1, B, 1, C)  # each layer's input; the last: the output
+    vf = torch.empty(B, 1, C) if v_first is None else v_first.float().contiguous()
+    step = B * C * 4
+    items = []
+    for i, layer in enumerate(layers):
+        plan = _plan(layer.params, layer.cache)
+        if plan is None or plan[0][0] != C or layer.params[0].dtype != dtype:
+            return None
+        (_, F_, ranks, wtypes, lora_wtype), ptrs, _ = plan
+        H = layer.n_head
+        if C % H or C // H > STEP_MAX_HEAD:
+            return None
+        N = C // H
+        strides = (_row_stride(layer.shift, (B, 2, C), (C, 1)), _row_stride(layer.shift_out, (B, 2, C), (C, 1)),
+                   _row_stride(layer.wkv, (B, H, N, N), (N * N, N, 1)),
+                   _row_stride(layer.wkv_out, (B, H, N, N), (N * N, N, 1)))
+        if None in strides:
+            return None
+        here = (xs.data_ptr() + i * step, xs.data_ptr() + (i + 1) * step, layer.shift.data_ptr(),
+                layer.shift_out.data_ptr(), layer.wkv.data_ptr(), layer.wkv_out.data_ptr(), vf.data_ptr())
+        items.append((ptrs + here, (B, C, H, F_, *ranks), (*wtypes, lora_wtype), strides,
+                      (*layer.eps, decay_scale), layer.layer0))
+    xs[0].copy_(x)
+    _kernels.v7_blocks(tuple(items), kernel_threads(), PARALLEL_MIN_BYTES, PARALLEL_STEP_NUMEL)
+    x_out = xs[-1]
     if dtype == torch.float32:
         return x_out, vf
-    return x_out.to(dtype), vf.to(dtype) if layer0 else v_first
+    return x_out.to(dtype), vf.to(dtype) if v_first is None else v_first

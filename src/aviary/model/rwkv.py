@@ -7,9 +7,9 @@
     logits = head(LN_out(x))
 
 Token shift ("sx", the previous token's LayerNorm-ed input) is formed here, once, for both mixers;
-each version's file only sees (x, sx). A version's file may also offer `decode_block`, the whole block
-for one token in one fused call (RWKV-7 does, `aviary.model.v7`); it returns None where it cannot run,
-and this Block is then the path (and always the reference). Parameter names are the official BlinkDL ones, so official
+each version's file only sees (x, sx). A version's file may also offer `decode_blocks`, all blocks of a
+one-token step in one fused call (RWKV-7 does, `aviary.model.v7`); it returns None where it cannot run,
+and these Blocks are then the path (and always the reference). Parameter names are the official BlinkDL ones, so official
 checkpoints load with `strict=True`.
 """
 
@@ -182,18 +182,19 @@ class RWKV(nn.Module):
         else:
             shift_out, wkv_out = _layer_major_like(state.shift), _layer_major_like(state.wkv)  # filled per layer
         v_first = None
-        # a version may run a whole one-token block in one call (v7.decode_block); None: it cannot here
-        one_call = getattr(self.arch, "decode_block", None) if tokens.shape[1] == 1 and not training else None
-        for i, block in enumerate(self.blocks):
-            done = one_call and one_call(block, x, state.shift[:, i], state.wkv[:, i], v_first, shift_out[:, i],
-                                         wkv_out[:, i])
-            if done:
-                x, v_first = done
-            else:  # with the C decode step the new wkv is already in wkv_out[:, i]: assigning it is a no-op
+        # a version may run all blocks of a one-token step in one call (v7.decode_blocks); None: not here
+        one_call = None if tokens.shape[1] != 1 or training or self.rescale_every else \
+            getattr(self.arch, "decode_blocks", None)
+        done = one_call(self.blocks, x, state.shift, state.wkv, shift_out, wkv_out) if one_call else None
+        if done is not None:
+            x = done
+        else:
+            for i, block in enumerate(self.blocks):
+                # with the C decode step the new wkv is already in wkv_out[:, i]: the assignment is then a no-op
                 x, shift_out[:, i], wkv_out[:, i], v_first = block(x, state.shift[:, i], state.wkv[:, i], v_first,
                                                                    backend, None if training else wkv_out[:, i])
-            if self.rescale_every and (i + 1) % self.rescale_every == 0:
-                x = x / 2
+                if self.rescale_every and (i + 1) % self.rescale_every == 0:
+                    x = x / 2
         if last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x)).float()

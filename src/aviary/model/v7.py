@@ -30,7 +30,7 @@ from aviary.model.rwkv import group_norm
 from aviary.model.v5 import empty_wkv, wkv_shape
 from aviary.ops import delta_rule
 
-__all__ = ["ChannelMix", "TimeMix", "decode_block", "empty_wkv", "wkv_shape"]
+__all__ = ["ChannelMix", "TimeMix", "decode_block", "decode_blocks", "empty_wkv", "wkv_shape"]
 
 SUPPORTS_RESCALE = False  # the reference runs v7 in fp16 without it
 DECAY_SCALE = math.exp(-0.5)  # the pip package writes 0.606531
@@ -116,21 +116,16 @@ _ATT_PARAMS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k"
 _LORAS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 
 
-def decode_block(block: nn.Module, x, shift, wkv, v_first, shift_out, wkv_out):
-    """`Block.forward` (aviary/model/rwkv.py) for one token with this file's mixers, in one C call
-    (`aviary.kernels.rwkv7_block`): ~100 torch ops and ~13 products a layer become one call.
-
-    x [B, 1, C]; shift [B, 2, C]; wkv [B, H, N, N]; v_first [B, 1, C] or None (layer 0). The new shift
-    and wkv are written into shift_out and wkv_out (which may be shift and wkv). Returns (x, v_first),
-    or None, having done nothing, where the kernels cannot take this block (gradients, a weight type or
-    device they do not handle): the caller then runs `block` itself, the reference."""
+def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.V7Layer | None:
+    """`block` as the C blocks take it (`aviary.kernels.V7Layer`), or None if a product has no kernel."""
     # module._parameters / _modules rather than attribute access: this runs for every layer of every step
     bm = block._modules
     att, ffn = bm["att"], bm["ffn"]
     ap, am, fm = att._parameters, att._modules, ffn._modules
-    ln1, ln2, ln_x = bm["ln1"]._parameters, bm["ln2"]._parameters, am["ln_x"]._parameters
-    params = [ln1["weight"], ln1["bias"], ln2["weight"], ln2["bias"], *(ap[n] for n in _ATT_PARAMS),
-              ln_x["weight"], ln_x["bias"], *(ap[n] for n in _LORAS)]
+    ln1, ln2, ln_x = bm["ln1"], bm["ln2"], am["ln_x"]
+    p1, p2, px = ln1._parameters, ln2._parameters, ln_x._parameters
+    params = [p1["weight"], p1["bias"], p2["weight"], p2["bias"], *(ap[n] for n in _ATT_PARAMS),
+              px["weight"], px["bias"], *(ap[n] for n in _LORAS)]
     for module in (am["receptance"], am["key"], am["value"], am["output"], None, fm["key"], fm["value"]):
         if module is None:
             params.append(ffn._parameters["x_k"])
@@ -139,11 +134,31 @@ def decode_block(block: nn.Module, x, shift, wkv, v_first, shift_out, wkv_out):
         if weight is None:
             return None
         params += weight
-    if att.layer_id == 0:
-        v_first = None
-    elif v_first is None:
-        return None
     cache = block.__dict__.setdefault("_decode_cache", {})
-    return kernels.rwkv7_block(params, x, shift, wkv, v_first, shift_out, wkv_out, n_head=ap["r_k"].shape[0],
-                               eps=(block.ln1.eps, block.ln2.eps, am["ln_x"].eps), decay_scale=DECAY_SCALE,
-                               cache=cache)
+    return kernels.V7Layer(params, cache, ap["r_k"].shape[0], (ln1.eps, ln2.eps, ln_x.eps), att.layer_id == 0,
+                           shift, wkv, shift_out, wkv_out)
+
+
+def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
+    """All of `blocks` (the model's, from layer 0) for one token in one C call (`aviary.kernels.rwkv7_blocks`):
+    `Block.forward` (aviary/model/rwkv.py) with this file's mixers, ~100 torch ops and ~13 products a
+    layer otherwise.
+
+    x [B, 1, C]; shift [B, L, 2, C] and wkv [B, L, H, N, N] the state's tensors; the new ones are written
+    into shift_out and wkv_out (which may be shift and wkv). Returns x after the last block, or None,
+    having done nothing, where the kernels cannot take these blocks (gradients, a weight type or device
+    they do not handle): the caller then runs each `block` itself, the reference."""
+    layers = [_layer(block, shift[:, i], wkv[:, i], shift_out[:, i], wkv_out[:, i]) for i, block in enumerate(blocks)]
+    if None in layers:
+        return None
+    done = kernels.rwkv7_blocks(layers, x, None, decay_scale=DECAY_SCALE)
+    return None if done is None else done[0]
+
+
+def decode_block(block: nn.Module, x, shift, wkv, v_first, shift_out, wkv_out):
+    """One block of `decode_blocks`: x [B, 1, C]; shift [B, 2, C]; wkv [B, H, N, N]; v_first [B, 1, C]
+    (None on layer 0). Returns (x, v_first), or None where the kernels cannot take it."""
+    layer = _layer(block, shift, wkv, shift_out, wkv_out)
+    if layer is None or (v_first is None) != layer.layer0:
+        return None
+    return kernels.rwkv7_blocks([layer], x, v_first, decay_scale=DECAY_SCALE)
