@@ -463,11 +463,11 @@ def test_expanded_and_initial_states_are_copies_that_inplace_decode_cannot_reach
         assert torch.equal(one.wkv, state.wkv) and not torch.equal(copy.wkv, one.wkv)
 
 
-# ---- RWKV-7's whole one-token block in C against the torch block --------------------------------------
+# ---- whole one-token blocks in C (RWKV-6, RWKV-7) against the torch blocks ---------------------------
 
-def _block_case(layer, head_size, B, quantize, batch_major, seed=0):
+def _block_case(version, layer, head_size, B, quantize, batch_major, seed=0):
     C = 192
-    model = model_from_state_dict(random_state_dict(random_config(7, n_layer=2, n_embd=C, vocab_size=50,
+    model = model_from_state_dict(random_state_dict(random_config(version, n_layer=2, n_embd=C, vocab_size=50,
                                                                   head_size=head_size)))
     if quantize:
         model.quantize("int8")
@@ -478,30 +478,40 @@ def _block_case(layer, head_size, B, quantize, batch_major, seed=0):
     wkv = torch.randn(B, 3, H, head_size, head_size, generator=g) * 0.3
     if not batch_major:
         shift, wkv = shift.transpose(0, 1).contiguous().transpose(0, 1), wkv.transpose(0, 1).contiguous().transpose(0, 1)
-    return model, model.blocks[layer], x, shift[:, 1], wkv[:, 1], None if layer == 0 else v_first
+    return model, model.blocks[layer], x, shift[:, 1], wkv[:, 1], None if layer == 0 or version == 6 else v_first
+
+
+def _decode_block(version, block, x, shift, wkv, v_first, shift_out, wkv_out):
+    """The version's one-block C path as (x, v_first) (RWKV-6 has no v_first: None), or None."""
+    from aviary.model import v6, v7
+
+    if version == 7:
+        return v7.decode_block(block, x, shift, wkv, v_first, shift_out, wkv_out)
+    done = v6.decode_block(block, x, shift, wkv, shift_out, wkv_out)
+    return None if done is None else (done, None)
 
 
 @steps_built
+@pytest.mark.parametrize("version", [6, 7])
 @pytest.mark.parametrize("layer", [0, 1])
 @pytest.mark.parametrize("head_size,B", [(64, 1), (24, 3), (64, 5)])
 @pytest.mark.parametrize("quantize", [False, pytest.param(True, marks=needs[torch.int8])])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_rwkv7_block_matches_the_torch_block(layer, head_size, B, quantize, inplace):
-    from aviary.model import v7
-
-    model, block, x, shift, wkv, v_first = _block_case(layer, head_size, B, quantize, batch_major=B > 1)
+def test_block_matches_the_torch_block(version, layer, head_size, B, quantize, inplace):
+    model, block, x, shift, wkv, v_first = _block_case(version, layer, head_size, B, quantize, batch_major=B > 1)
     shift_before, wkv_before = shift.clone(), wkv.clone()
     with torch.no_grad(), reference_only():
         x_ref, shift_ref, wkv_ref, vf_ref = block(x, shift, wkv, v_first, "recurrent")
     with torch.no_grad(), small_ops_on_one_thread():
         shift_out = shift if inplace else torch.full_like(shift, float("nan"))
         wkv_out = wkv if inplace else torch.full_like(wkv, float("nan"))
-        done = v7.decode_block(block, x, shift, wkv, v_first, shift_out, wkv_out)
+        done = _decode_block(version, block, x, shift, wkv, v_first, shift_out, wkv_out)
     assert done is not None
     x_new, vf = done
     assert float((x_ref - x).abs().max()) > 0.01 and float((wkv_ref - wkv_before).abs().max()) > 0.01
     torch.testing.assert_close(x_new, x_ref, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(vf, vf_ref, atol=0 if layer else 1e-5, rtol=0 if layer else 1e-5)
+    if version == 7:
+        torch.testing.assert_close(vf, vf_ref, atol=0 if layer else 1e-5, rtol=0 if layer else 1e-5)
     torch.testing.assert_close(shift_out, shift_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(wkv_out, wkv_ref, atol=1e-5, rtol=1e-5)
     if not inplace:  # the inputs are untouched
@@ -509,56 +519,61 @@ def test_rwkv7_block_matches_the_torch_block(layer, head_size, B, quantize, inpl
 
 
 @steps_built
-def test_rwkv7_block_steps_aside_where_it_cannot_run():
-    from aviary.model import v7
-
-    model, block, x, shift, wkv, v_first = _block_case(1, 64, 2, False, batch_major=False)
+@pytest.mark.parametrize("version", [6, 7])
+def test_block_steps_aside_where_it_cannot_run(version):
+    model, block, x, shift, wkv, v_first = _block_case(version, 1, 64, 2, False, batch_major=False)
     args = (shift, wkv, v_first, shift.clone(), wkv.clone())
     with torch.no_grad():
-        assert v7.decode_block(block, x, *args) is not None
-        assert v7.decode_block(block, x, shift, wkv, None, *args[3:]) is None  # layer 1 needs v_first
-        assert v7.decode_block(block, x.bfloat16(), *args) is None
-        assert v7.decode_block(block, x[:1], *args) is None  # rows do not match the state
+        assert _decode_block(version, block, x, *args) is not None
+        if version == 7:
+            assert _decode_block(version, block, x, shift, wkv, None, *args[3:]) is None  # layer 1 needs v_first
+        assert _decode_block(version, block, x.bfloat16(), *args) is None
+        assert _decode_block(version, block, x[:1], *args) is None  # rows do not match the state
         many = kernels.BLOCK_MAX_ROWS + 1
         big = (torch.zeros(many, 2, 192), torch.zeros(many, 3, 64, 64))
-        assert v7.decode_block(block, torch.zeros(many, 1, 192), *big, torch.zeros(many, 1, 192), *big) is None
+        vf = None if version == 6 else torch.zeros(many, 1, 192)
+        assert _decode_block(version, block, torch.zeros(many, 1, 192), *big, vf, *big) is None
         with reference_only():
-            assert v7.decode_block(block, x, *args) is None
-    assert v7.decode_block(block, x, *args) is None  # autograd wanted
+            assert _decode_block(version, block, x, *args) is None
+    assert _decode_block(version, block, x, *args) is None  # autograd wanted
     with torch.no_grad():
         plain = nn.Linear(192, 192, bias=False)
         plain.weight.copy_(block.att.key.weight)
         block.att.key = plain  # a product the kernels do not own
-        assert v7.decode_block(block, x, *args) is None
+        assert _decode_block(version, block, x, *args) is None
 
 
 @steps_built
-def test_rwkv7_block_sees_parameters_that_change_after_a_step():
-    """The block caches its parameter checks by address: a swapped tensor must be seen, not the old one."""
-    from aviary.model import v7
-
-    model, block, x, shift, wkv, v_first = _block_case(1, 64, 1, False, batch_major=False)
+@pytest.mark.parametrize("version", [6, 7])
+def test_block_sees_parameters_that_change_after_a_step(version):
+    """The block caches its parameter checks by address and version: a swapped tensor or an in-place
+    update must be seen, not the old values."""
+    model, block, x, shift, wkv, v_first = _block_case(version, 1, 64, 1, False, batch_major=False)
     outs = lambda: (shift.clone(), wkv.clone())  # noqa: E731
+    decay = block.att.w0 if version == 7 else block.att.time_decay
     with torch.no_grad():
-        first, _ = v7.decode_block(block, x, shift, wkv, v_first, *outs())
-        block.att.w0.data = block.att.w0.data + 1.0  # a new tensor at a new address
+        first, _ = _decode_block(version, block, x, shift, wkv, v_first, *outs())
+        decay.data = decay.data + 1.0  # a new tensor at a new address
         block.ffn.value.weight.data = block.ffn.value.weight.data * 2
-        second, _ = v7.decode_block(block, x, shift, wkv, v_first, *outs())
+        second, _ = _decode_block(version, block, x, shift, wkv, v_first, *outs())
+        block.ln1.weight.mul_(0.5)  # in place: same address, new version
+        third, _ = _decode_block(version, block, x, shift, wkv, v_first, *outs())
         with reference_only():
             ref, *_ = block(x, shift, wkv, v_first, "recurrent")
-    assert not torch.allclose(first, second)
-    torch.testing.assert_close(second, ref, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(first, second) and not torch.allclose(second, third)
+    torch.testing.assert_close(third, ref, atol=2e-5, rtol=1e-4)
 
 
 @steps_built
+@pytest.mark.parametrize("version", [6, 7])
 @pytest.mark.parametrize("quantize", [False, pytest.param(True, marks=needs[torch.int8])])
-def test_rwkv7_decode_runs_all_blocks_in_one_call(quantize, monkeypatch):
-    model = model_from_state_dict(random_state_dict(random_config(7, n_layer=3, n_embd=128, vocab_size=300)))
+def test_decode_runs_all_blocks_in_one_call(version, quantize, monkeypatch):
+    model = model_from_state_dict(random_state_dict(random_config(version, n_layer=3, n_embd=128, vocab_size=300)))
     if quantize:
         model.quantize("int8")
     calls = []
-    real = kernels.rwkv7_blocks
-    monkeypatch.setattr(kernels, "rwkv7_blocks", lambda layers, *a, **k: calls.append((len(layers), real(layers, *a, **k)))
+    real = kernels._blocks
+    monkeypatch.setattr(kernels, "_blocks", lambda v, layers, *a: calls.append((len(layers), real(v, layers, *a)))
                         or calls[-1][1])
     with torch.no_grad():
         _, state = model(torch.tensor([[1, 2, 3]]))
@@ -575,35 +590,49 @@ def test_rwkv7_decode_runs_all_blocks_in_one_call(quantize, monkeypatch):
 
 
 @steps_built
+def test_rescaled_rwkv6_decodes_through_its_torch_blocks(monkeypatch):
+    model = model_from_state_dict(random_state_dict(random_config(6, n_layer=4, n_embd=128, vocab_size=300)))
+    with torch.no_grad():
+        _, state = model(torch.tensor([[1, 2]]))
+        ref, _ = model(torch.tensor([[3]]), state)
+        model.apply_rescale(2)  # x halves every 2 blocks: the fused blocks do not do that
+        monkeypatch.setattr(kernels, "_blocks", lambda *a: pytest.fail("fused blocks ran on a rescaled model"))
+        out, _ = model(torch.tensor([[3]]), state)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@steps_built
 @needs[torch.bfloat16]
+@pytest.mark.parametrize("version", [6, 7])
 @pytest.mark.parametrize("layer", [0, 1])
-def test_rwkv7_block_of_a_bfloat16_model_computes_in_float32(layer):
+def test_block_of_a_bfloat16_model_computes_in_float32(version, layer):
     """A bf16 model's block runs in float32 on its bf16 weights, rounding only the products' inputs and
     its output x to bf16: it is closer to the float32 torch block on the same (bf16-valued) weights than
     the torch bf16 block (which rounds after every op) is, and its states are float32."""
-    from aviary.model import v7
-
     C = 192
-    sd = {k: v.bfloat16() for k, v in random_state_dict(random_config(7, n_layer=2, n_embd=C, vocab_size=50)).items()}
+    sd = random_state_dict(random_config(version, n_layer=2, n_embd=C, vocab_size=50))
+    sd = {k: v.bfloat16() for k, v in sd.items()}
     model16 = model_from_state_dict(sd).to(torch.bfloat16)
     model32 = model_from_state_dict({k: v.float() for k, v in sd.items()})
     g = torch.Generator().manual_seed(layer)
     x, v_first = (torch.randn(2, 1, C, generator=g).bfloat16() for _ in range(2))
     shift, wkv = torch.randn(2, 2, C, generator=g), torch.randn(2, 3, 64, 64, generator=g) * 0.3
-    v_first = None if layer == 0 else v_first
+    v_first = None if layer == 0 or version == 6 else v_first
     with torch.no_grad(), reference_only():
         x32, shift32, wkv32, vf32 = model32.blocks[layer](x.float(), shift, wkv,
-                                                          None if layer == 0 else v_first.float(), "recurrent")
+                                                          None if v_first is None else v_first.float(), "recurrent")
         x16, shift16, wkv16, vf16 = model16.blocks[layer](x, shift, wkv, v_first, "recurrent")
     with torch.no_grad():
         shift_out, wkv_out = torch.empty_like(shift), torch.empty_like(wkv)
-        x_new, vf = v7.decode_block(model16.blocks[layer], x, shift, wkv, v_first, shift_out, wkv_out)
-    assert x_new.dtype == vf.dtype == torch.bfloat16
+        x_new, vf = _decode_block(version, model16.blocks[layer], x, shift, wkv, v_first, shift_out, wkv_out)
+    assert x_new.dtype == torch.bfloat16
 
     def err(a, b):
         return float((a.float() - b).abs().max())
 
-    for ours, torch16, ref in ((x_new, x16, x32), (shift_out, shift16, shift32), (wkv_out, wkv16, wkv32),
-                               (vf, vf16, vf32)):
+    pairs = [(x_new, x16, x32), (shift_out, shift16, shift32), (wkv_out, wkv16, wkv32)]
+    if version == 7:
+        pairs.append((vf, vf16, vf32))
+    for ours, torch16, ref in pairs:
         assert err(ours, ref) <= err(torch16, ref) + 1e-6
         assert err(ours, ref) <= 0.03 * float(ref.abs().max())

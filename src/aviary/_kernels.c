@@ -802,18 +802,7 @@ static PyObject *v7_tail(PyObject *self, PyObject *args) {
  * are arguments; within a row they are contiguous. shift_out may be shift_in and wkv_out may be wkv_in:
  * each row is read before it is written. The reference is the torch path of the same modules, which
  * tests/test_kernels.py compares. */
-#define V7_BLOCK_FIELDS(X)                                                                                    \
-    X(ln1_w) X(ln1_b) X(ln2_w) X(ln2_b) X(x_r) X(x_w) X(x_k) X(x_v) X(x_a) X(x_g) X(w0) X(a0) X(v0) X(k_k)   \
-    X(k_a) X(r_k) X(ln_x_w) X(ln_x_b) X(w1) X(w2) X(a1) X(a2) X(v1) X(v2) X(g1) X(g2) X(receptance)         \
-    X(receptance_scale) X(key) X(key_scale) X(value) X(value_scale) X(output) X(output_scale) X(ffn_x_k)   \
-    X(ffn_key) X(ffn_key_scale) X(ffn_value) X(ffn_value_scale) X(x_in) X(x_out) X(shift_in) X(shift_out)  \
-    X(wkv_in) X(wkv_out) X(v_first)
-#define FIELD_ENUM(name) F_##name,
 #define FIELD_NAME(name) #name,
-enum { V7_BLOCK_FIELDS(FIELD_ENUM) F_COUNT };
-static const char *v7_block_fields[] = {V7_BLOCK_FIELDS(FIELD_NAME)};
-enum { MAT_R, MAT_K, MAT_V, MAT_O, MAT_FK, MAT_FV, MAT_COUNT }; /* the order of the wtypes tuple */
-
 /* Up to 8 products that share one parallel job; outputs are claimed 16 at a time across all of them. */
 typedef struct {
     rows_fn fn;
@@ -867,34 +856,144 @@ static void layer_norm_row(const float *x, float *y, const float *w, const float
     for (int64_t c = 0; c < C; c++) y[c] = (x[c] - mean) * rstd * w[c] + b[c];
 }
 
+/* One block's sizes and settings, as v_parse_layer reads them. */
 typedef struct {
-    int64_t B, C, H, F, rw, ra, rv, rg;          /* rows, channels, heads, channel-mix width, LoRA ranks */
-    int wtype[MAT_COUNT];                        /* weight type of each product (W_F32, W_BF16, W_I8) */
-    int lora_wtype;                              /* of the LoRA matrices (W_F32 or W_BF16) */
+    int64_t B, C, H, F, rank[4];                  /* rows, channels, heads, channel-mix width, LoRA ranks */
+    int wtype[8], lora_wtype;                     /* each product's weight type (W_F32, W_BF16, W_I8), the LoRAs' */
     int64_t shift_in, shift_out, wkv_in, wkv_out; /* row strides in floats */
-    float ln1_eps, ln2_eps, ln_x_eps, decay_scale;
+    float eps[4];                                 /* ln1, ln2, ln_x eps, and one constant of the version */
     int threads, layer0;
-    int64_t min_bytes, step_min_numel;           /* thresholds for using the threads (kernels.py) */
-} v7_block_dims;
+    int64_t min_bytes, step_min_numel;            /* thresholds for using the threads (kernels.py) */
+} block_dims;
 
-static void v7_block_run(const uintptr_t *q, const v7_block_dims *d, float *scratch) {
-#define P(name) ((const float *)q[F_##name])
-#define W(name) ((const void *)q[F_##name])
+#define MAX_FIELDS 64
+typedef struct {
+    uintptr_t q[MAX_FIELDS];
+    block_dims d;
+} block_layer;
+
+/* One layer's (pointers, (B, C, H, F, 4 LoRA ranks), (n_mats product wtypes..., LoRA wtype), (shift_in,
+ * shift_out, wkv_in, wkv_out row strides), (4 floats: ln1, ln2, ln_x eps, a version's constant), layer0),
+ * checked, into *L. 0 on success; -1 with a Python error set. */
+static int parse_layer(PyObject *item, block_layer *L, int n_fields, int n_mats) {
+    PyObject *ptrs, *wtypes;
+    block_dims *d = &L->d;
+    if (!PyArg_ParseTuple(item, "O!(LLLLLLLL)O!(LLLL)(ffff)p", &PyTuple_Type, &ptrs, &d->B, &d->C, &d->H, &d->F,
+                          &d->rank[0], &d->rank[1], &d->rank[2], &d->rank[3], &PyTuple_Type, &wtypes, &d->shift_in,
+                          &d->shift_out, &d->wkv_in, &d->wkv_out, &d->eps[0], &d->eps[1], &d->eps[2], &d->eps[3],
+                          &d->layer0)) {
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(ptrs) != n_fields || PyTuple_GET_SIZE(wtypes) != n_mats + 1) {
+        PyErr_Format(PyExc_ValueError, "blocks: %d pointers and %d weight types expected, got %zd and %zd", n_fields,
+                     n_mats + 1, PyTuple_GET_SIZE(ptrs), PyTuple_GET_SIZE(wtypes));
+        return -1;
+    }
+    if (d->B <= 0 || d->C <= 0 || d->H <= 0 || d->C % d->H || d->C / d->H > 1024 || d->F <= 0 || d->rank[0] < 0 ||
+        d->rank[1] < 0 || d->rank[2] < 0 || d->rank[3] < 0) {
+        PyErr_SetString(PyExc_ValueError, "blocks: bad size (head sizes up to 1024)");
+        return -1;
+    }
+    for (int i = 0; i <= n_mats; i++) {
+        long t = PyLong_AsLong(PyTuple_GET_ITEM(wtypes, i));
+        if (PyErr_Occurred()) return -1;
+        int lora = i == n_mats; /* the last: the LoRA matrices' type, float32 or bfloat16, input-major */
+        if (t < 0 || t > (lora ? 1 : 2) || (lora ? kernels_t : kernels)[t] == NULL) {
+            PyErr_Format(PyExc_RuntimeError, "blocks: no %s kernel for weight type %ld on this CPU (ISA %s)",
+                         lora ? "LoRA" : "product", t, isa);
+            return -1;
+        }
+        if (lora) {
+            d->lora_wtype = (int)t;
+        } else {
+            d->wtype[i] = (int)t;
+        }
+    }
+    for (int i = 0; i < n_fields; i++) {
+        L->q[i] = (uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(ptrs, i));
+        if (PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+typedef void (*block_fn)(const uintptr_t *q, const block_dims *d, float *scratch);
+
+/* (layers, threads, min_bytes, step_min_numel): parse every layer, then run them one after another with
+ * the GIL released, so no Python runs between them: between two calls the ~47 MB of weights a layer
+ * streams (L12-D768 fp32) have pushed Python's own data out of the caches, and the next ~30 us of
+ * Python took ~200 us. The caller chains them (layer i's x_out is layer i+1's x_in). scratch_per_row:
+ * the floats a block needs per row of x. */
+static PyObject *run_blocks(PyObject *args, int n_fields, int n_mats, block_fn run,
+                            int64_t (*scratch_per_row)(const block_dims *)) {
+    PyObject *layers;
+    int threads;
+    long long min_bytes, step_min_numel;
+    if (!PyArg_ParseTuple(args, "O!iLL", &PyTuple_Type, &layers, &threads, &min_bytes, &step_min_numel)) {
+        return NULL;
+    }
+    const Py_ssize_t n = PyTuple_GET_SIZE(layers);
+    block_layer *L = malloc((size_t)(n > 0 ? n : 1) * sizeof(block_layer));
+    if (L == NULL) return PyErr_NoMemory();
+    size_t floats = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (parse_layer(PyTuple_GET_ITEM(layers, i), &L[i], n_fields, n_mats) < 0) {
+            free(L);
+            return NULL;
+        }
+        block_dims *d = &L[i].d;
+        d->threads = threads;
+        d->min_bytes = min_bytes;
+        d->step_min_numel = step_min_numel;
+        size_t need = (size_t)d->B * (size_t)scratch_per_row(d);
+        if (need > floats) floats = need;
+    }
+    float *scratch = malloc(floats * sizeof(float) + 64);
+    if (scratch == NULL) {
+        free(L);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) run(L[i].q, &L[i].d, scratch);
+    Py_END_ALLOW_THREADS
+    free(scratch);
+    free(L);
+    Py_RETURN_NONE;
+}
+
+/* RWKV-7. Product weight types in the order receptance, key, value, output, ffn_key, ffn_value; ranks
+ * (w, a, v, g); eps[3] = decay_scale. */
+#define V7_BLOCK_FIELDS(X)                                                                                    \
+    X(ln1_w) X(ln1_b) X(ln2_w) X(ln2_b) X(x_r) X(x_w) X(x_k) X(x_v) X(x_a) X(x_g) X(w0) X(a0) X(v0) X(k_k)   \
+    X(k_a) X(r_k) X(ln_x_w) X(ln_x_b) X(w1) X(w2) X(a1) X(a2) X(v1) X(v2) X(g1) X(g2) X(receptance)         \
+    X(receptance_scale) X(key) X(key_scale) X(value) X(value_scale) X(output) X(output_scale) X(ffn_x_k)   \
+    X(ffn_key) X(ffn_key_scale) X(ffn_value) X(ffn_value_scale) X(x_in) X(x_out) X(shift_in) X(shift_out)  \
+    X(wkv_in) X(wkv_out) X(v_first)
+#define V7_ENUM(name) V7F_##name,
+enum { V7_BLOCK_FIELDS(V7_ENUM) V7F_COUNT };
+static const char *v7_block_fields[] = {V7_BLOCK_FIELDS(FIELD_NAME)};
+
+static int64_t v7_scratch(const block_dims *d) {
+    return 19 * d->C + d->F + d->rank[0] + d->rank[1] + d->rank[2] + d->rank[3];
+}
+
+static void v7_block_run(const uintptr_t *q, const block_dims *d, float *scratch) {
+#define P(name) ((const float *)q[V7F_##name])
+#define W(name) ((const void *)q[V7F_##name])
     const int64_t B = d->B, C = d->C, F = d->F, BC = B * C;
     float *xa = scratch, *xr = xa + BC, *xw = xr + BC, *xk = xw + BC, *xv = xk + BC, *xaa = xv + BC, *xg = xaa + BC;
     float *r = xg + BC, *k = r + BC, *v = k + BC, *wl = v + BC, *al = wl + BC, *vl = al + BC, *g = vl + BC;
     float *yg = g + BC, *x1 = yg + BC, *xf = x1 + BC, *xkf = xf + BC, *fo = xkf + BC, *kf = fo + BC;
-    float *hw = kf + B * F, *ha = hw + B * d->rw, *hv = ha + B * d->ra, *hg = hv + B * d->rv;
+    float *hw = kf + B * F, *ha = hw + B * d->rank[0], *hv = ha + B * d->rank[1], *hg = hv + B * d->rank[2];
     const float *x_in = P(x_in);
-    float *x_out = (float *)q[F_x_out];
-    float *shift_out = (float *)q[F_shift_out];
+    float *x_out = (float *)q[V7F_x_out];
+    float *shift_out = (float *)q[V7F_shift_out];
     const float *shift_in = P(shift_in);
     const int layer0 = d->layer0;
 
     for (int64_t b = 0; b < B; b++) { /* LN1 and the six token mixes */
         const int64_t o = b * C;
         const float *sx = shift_in + b * d->shift_in;
-        layer_norm_row(x_in + o, xa + o, P(ln1_w), P(ln1_b), C, d->ln1_eps);
+        layer_norm_row(x_in + o, xa + o, P(ln1_w), P(ln1_b), C, d->eps[0]);
         for (int64_t c = 0; c < C; c++) {
             const float x = xa[o + c], xx = sx[c] - x;
             xr[o + c] = x + xx * P(x_r)[c];
@@ -906,139 +1005,207 @@ static void v7_block_run(const uintptr_t *q, const v7_block_dims *d, float *scra
         }
     }
     products_t job = {.M = B};
-    add_product(&job, d->wtype[MAT_R], 0, W(receptance), P(receptance_scale), xr, r, C, C);
-    add_product(&job, d->wtype[MAT_K], 0, W(key), P(key_scale), xk, k, C, C);
-    add_product(&job, d->wtype[MAT_V], 0, W(value), P(value_scale), xv, v, C, C);
-    add_product(&job, d->lora_wtype, 1, W(w1), NULL, xw, hw, C, d->rw);
-    add_product(&job, d->lora_wtype, 1, W(a1), NULL, xaa, ha, C, d->ra);
+    add_product(&job, d->wtype[0], 0, W(receptance), P(receptance_scale), xr, r, C, C);
+    add_product(&job, d->wtype[1], 0, W(key), P(key_scale), xk, k, C, C);
+    add_product(&job, d->wtype[2], 0, W(value), P(value_scale), xv, v, C, C);
+    add_product(&job, d->lora_wtype, 1, W(w1), NULL, xw, hw, C, d->rank[0]);
+    add_product(&job, d->lora_wtype, 1, W(a1), NULL, xaa, ha, C, d->rank[1]);
     if (!layer0) {
-        add_product(&job, d->lora_wtype, 1, W(v1), NULL, xv, hv, C, d->rv);
+        add_product(&job, d->lora_wtype, 1, W(v1), NULL, xv, hv, C, d->rank[2]);
     }
-    add_product(&job, d->lora_wtype, 1, W(g1), NULL, xg, hg, C, d->rg);
+    add_product(&job, d->lora_wtype, 1, W(g1), NULL, xg, hg, C, d->rank[3]);
     run_products(&job, d->threads, d->min_bytes);
 
-    for (int64_t i = 0; i < B * d->rw; i++) hw[i] = tanhf(hw[i]);
-    for (int64_t i = 0; i < B * d->rg; i++) hg[i] = sigmoidf_(hg[i]);
-    add_product(&job, d->lora_wtype, 1, W(w2), NULL, hw, wl, d->rw, C);
-    add_product(&job, d->lora_wtype, 1, W(a2), NULL, ha, al, d->ra, C);
-    if (!layer0) add_product(&job, d->lora_wtype, 1, W(v2), NULL, hv, vl, d->rv, C);
-    add_product(&job, d->lora_wtype, 1, W(g2), NULL, hg, g, d->rg, C);
+    for (int64_t i = 0; i < B * d->rank[0]; i++) hw[i] = tanhf(hw[i]);
+    for (int64_t i = 0; i < B * d->rank[3]; i++) hg[i] = sigmoidf_(hg[i]);
+    add_product(&job, d->lora_wtype, 1, W(w2), NULL, hw, wl, d->rank[0], C);
+    add_product(&job, d->lora_wtype, 1, W(a2), NULL, ha, al, d->rank[1], C);
+    if (!layer0) add_product(&job, d->lora_wtype, 1, W(v2), NULL, hv, vl, d->rank[2], C);
+    add_product(&job, d->lora_wtype, 1, W(g2), NULL, hg, g, d->rank[3], C);
     run_products(&job, d->threads, d->min_bytes);
 
-    float *v_first = (float *)q[F_v_first];
+    float *v_first = (float *)q[V7F_v_first];
     if (layer0) memcpy(v_first, v, (size_t)BC * sizeof(float));
     v7_args tail = {r, k, v, wl, al, layer0 ? NULL : vl, layer0 ? NULL : v_first, g, P(w0), P(a0), P(v0), P(k_k),
-                    P(k_a), P(r_k), P(ln_x_w), P(ln_x_b), P(wkv_in), (float *)q[F_wkv_out], yg, d->H, C / d->H,
-                    d->wkv_in, d->wkv_out, d->ln_x_eps, d->decay_scale};
+                    P(k_a), P(r_k), P(ln_x_w), P(ln_x_b), P(wkv_in), (float *)q[V7F_wkv_out], yg, d->H, C / d->H,
+                    d->wkv_in, d->wkv_out, d->eps[2], d->eps[3]};
     parallel(v7_tail_job, &tail, B * d->H, 1, B * C * (C / d->H) >= d->step_min_numel ? d->threads : 1);
 
-    add_product(&job, d->wtype[MAT_O], 0, W(output), P(output_scale), yg, x1, C, C);
+    add_product(&job, d->wtype[3], 0, W(output), P(output_scale), yg, x1, C, C);
     run_products(&job, d->threads, d->min_bytes);
     for (int64_t b = 0; b < B; b++) { /* residual, LN2, the channel-mix token mix, the new shift */
         const int64_t o = b * C;
         const float *sx = shift_in + b * d->shift_in + C;
         float *so = shift_out + b * d->shift_out;
         for (int64_t c = 0; c < C; c++) x1[o + c] += x_in[o + c];
-        layer_norm_row(x1 + o, xf + o, P(ln2_w), P(ln2_b), C, d->ln2_eps);
+        layer_norm_row(x1 + o, xf + o, P(ln2_w), P(ln2_b), C, d->eps[1]);
         for (int64_t c = 0; c < C; c++) xkf[o + c] = xf[o + c] + (sx[c] - xf[o + c]) * P(ffn_x_k)[c];
         memcpy(so, xa + o, (size_t)C * sizeof(float)); /* the time-mix half was read in the first loop */
         memcpy(so + C, xf + o, (size_t)C * sizeof(float));
     }
-    add_product(&job, d->wtype[MAT_FK], 0, W(ffn_key), P(ffn_key_scale), xkf, kf, C, F);
+    add_product(&job, d->wtype[4], 0, W(ffn_key), P(ffn_key_scale), xkf, kf, C, F);
     run_products(&job, d->threads, d->min_bytes);
     for (int64_t i = 0; i < B * F; i++) kf[i] = kf[i] > 0.0f ? kf[i] * kf[i] : 0.0f;
-    add_product(&job, d->wtype[MAT_FV], 0, W(ffn_value), P(ffn_value_scale), kf, fo, F, C);
+    add_product(&job, d->wtype[5], 0, W(ffn_value), P(ffn_value_scale), kf, fo, F, C);
     run_products(&job, d->threads, d->min_bytes);
     for (int64_t i = 0; i < BC; i++) x_out[i] = x1[i] + fo[i];
 #undef P
 #undef W
 }
 
-typedef struct {
-    uintptr_t q[F_COUNT];
-    v7_block_dims d;
-} v7_layer;
-
-/* One layer's (pointers, (B, C, H, F, rank_w, rank_a, rank_v, rank_g), (6 product wtypes, LoRA wtype),
- * (shift_in, shift_out, wkv_in, wkv_out row strides), (ln1_eps, ln2_eps, ln_x_eps, decay_scale), layer0),
- * checked, into *L. 0 on success; -1 with a Python error set. */
-static int v7_parse_layer(PyObject *item, v7_layer *L) {
-    PyObject *ptrs;
-    v7_block_dims *d = &L->d;
-    if (!PyArg_ParseTuple(item, "O!(LLLLLLLL)(iiiiiii)(LLLL)(ffff)p", &PyTuple_Type, &ptrs, &d->B, &d->C, &d->H,
-                          &d->F, &d->rw, &d->ra, &d->rv, &d->rg, &d->wtype[0], &d->wtype[1], &d->wtype[2],
-                          &d->wtype[3], &d->wtype[4], &d->wtype[5], &d->lora_wtype, &d->shift_in, &d->shift_out,
-                          &d->wkv_in, &d->wkv_out, &d->ln1_eps, &d->ln2_eps, &d->ln_x_eps, &d->decay_scale,
-                          &d->layer0)) {
-        return -1;
-    }
-    if (PyTuple_GET_SIZE(ptrs) != F_COUNT) {
-        PyErr_Format(PyExc_ValueError, "v7_blocks: %d pointers expected, got %zd", (int)F_COUNT, PyTuple_GET_SIZE(ptrs));
-        return -1;
-    }
-    if (d->B <= 0 || d->C <= 0 || d->H <= 0 || d->C % d->H || d->C / d->H > 1024 || d->F <= 0 || d->rw <= 0 ||
-        d->ra <= 0 || d->rv <= 0 || d->rg <= 0) {
-        PyErr_SetString(PyExc_ValueError, "v7_blocks: bad size (head sizes up to 1024)");
-        return -1;
-    }
-    if (d->lora_wtype < 0 || d->lora_wtype > 1 || kernels_t[d->lora_wtype] == NULL) {
-        PyErr_Format(PyExc_RuntimeError, "v7_blocks: no LoRA kernel for weight type %d on this CPU (ISA %s)",
-                     d->lora_wtype, isa);
-        return -1;
-    }
-    for (int i = 0; i < MAT_COUNT; i++) {
-        if (d->wtype[i] < 0 || d->wtype[i] > 2 || kernels[d->wtype[i]] == NULL) {
-            PyErr_Format(PyExc_RuntimeError, "v7_blocks: no kernel for weight type %d on this CPU (ISA %s)",
-                         d->wtype[i], isa);
-            return -1;
-        }
-    }
-    for (int i = 0; i < F_COUNT; i++) {
-        L->q[i] = (uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(ptrs, i));
-        if (PyErr_Occurred()) return -1;
-    }
-    return 0;
+static PyObject *v7_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    return run_blocks(args, V7F_COUNT, 6, v7_block_run, v7_scratch);
 }
 
-/* v7_blocks(layers, threads, min_bytes, step_min_numel): run the layers (each as v7_parse_layer reads it)
- * one after another in one call, so no Python runs between them: between two calls the ~47 MB of
- * weights a layer streams have pushed Python's own data out of the caches, and the next ~30 us of
- * Python took ~200 us. The caller chains them (layer i's x_out is layer i+1's x_in). */
-static PyObject *v7_blocks(PyObject *self, PyObject *args) {
-    PyObject *layers;
-    int threads;
-    long long min_bytes, step_min_numel;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "O!iLL", &PyTuple_Type, &layers, &threads, &min_bytes, &step_min_numel)) {
-        return NULL;
-    }
-    const Py_ssize_t n = PyTuple_GET_SIZE(layers);
-    v7_layer *L = malloc((size_t)(n > 0 ? n : 1) * sizeof(v7_layer));
-    if (L == NULL) return PyErr_NoMemory();
-    size_t floats = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (v7_parse_layer(PyTuple_GET_ITEM(layers, i), &L[i]) < 0) {
-            free(L);
-            return NULL;
+/* RWKV-6, per block (v6_block_run); the reference is aviary/model/v6.py (TimeMix and ChannelMix with
+ * T = 1). Product weight types in the order receptance, key, value, gate, output, ffn_key,
+ * ffn_receptance, ffn_value; ranks (D = time_maa_w1's per-mix rank, Dd = the decay LoRA's, 0, 0).
+ *   xa = LN1(x);   xx = sx_att - xa;   h = tanh((xa + xx * maa_x) maa_w1)             (one job, [B, 5D])
+ *   m_f = h_f maa_w2[f];   x_f = xa + xx * (maa_f + m_f)     f in w, k, v, r, g       (one job)
+ *   r, k, v, g' = W x_r, W x_k, W x_v, W x_g;   h_d = x_w decay_w1                      (one job)
+ *   w_lora = tanh(h_d) decay_w2                                                        (one job)
+ *   g = silu(g');   logw = -exp(decay + w_lora);   y, S' = the gla step with u = faaaa  (v6_tail_job)
+ *   x1 = x + W_o (GroupNorm_head(y) * g)                                               (one job)
+ *   xf = LN2(x1);   k_f, r_f = W_fk (xf + (sx_ffn - xf) maa_k), W_fr (xf + (sx_ffn - xf) maa_r)  (one job)
+ *   x_out = x1 + sigmoid(r_f) * W_fv relu(k_f)^2                                        (one job) */
+#define V6_BLOCK_FIELDS(X)                                                                                    \
+    X(ln1_w) X(ln1_b) X(ln2_w) X(ln2_b) X(maa_x) X(maa_w) X(maa_k) X(maa_v) X(maa_r) X(maa_g) X(maa_w1)      \
+    X(maa_w2) X(decay) X(decay_w1) X(decay_w2) X(faaaa) X(ln_x_w) X(ln_x_b) X(receptance) X(receptance_scale) \
+    X(key) X(key_scale) X(value) X(value_scale) X(gate) X(gate_scale) X(output) X(output_scale) X(ffn_maa_k) \
+    X(ffn_maa_r) X(ffn_key) X(ffn_key_scale) X(ffn_receptance) X(ffn_receptance_scale) X(ffn_value)         \
+    X(ffn_value_scale) X(x_in) X(x_out) X(shift_in) X(shift_out) X(wkv_in) X(wkv_out)
+#define V6_ENUM(name) V6F_##name,
+enum { V6_BLOCK_FIELDS(V6_ENUM) V6F_COUNT };
+static const char *v6_block_fields[] = {V6_BLOCK_FIELDS(FIELD_NAME)};
+
+typedef struct {
+    const float *r, *k, *v, *g, *w_lora, *decay, *u, *ln_w, *ln_b, *S_in;
+    float *S_out, *out;
+    int64_t H, N, S_in_stride, S_out_stride;
+    float eps;
+} v6_args;
+
+/* Per (batch row, head): the gla step (gla_job's formulas, decay exp(-exp(decay + w_lora))), then the
+ * head's GroupNorm times the gate: out = GroupNorm(y) * g. */
+MULTIVERSION static void v6_tail_job(const void *ctx, int64_t lo, int64_t hi) {
+    const v6_args *p = ctx;
+    const int64_t H = p->H, N = p->N, C = H * N;
+    float y[1024]; /* N <= 1024 */
+    for (int64_t bh = lo; bh < hi; bh++) {
+        const int64_t b = bh / H, h = bh % H, row = b * C + h * N, ch = h * N;
+        const float *r = p->r + row, *k = p->k + row, *v = p->v + row, *g = p->g + row, *u = p->u + ch;
+        const float *S = p->S_in + b * p->S_in_stride + h * N * N;
+        float *So = p->S_out + b * p->S_out_stride + h * N * N, *out = p->out + row;
+        float bonus = 0.0f;
+        for (int64_t i = 0; i < N; i++) bonus += r[i] * u[i] * k[i];
+        for (int64_t j = 0; j < N; j++) y[j] = bonus * v[j];
+        for (int64_t i = 0; i < N; i++) {
+            const float ri = r[i], wi = expf(-expf(p->decay[ch + i] + p->w_lora[row + i])), ki = k[i];
+            const float *srow = S + i * N;
+            float *orow = So + i * N;
+            for (int64_t j = 0; j < N; j++) {
+                const float sj = srow[j];
+                y[j] += ri * sj;
+                orow[j] = wi * sj + ki * v[j];
+            }
         }
-        v7_block_dims *d = &L[i].d;
-        d->threads = threads;
-        d->min_bytes = min_bytes;
-        d->step_min_numel = step_min_numel;
-        size_t need = (size_t)d->B * (size_t)(19 * d->C + d->F + d->rw + d->ra + d->rv + d->rg);
-        if (need > floats) floats = need;
+        float mean = 0.0f, var = 0.0f;
+        for (int64_t j = 0; j < N; j++) mean += y[j];
+        mean /= (float)N;
+        for (int64_t j = 0; j < N; j++) var += (y[j] - mean) * (y[j] - mean);
+        const float rstd = 1.0f / sqrtf(var / (float)N + p->eps);
+        for (int64_t j = 0; j < N; j++) out[j] = ((y[j] - mean) * rstd * p->ln_w[ch + j] + p->ln_b[ch + j]) * g[j];
     }
-    float *scratch = malloc(floats * sizeof(float) + 64);
-    if (scratch == NULL) {
-        free(L);
-        return PyErr_NoMemory();
+}
+
+static int64_t v6_scratch(const block_dims *d) {
+    return 24 * d->C + d->F + 10 * d->rank[0] + d->rank[1]; /* the buffers at the top of v6_block_run */
+}
+
+static void v6_block_run(const uintptr_t *q, const block_dims *d, float *scratch) {
+#define P(name) ((const float *)q[V6F_##name])
+#define W(name) ((const void *)q[V6F_##name])
+    const int64_t B = d->B, C = d->C, F = d->F, D = d->rank[0], Dd = d->rank[1], BC = B * C;
+    float *xa = scratch, *xx = xa + BC, *xs = xx + BC, *m = xs + 5 * BC; /* xs: x_w, x_k, x_v, x_r, x_g */
+    float *r = m + 5 * BC, *k = r + BC, *v = k + BC, *g = v + BC, *wl = g + BC, *yg = wl + BC, *x1 = yg + BC;
+    float *xf = x1 + BC, *xkf = xf + BC, *xrf = xkf + BC, *rf = xrf + BC, *fo = rf + BC, *kf = fo + BC;
+    float *h = kf + B * F, *hf = h + 5 * B * D, *hd = hf + 5 * B * D; /* h [B, 5D]; hf [5, B, D] */
+    const float *x_in = P(x_in), *shift_in = P(shift_in);
+    float *x_out = (float *)q[V6F_x_out], *shift_out = (float *)q[V6F_shift_out];
+    const float *maa[5] = {P(maa_w), P(maa_k), P(maa_v), P(maa_r), P(maa_g)};
+
+    for (int64_t b = 0; b < B; b++) { /* LN1, xx, and the input of the mix LoRA (in x1 for now) */
+        const int64_t o = b * C;
+        const float *sx = shift_in + b * d->shift_in;
+        layer_norm_row(x_in + o, xa + o, P(ln1_w), P(ln1_b), C, d->eps[0]);
+        for (int64_t c = 0; c < C; c++) {
+            xx[o + c] = sx[c] - xa[o + c];
+            x1[o + c] = xa[o + c] + xx[o + c] * P(maa_x)[c];
+        }
     }
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) v7_block_run(L[i].q, &L[i].d, scratch);
-    Py_END_ALLOW_THREADS
-    free(scratch);
-    free(L);
-    Py_RETURN_NONE;
+    products_t job = {.M = B};
+    add_product(&job, d->lora_wtype, 1, W(maa_w1), NULL, x1, h, C, 5 * D);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t b = 0; b < B; b++) /* tanh, and [B, 5, D] -> [5, B, D] for one product per mix */
+        for (int64_t f = 0; f < 5; f++)
+            for (int64_t i = 0; i < D; i++) hf[(f * B + b) * D + i] = tanhf(h[(b * 5 + f) * D + i]);
+    for (int64_t f = 0; f < 5; f++) {
+        const char *w2 = (const char *)W(maa_w2) + f * D * C * wsize[d->lora_wtype];
+        add_product(&job, d->lora_wtype, 1, w2, NULL, hf + f * B * D, m + f * BC, D, C);
+    }
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t f = 0; f < 5; f++)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t c = 0; c < C; c++) {
+                const int64_t i = f * BC + b * C + c;
+                xs[i] = xa[b * C + c] + xx[b * C + c] * (maa[f][c] + m[i]);
+            }
+    add_product(&job, d->wtype[0], 0, W(receptance), P(receptance_scale), xs + 3 * BC, r, C, C);
+    add_product(&job, d->wtype[1], 0, W(key), P(key_scale), xs + BC, k, C, C);
+    add_product(&job, d->wtype[2], 0, W(value), P(value_scale), xs + 2 * BC, v, C, C);
+    add_product(&job, d->wtype[3], 0, W(gate), P(gate_scale), xs + 4 * BC, g, C, C);
+    add_product(&job, d->lora_wtype, 1, W(decay_w1), NULL, xs, hd, C, Dd);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < B * Dd; i++) hd[i] = tanhf(hd[i]);
+    for (int64_t i = 0; i < BC; i++) g[i] = g[i] * sigmoidf_(g[i]); /* silu */
+    add_product(&job, d->lora_wtype, 1, W(decay_w2), NULL, hd, wl, Dd, C);
+    run_products(&job, d->threads, d->min_bytes);
+
+    v6_args tail = {r, k, v, g, wl, P(decay), P(faaaa), P(ln_x_w), P(ln_x_b), P(wkv_in), (float *)q[V6F_wkv_out], yg,
+                    d->H, C / d->H, d->wkv_in, d->wkv_out, d->eps[2]};
+    parallel(v6_tail_job, &tail, B * d->H, 1, B * C * (C / d->H) >= d->step_min_numel ? d->threads : 1);
+    add_product(&job, d->wtype[4], 0, W(output), P(output_scale), yg, x1, C, C);
+    run_products(&job, d->threads, d->min_bytes);
+
+    for (int64_t b = 0; b < B; b++) { /* residual, LN2, the channel-mix token mixes, the new shift */
+        const int64_t o = b * C;
+        const float *sx = shift_in + b * d->shift_in + C;
+        float *so = shift_out + b * d->shift_out;
+        for (int64_t c = 0; c < C; c++) x1[o + c] += x_in[o + c];
+        layer_norm_row(x1 + o, xf + o, P(ln2_w), P(ln2_b), C, d->eps[1]);
+        for (int64_t c = 0; c < C; c++) {
+            const float x = xf[o + c], dx = sx[c] - x;
+            xkf[o + c] = x + dx * P(ffn_maa_k)[c];
+            xrf[o + c] = x + dx * P(ffn_maa_r)[c];
+        }
+        memcpy(so, xa + o, (size_t)C * sizeof(float)); /* the time-mix half was read in the first loop */
+        memcpy(so + C, xf + o, (size_t)C * sizeof(float));
+    }
+    add_product(&job, d->wtype[5], 0, W(ffn_key), P(ffn_key_scale), xkf, kf, C, F);
+    add_product(&job, d->wtype[6], 0, W(ffn_receptance), P(ffn_receptance_scale), xrf, rf, C, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < B * F; i++) kf[i] = kf[i] > 0.0f ? kf[i] * kf[i] : 0.0f;
+    add_product(&job, d->wtype[7], 0, W(ffn_value), P(ffn_value_scale), kf, fo, F, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < BC; i++) x_out[i] = x1[i] + sigmoidf_(rf[i]) * fo[i];
+#undef P
+#undef W
+}
+
+static PyObject *v6_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    return run_blocks(args, V6F_COUNT, 8, v6_block_run, v6_scratch);
 }
 
 /* wkv_step(kind, r, k, v, logw, u_or_a, b, S_in, S_out, y, BH, H, K, V, threads): kind 0 = gla, 1 = delta. */
@@ -1079,10 +1246,14 @@ static PyMethodDef methods[] = {
      "v7_tail(r, k, v, w_lora, a_lora, v_lora_or_0, v_first_or_0, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, S_in,\n"
      "S_out, out, B, H, N, eps, decay_scale, threads): RWKV-7's one-token time-mix between its products\n"
      "and its output projection. Raw pointers to contiguous float32 CPU buffers; S_out may equal S_in."},
+    {"v6_blocks", v6_blocks, METH_VARARGS,
+     "v6_blocks(layers, threads, min_bytes, step_min_numel): one-token RWKV-6 blocks, one after another; each\n"
+     "layer is (pointers in the order of V6_BLOCK_FIELDS, (B, C, H, F, rank_mix, rank_decay, 0, 0), (8 product\n"
+     "wtypes, LoRA wtype), (4 row strides), (ln1_eps, ln2_eps, ln_x_eps, unused), layer0)."},
     {"v7_blocks", v7_blocks, METH_VARARGS,
-     "v7_blocks(layers, threads, min_bytes, step_min_numel): one-token RWKV-7 blocks, one after another;\n"
-     "each layer is (pointers in the order of V7_BLOCK_FIELDS, (B, C, H, F, rank_w, rank_a, rank_v, rank_g),\n"
-     "(6 product wtypes, LoRA wtype), (4 row strides), (ln1_eps, ln2_eps, ln_x_eps, decay_scale), layer0)."},
+     "v7_blocks(layers, threads, min_bytes, step_min_numel): one-token RWKV-7 blocks, one after another; each\n"
+     "layer is (pointers in the order of V7_BLOCK_FIELDS, (B, C, H, F, rank_w, rank_a, rank_v, rank_g), (6\n"
+     "product wtypes, LoRA wtype), (4 row strides), (ln1_eps, ln2_eps, ln_x_eps, decay_scale), layer0)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1095,14 +1266,22 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     if (mod == NULL) {
         return NULL;
     }
-    PyObject *fields = PyTuple_New(F_COUNT);
-    for (int i = 0; fields != NULL && i < F_COUNT; i++) {
-        PyTuple_SET_ITEM(fields, i, PyUnicode_FromString(v7_block_fields[i])); /* NULL on failure: caught below */
+    PyObject *v7 = PyTuple_New(V7F_COUNT), *v6 = PyTuple_New(V6F_COUNT);
+    for (int i = 0; v7 != NULL && i < V7F_COUNT; i++) {
+        PyTuple_SET_ITEM(v7, i, PyUnicode_FromString(v7_block_fields[i])); /* NULL on failure: caught below */
+    }
+    for (int i = 0; v6 != NULL && i < V6F_COUNT; i++) {
+        PyTuple_SET_ITEM(v6, i, PyUnicode_FromString(v6_block_fields[i]));
     }
     if (PyModule_AddStringConstant(mod, "ISA", isa) < 0 || PyModule_AddIntConstant(mod, "BF16_DOT", bf16_dot) < 0 ||
-        fields == NULL ||
-        PyModule_AddObject(mod, "V7_BLOCK_FIELDS", fields) < 0) {
-        Py_XDECREF(fields);
+        v7 == NULL || v6 == NULL || PyModule_AddObject(mod, "V7_BLOCK_FIELDS", v7) < 0) {
+        Py_XDECREF(v7);
+        Py_XDECREF(v6);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    if (PyModule_AddObject(mod, "V6_BLOCK_FIELDS", v6) < 0) {
+        Py_DECREF(v6);
         Py_DECREF(mod);
         return NULL;
     }

@@ -51,8 +51,8 @@ try:  # built by setup.py; optional (no compiler, or not x86): everything falls 
 except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 
-__all__ = ["Linear", "V7Layer", "available", "bf16_rounds_x", "delta_rule_step", "gla_step", "kernel_weight",
-           "linear", "matmul", "reference_only", "rwkv7_blocks", "rwkv7_tail", "steps_available"]
+__all__ = ["BlockLayer", "Linear", "available", "bf16_rounds_x", "delta_rule_step", "gla_step", "kernel_weight",
+           "linear", "matmul", "reference_only", "rwkv6_blocks", "rwkv7_blocks", "rwkv7_tail", "steps_available"]
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 # beyond: torch's matmul (faster there); 16 bf16 rows with the dot-product kernel (docs/benchmarks.md)
@@ -266,7 +266,7 @@ def rwkv7_tail(r, k, v, w_lora, a_lora, v_lora, v_first, g, state, *, w0, a0, v0
     return y, out
 
 
-# ---- RWKV-7: a whole one-token block ------------------------------------------------------------------
+# ---- whole one-token blocks (RWKV-6, RWKV-7) ------------------------------------------------------------
 
 def kernel_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight [out, in], int8 row scale or None) when `module`'s product can run in the C kernels (a
@@ -276,11 +276,42 @@ def kernel_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     return None if get is None else get()
 
 
-V7_STEP_FIELDS = ("x_in", "x_out", "shift_in", "shift_out", "wkv_in", "wkv_out", "v_first")  # the last of the C order
-_V7_PRODUCTS = ("receptance", "key", "value", "output", "ffn_key", "ffn_value")
-# rows up to which the C block runs; measured faster than the torch block at 1, 16 and 32 rows in float32
-# and bfloat16 (docs/benchmarks.md); beyond, torch's blocked matmuls are untested against it
+# rows up to which the C blocks run; measured faster than the torch blocks at 1, 16 and 32 rows in float32
+# and bfloat16 (docs/benchmarks.md); beyond, torch's blocked matmuls are untested against them
 BLOCK_MAX_ROWS = 32
+
+
+class _BlockSpec(NamedTuple):
+    """What one version's C block takes: its fields (`_kernels.V*_BLOCK_FIELDS`), the products in the
+    order of its weight-type tuple, and, from the parameters, its four LoRA ranks and the LoRA
+    matrices' sizes (None when they do not fit)."""
+
+    fields: tuple
+    products: tuple
+    ranks: object  # (params, C) -> ((r0, r1, r2, r3), {name: numel}) or None
+    entry: str  # the _kernels function
+    v_first: bool  # whether the blocks thread RWKV-7's v_first (the last field)
+
+
+def _v7_ranks(p: dict, C: int):
+    ranks = tuple(p[n].shape[1] if p[n].dim() == 2 else 0 for n in ("w1", "a1", "v1", "g1"))
+    return None if min(ranks) <= 0 else (ranks, {f"{n}{i}": C * r for n, r in zip("wavg", ranks) for i in (1, 2)})
+
+
+def _v6_ranks(p: dict, C: int):
+    w1, d1 = p["maa_w1"], p["decay_w1"]
+    D5, Dd = (w1.shape[1] if w1.dim() == 2 else 0), (d1.shape[1] if d1.dim() == 2 else 0)
+    if D5 <= 0 or D5 % 5 or Dd <= 0:
+        return None
+    return (D5 // 5, Dd, 0, 0), {"maa_w1": C * D5, "maa_w2": D5 * C, "decay_w1": C * Dd, "decay_w2": Dd * C}
+
+
+_SPECS = {} if _kernels is None or not hasattr(_kernels, "V7_BLOCK_FIELDS") else {
+    7: _BlockSpec(_kernels.V7_BLOCK_FIELDS, ("receptance", "key", "value", "output", "ffn_key", "ffn_value"),
+                  _v7_ranks, "v7_blocks", True),
+    6: _BlockSpec(_kernels.V6_BLOCK_FIELDS, ("receptance", "key", "value", "gate", "output", "ffn_key",
+                                             "ffn_receptance", "ffn_value"), _v6_ranks, "v6_blocks", False),
+}
 
 
 def _flat(t: torch.Tensor | None, numel: int, dtype: torch.dtype = torch.float32) -> bool:
@@ -288,27 +319,27 @@ def _flat(t: torch.Tensor | None, numel: int, dtype: torch.dtype = torch.float32
             and t.numel() == numel)
 
 
-def _v7_block_plan(params: dict) -> tuple | None:
-    """What the C block needs from the block's parameters, checked: ((C, F, LoRA ranks, product weight
-    types, LoRA weight type), their pointers, float32 copies to keep alive), or None where it cannot run."""
+def _block_plan(params: dict, spec: _BlockSpec) -> tuple | None:
+    """What the C block needs from a block's parameters, checked: ((C, F, LoRA ranks, product weight types,
+    LoRA weight type), their pointers, float32 copies to keep alive), or None where it cannot run."""
     C, fk, dtype = params["ln1_w"].numel(), params["ffn_key"], params["ln1_w"].dtype
     F_ = fk.shape[0] if fk.dim() == 2 else 0
-    ranks = tuple(params[n].shape[1] if params[n].dim() == 2 else 0 for n in ("w1", "a1", "v1", "g1"))
-    if dtype not in (torch.float32, torch.bfloat16) or dtype not in _BUILT or min(ranks) <= 0 or F_ <= 0:
+    lora = spec.ranks(params, C)
+    if dtype not in (torch.float32, torch.bfloat16) or dtype not in _BUILT or lora is None or F_ <= 0:
         return None
-    products = dict(zip(_V7_PRODUCTS, ((C, C),) * 4 + ((F_, C), (C, F_))))
+    ranks, loras = lora
+    shapes = {"ffn_key": (F_, C), "ffn_value": (C, F_)}
     wtypes = []
-    for name, shape in products.items():
-        w, scale = params[name], params[name + "_scale"]
+    for name in spec.products:
+        w, scale, shape = params[name], params[name + "_scale"], shapes.get(name, (C, C))
         if w.dtype not in _BUILT or w.shape != shape or not w.is_contiguous() or not _plain(w) \
                 or w.device.type != "cpu" or (scale is None) != (w.dtype != torch.int8) \
                 or (scale is not None and not _flat(scale, shape[0])):
             return None
         wtypes.append(_WTYPE[w.dtype])
-    loras = {f"{n}{i}": C * r for n, r in zip("wavg", ranks) for i in (1, 2)}
     ptrs, keep = [], []
     for name, t in params.items():
-        if name in products or name.endswith("_scale"):
+        if name in spec.products or name.endswith("_scale"):
             ptrs.append(0 if t is None else t.data_ptr())
         elif name in loras:  # read as they are, float32 or bfloat16
             if not _flat(t, loras[name], dtype):
@@ -320,7 +351,7 @@ def _v7_block_plan(params: dict) -> tuple | None:
             t = t if dtype == torch.float32 else t.float()
             keep.append(t)
             ptrs.append(t.data_ptr())
-    return (C, F_, ranks, tuple(wtypes), _WTYPE[dtype]), tuple(ptrs), keep
+    return (C, F_, ranks, (*wtypes, _WTYPE[dtype])), tuple(ptrs), keep
 
 
 def _row_stride(t: torch.Tensor, shape: tuple, inner: tuple) -> int | None:
@@ -332,14 +363,14 @@ def _row_stride(t: torch.Tensor, shape: tuple, inner: tuple) -> int | None:
     return stride[0] if stride[1:] == inner else None
 
 
-class V7Layer(NamedTuple):
-    """One RWKV-7 block for `rwkv7_blocks`: its tensors (`params`, in the order of
-    `_kernels.V7_BLOCK_FIELDS` up to x_in: the parameters as the module holds them, all float32 or all
+class BlockLayer(NamedTuple):
+    """One block for `rwkv6_blocks` / `rwkv7_blocks`: its tensors (`params`, in the order of the version's
+    `_kernels.V*_BLOCK_FIELDS` up to x_in: the parameters as the module holds them, all float32 or all
     bfloat16, and each big product's (weight, int8 scale or None) from `kernel_weight`), a dict the caller
     keeps per block (`cache`), its head count and LayerNorm eps (ln1, ln2, ln_x), whether it is layer 0
-    (it writes v_first, and v0, v1, v2 are unused), and this step's state slices: shift [B, 2, C] and
-    wkv [B, H, N, N] in, and where the new ones go (float32; strided over the batch or not; an out may
-    be its in)."""
+    (RWKV-7: it writes v_first, and v0, v1, v2 are unused), and this step's state slices: shift [B, 2, C]
+    and wkv [B, H, N, N] in, and where the new ones go (float32; strided over the batch or not; an out
+    may be its in)."""
 
     params: list
     cache: dict
@@ -352,47 +383,37 @@ class V7Layer(NamedTuple):
     wkv_out: torch.Tensor
 
 
-def _plan(params: list, cache: dict):
-    """_v7_block_plan, remembered in `cache` under the parameters' addresses, dtypes and version counters
+def _plan(params: list, cache: dict, spec: _BlockSpec):
+    """_block_plan, remembered in `cache` under the parameters' addresses, dtypes and version counters
     (so an in-place update, as load_state_dict makes, is seen)."""
     key = tuple((0, None, 0) if t is None else (t.data_ptr(), t.dtype, t._version) for t in params)
     plan = cache.get(key, False)
     if plan is False:
         cache.clear()
-        plan = cache[key] = _v7_block_plan(dict(zip(_kernels.V7_BLOCK_FIELDS, params)))
+        plan = cache[key] = _block_plan(dict(zip(spec.fields, params)), spec)
     return plan
 
 
-def rwkv7_blocks(layers: list[V7Layer], x: torch.Tensor, v_first: torch.Tensor | None, *,
-                 decay_scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """RWKV-7's one-token blocks (LN1, time-mix, LN2, channel-mix), one after another, in one C call.
-
-    The reference is `aviary.model.rwkv.Block` with RWKV-7's mixers, in torch. The C code computes the
-    same formulas in float32, for a bfloat16 model too (its products round their inputs to bf16 where
-    the CPU multiplies in bf16, as torch does, and the last block's output is rounded to bf16; torch's
-    bf16 path rounds after every op). x [B, 1, C]; v_first [B, 1, C], or None when the first layer is
-    layer 0. Each layer's new shift and wkv are written into its outs. Returns (x after the last block,
-    v_first) in x's dtype, or None, having done nothing, when something does not fit: a weight type or
-    device without a kernel, gradients, sizes, dtypes, more than BLOCK_MAX_ROWS rows.
-
-    One call for all layers matters: a layer streams ~47 MB of weights (L12-D768 fp32), which evicts
-    Python's own data from the caches, and ~30 us of Python between two C calls then took ~200 us."""
-    if _kernels is None or getattr(_local, "off", False) or torch.is_grad_enabled() or not layers:
+def _blocks(version: int, layers: list[BlockLayer], x: torch.Tensor, v_first: torch.Tensor | None,
+            constant: float) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    spec = _SPECS.get(version)
+    if spec is None or getattr(_local, "off", False) or torch.is_grad_enabled() or not layers:
         return None
     B, C, dtype = x.shape[0], x.shape[-1], x.dtype
+    uses_v_first = spec.v_first
     if B > BLOCK_MAX_ROWS or x.shape != (B, 1, C) or not (x.is_cpu and _plain(x)) \
-            or (v_first is None) != layers[0].layer0 \
+            or (uses_v_first and (v_first is None) != layers[0].layer0) \
             or not (v_first is None or (v_first.shape == x.shape and v_first.is_cpu and _plain(v_first))):
         return None
     xs = torch.empty(len(layers) + 1, B, 1, C)  # each layer's input; the last: the output
-    vf = torch.empty(B, 1, C) if v_first is None else v_first.float().contiguous()
+    vf = None if not uses_v_first else torch.empty(B, 1, C) if v_first is None else v_first.float().contiguous()
     step = B * C * 4
     items = []
     for i, layer in enumerate(layers):
-        plan = _plan(layer.params, layer.cache)
+        plan = _plan(layer.params, layer.cache, spec)
         if plan is None or plan[0][0] != C or layer.params[0].dtype != dtype:
             return None
-        (_, F_, ranks, wtypes, lora_wtype), ptrs, _ = plan
+        (_, F_, ranks, wtypes), ptrs, _ = plan
         H = layer.n_head
         if C % H or C // H > STEP_MAX_HEAD:
             return None
@@ -403,12 +424,46 @@ def rwkv7_blocks(layers: list[V7Layer], x: torch.Tensor, v_first: torch.Tensor |
         if None in strides:
             return None
         here = (xs.data_ptr() + i * step, xs.data_ptr() + (i + 1) * step, layer.shift.data_ptr(),
-                layer.shift_out.data_ptr(), layer.wkv.data_ptr(), layer.wkv_out.data_ptr(), vf.data_ptr())
-        items.append((ptrs + here, (B, C, H, F_, *ranks), (*wtypes, lora_wtype), strides,
-                      (*layer.eps, decay_scale), layer.layer0))
+                layer.shift_out.data_ptr(), layer.wkv.data_ptr(), layer.wkv_out.data_ptr())
+        if uses_v_first:
+            here += (vf.data_ptr(),)
+        items.append((ptrs + here, (B, C, H, F_, *ranks), wtypes, strides, (*layer.eps, constant), layer.layer0))
     xs[0].copy_(x)
-    _kernels.v7_blocks(tuple(items), kernel_threads(), PARALLEL_MIN_BYTES, PARALLEL_STEP_NUMEL)
+    getattr(_kernels, spec.entry)(tuple(items), kernel_threads(), PARALLEL_MIN_BYTES, PARALLEL_STEP_NUMEL)
     x_out = xs[-1]
-    if dtype == torch.float32:
-        return x_out, vf
-    return x_out.to(dtype), vf.to(dtype) if v_first is None else v_first
+    if dtype != torch.float32:
+        x_out = x_out.to(dtype)
+        vf = v_first if v_first is not None else None if vf is None else vf.to(dtype)
+    return x_out, vf
+
+
+_FUSED_DOC = """
+
+    The reference is `aviary.model.rwkv.Block` with the version's mixers, in torch. The C code computes
+    the same formulas in float32, for a bfloat16 model too (its products round their inputs to bf16 where
+    the CPU multiplies in bf16, as torch does, and the last block's output is rounded to bf16; torch's
+    bf16 path rounds after every op). x [B, 1, C]. Each layer's new shift and wkv are written into its
+    outs. Returns None, having done nothing, when something does not fit: a weight type or device
+    without a kernel, gradients, sizes, dtypes, more than BLOCK_MAX_ROWS rows.
+
+    One call for all layers matters: a layer streams ~47 MB of weights (L12-D768 fp32), which evicts
+    Python's own data from the caches, and ~30 us of Python between two C calls then took ~200 us."""
+
+
+def rwkv7_blocks(layers: list[BlockLayer], x: torch.Tensor, v_first: torch.Tensor | None, *,
+                 decay_scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """RWKV-7's one-token blocks (LN1, time-mix, LN2, channel-mix), one after another, in one C call.
+    v_first [B, 1, C], or None when the first layer is layer 0; returns (x after the last block, v_first)
+    in x's dtype."""
+    return _blocks(7, layers, x, v_first, decay_scale)
+
+
+def rwkv6_blocks(layers: list[BlockLayer], x: torch.Tensor) -> torch.Tensor | None:
+    """RWKV-6's one-token blocks (LN1, time-mix, LN2, channel-mix), one after another, in one C call;
+    returns x after the last block in x's dtype."""
+    done = _blocks(6, layers, x, None, 0.0)
+    return None if done is None else done[0]
+
+
+rwkv7_blocks.__doc__ += _FUSED_DOC
+rwkv6_blocks.__doc__ += _FUSED_DOC

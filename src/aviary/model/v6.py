@@ -18,13 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aviary import kernels
 from aviary.config import ModelConfig
 from aviary.kernels import Linear, matmul
 from aviary.model.rwkv import group_norm
 from aviary.model.v5 import empty_wkv, wkv_shape
 from aviary.ops import gla
 
-__all__ = ["ChannelMix", "TimeMix", "empty_wkv", "wkv_shape"]
+__all__ = ["ChannelMix", "TimeMix", "decode_block", "decode_blocks", "empty_wkv", "wkv_shape"]
 
 SUPPORTS_RESCALE = True
 
@@ -88,3 +89,51 @@ class ChannelMix(nn.Module):
         xx = sx - x
         k = torch.relu(self.key(torch.addcmul(x, xx, self.time_maa_k))).square()  # [B, T, F]
         return torch.sigmoid(self.receptance(torch.addcmul(x, xx, self.time_maa_r))) * self.value(k)
+
+
+_ATT_VECTORS = ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g", "time_maa_w1",
+                "time_maa_w2", "time_decay", "time_decay_w1", "time_decay_w2", "time_faaaa")
+
+
+def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.BlockLayer | None:
+    """`block` as the C blocks take it (`aviary.kernels.BlockLayer`, fields in the order of
+    `_kernels.V6_BLOCK_FIELDS`), or None if a product has no kernel."""
+    # module._parameters / _modules rather than attribute access: this runs for every layer of every step
+    bm = block._modules
+    att, ffn = bm["att"], bm["ffn"]
+    ap, am, fp, fm = att._parameters, att._modules, ffn._parameters, ffn._modules
+    ln1, ln2, ln_x = bm["ln1"], bm["ln2"], am["ln_x"]
+    p1, p2, px = ln1._parameters, ln2._parameters, ln_x._parameters
+    params = [p1["weight"], p1["bias"], p2["weight"], p2["bias"], *(ap[n] for n in _ATT_VECTORS), px["weight"],
+              px["bias"]]
+    for module in (am["receptance"], am["key"], am["value"], am["gate"], am["output"], None, fm["key"],
+                   fm["receptance"], fm["value"]):
+        if module is None:
+            params += (fp["time_maa_k"], fp["time_maa_r"])
+            continue
+        weight = kernels.kernel_weight(module)
+        if weight is None:
+            return None
+        params += weight
+    cache = block.__dict__.setdefault("_decode_cache", {})
+    return kernels.BlockLayer(params, cache, ap["time_faaaa"].shape[0], (ln1.eps, ln2.eps, ln_x.eps),
+                              att.layer_id == 0, shift, wkv, shift_out, wkv_out)
+
+
+def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
+    """All of `blocks` for one token in one C call (`aviary.kernels.rwkv6_blocks`): `Block.forward`
+    (aviary/model/rwkv.py) with this file's mixers, ~70 torch ops and ~17 products a layer otherwise.
+
+    x [B, 1, C]; shift [B, L, 2, C] and wkv [B, L, H, N, N] the state's tensors; the new ones are written
+    into shift_out and wkv_out (which may be shift and wkv). Returns x after the last block, or None,
+    having done nothing, where the kernels cannot take these blocks (gradients, a weight type or device
+    they do not handle): the caller then runs each `block` itself, the reference."""
+    layers = [_layer(block, shift[:, i], wkv[:, i], shift_out[:, i], wkv_out[:, i]) for i, block in enumerate(blocks)]
+    return None if None in layers else kernels.rwkv6_blocks(layers, x)
+
+
+def decode_block(block: nn.Module, x, shift, wkv, shift_out, wkv_out):
+    """One block of `decode_blocks`: x [B, 1, C]; shift [B, 2, C]; wkv [B, H, N, N]. Returns x, or None
+    where the kernels cannot take it."""
+    layer = _layer(block, shift, wkv, shift_out, wkv_out)
+    return None if layer is None else kernels.rwkv6_blocks([layer], x)

@@ -116,8 +116,8 @@ _ATT_PARAMS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k"
 _LORAS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 
 
-def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.V7Layer | None:
-    """`block` as the C blocks take it (`aviary.kernels.V7Layer`), or None if a product has no kernel."""
+def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.BlockLayer | None:
+    """`block` as the C blocks take it (`aviary.kernels.BlockLayer`), or None if a product has no kernel."""
     # module._parameters / _modules rather than attribute access: this runs for every layer of every step
     bm = block._modules
     att, ffn = bm["att"], bm["ffn"]
@@ -135,7 +135,7 @@ def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.V7Layer 
             return None
         params += weight
     cache = block.__dict__.setdefault("_decode_cache", {})
-    return kernels.V7Layer(params, cache, ap["r_k"].shape[0], (ln1.eps, ln2.eps, ln_x.eps), att.layer_id == 0,
+    return kernels.BlockLayer(params, cache, ap["r_k"].shape[0], (ln1.eps, ln2.eps, ln_x.eps), att.layer_id == 0,
                            shift, wkv, shift_out, wkv_out)
 
 
