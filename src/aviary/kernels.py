@@ -279,6 +279,10 @@ def kernel_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 # rows up to which the C blocks run; measured faster than the torch blocks at 1, 16 and 32 rows in float32
 # and bfloat16 (docs/benchmarks.md); beyond, torch's blocked matmuls are untested against them
 BLOCK_MAX_ROWS = 32
+# inside the C blocks torch runs no parallel region, so smaller jobs than PARALLEL_MIN_BYTES / _STEP_NUMEL
+# are worth both threads (docs/benchmarks.md, item 7)
+BLOCK_PARALLEL_MIN_BYTES = 1 << 16
+BLOCK_PARALLEL_STEP_NUMEL = 1 << 14
 
 
 class _BlockSpec(NamedTuple):
@@ -429,7 +433,7 @@ def _blocks(version: int, layers: list[BlockLayer], x: torch.Tensor, v_first: to
             here += (vf.data_ptr(),)
         items.append((ptrs + here, (B, C, H, F_, *ranks), wtypes, strides, (*layer.eps, constant), layer.layer0))
     xs[0].copy_(x)
-    getattr(_kernels, spec.entry)(tuple(items), kernel_threads(), PARALLEL_MIN_BYTES, PARALLEL_STEP_NUMEL)
+    getattr(_kernels, spec.entry)(tuple(items), kernel_threads(), BLOCK_PARALLEL_MIN_BYTES, BLOCK_PARALLEL_STEP_NUMEL)
     x_out = xs[-1]
     if dtype != torch.float32:
         x_out = x_out.to(dtype)
