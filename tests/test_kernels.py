@@ -477,7 +477,8 @@ def _block_case(version, layer, head_size, B, quantize, batch_major, seed=0):
     shift = torch.randn(B, 3, 2, C, generator=g)  # a batch-major 3-layer state: rows strided
     wkv = torch.randn(B, 3, H, head_size, head_size, generator=g) * 0.3
     if not batch_major:
-        shift, wkv = shift.transpose(0, 1).contiguous().transpose(0, 1), wkv.transpose(0, 1).contiguous().transpose(0, 1)
+        shift = shift.transpose(0, 1).contiguous().transpose(0, 1)  # layer-major: rows contiguous
+        wkv = wkv.transpose(0, 1).contiguous().transpose(0, 1)
     return model, model.blocks[layer], x, shift[:, 1], wkv[:, 1], None if layer == 0 or version == 6 else v_first
 
 

@@ -299,7 +299,9 @@ class _BlockSpec(NamedTuple):
 
 def _v7_ranks(p: dict, C: int):
     ranks = tuple(p[n].shape[1] if p[n].dim() == 2 else 0 for n in ("w1", "a1", "v1", "g1"))
-    return None if min(ranks) <= 0 else (ranks, {f"{n}{i}": C * r for n, r in zip("wavg", ranks) for i in (1, 2)})
+    if min(ranks) <= 0:
+        return None
+    return ranks, {f"{n}{i}": C * r for n, r in zip("wavg", ranks, strict=True) for i in (1, 2)}
 
 
 def _v6_ranks(p: dict, C: int):
@@ -394,7 +396,7 @@ def _plan(params: list, cache: dict, spec: _BlockSpec):
     plan = cache.get(key, False)
     if plan is False:
         cache.clear()
-        plan = cache[key] = _block_plan(dict(zip(spec.fields, params)), spec)
+        plan = cache[key] = _block_plan(dict(zip(spec.fields, params, strict=False)), spec)  # params: up to x_in
     return plan
 
 
