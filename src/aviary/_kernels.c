@@ -832,6 +832,7 @@ static void products_job(const void *ctx, int64_t lo, int64_t hi) {
 
 static void add_product(products_t *a, int wtype, int input_major, const void *w, const float *scale, const float *x,
                         float *y, int64_t in, int64_t out) {
+    if (a->n == 8) abort(); /* a job holds at most 8 products; the blocks add at most 7 */
     a->p[a->n++] = (product_t){(input_major ? kernels_t : kernels)[wtype], w, scale, x, y, in, out, wtype};
 }
 
@@ -1053,6 +1054,8 @@ static void v7_block_run(const uintptr_t *q, const block_dims *d, float *scratch
 #undef W
 }
 
+_Static_assert(V7F_COUNT <= MAX_FIELDS, "raise MAX_FIELDS");
+
 static PyObject *v7_blocks(PyObject *self, PyObject *args) {
     (void)self;
     return run_blocks(args, V7F_COUNT, 6, v7_block_run, v7_scratch);
@@ -1202,6 +1205,8 @@ static void v6_block_run(const uintptr_t *q, const block_dims *d, float *scratch
 #undef P
 #undef W
 }
+
+_Static_assert(V6F_COUNT <= MAX_FIELDS, "raise MAX_FIELDS");
 
 static PyObject *v6_blocks(PyObject *self, PyObject *args) {
     (void)self;

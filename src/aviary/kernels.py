@@ -22,9 +22,9 @@ wins. int8 weights reach the same kernel from `aviary.quant.Int8Linear` (up to i
 `delta_rule_step` are the one-token WKV updates of RWKV-5/6 and RWKV-7 with the state read and written
 once; `aviary.ops` sends float32 decode steps to them and keeps its torch steps as the reference.
 `rwkv7_tail` is RWKV-7's whole one-token time-mix between its products and its output projection (~40
-torch ops per layer) in one call, and `rwkv7_block` a whole one-token RWKV-7 block (LayerNorms, both
-mixers, all 13 products: ~100 torch ops and ~1 ms of Python per layer otherwise) in one call;
-`aviary.model.v7` keeps the torch form as the reference.
+torch ops per layer) in one call. `rwkv6_blocks` and `rwkv7_blocks` go further: every block of a
+one-token step (LayerNorms, both mixers, all products; ~70-100 torch ops per layer otherwise) in one
+call. `aviary.model.v6` / `v7` keep the torch forms as the reference.
 
 Inside a decode step (`aviary._threads.small_ops_on_one_thread`) the products and steps run on the
 module's own worker threads, which stay awake for a fraction of a millisecond after each call, so the
@@ -437,9 +437,9 @@ def _blocks(version: int, layers: list[BlockLayer], x: torch.Tensor, v_first: to
     xs[0].copy_(x)
     getattr(_kernels, spec.entry)(tuple(items), kernel_threads(), BLOCK_PARALLEL_MIN_BYTES, BLOCK_PARALLEL_STEP_NUMEL)
     x_out = xs[-1]
-    if dtype != torch.float32:
+    if dtype != torch.float32:  # back to the model's dtype; a v_first that came in is returned as it came
         x_out = x_out.to(dtype)
-        vf = v_first if v_first is not None else None if vf is None else vf.to(dtype)
+        vf = v_first if v_first is not None or vf is None else vf.to(dtype)
     return x_out, vf
 
 
