@@ -637,3 +637,34 @@ def test_block_of_a_bfloat16_model_computes_in_float32(version, layer):
     for ours, torch16, ref in pairs:
         assert err(ours, ref) <= err(torch16, ref) + 1e-6
         assert err(ours, ref) <= 0.03 * float(ref.abs().max())
+
+
+@steps_built
+def test_fused_decodes_in_two_python_threads_match_one_at_a_time():
+    """Two threads decoding two models at once (the pool serves one caller; the other runs its jobs alone)."""
+    import threading
+
+    models = [model_from_state_dict(random_state_dict(random_config(v, n_layer=2, n_embd=128, vocab_size=300)))
+              for v in (6, 7)]
+    toks = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def decode(model, out):
+        with torch.no_grad():
+            _, state = model(toks[:, :2])
+            for t in range(2, 12):
+                logits, state = model(toks[:, t:t + 1], state, inplace=True)
+                out.append(logits)
+
+    alone = [[], []]
+    for model, out in zip(models, alone, strict=True):
+        decode(model, out)
+    together = [[], []]
+    threads = [threading.Thread(target=decode, args=(m, o)) for m, o in zip(models, together, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together, strict=True):
+        assert len(a) == len(b) == 10
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
