@@ -1213,6 +1213,99 @@ static PyObject *v6_blocks(PyObject *self, PyObject *args) {
     return run_blocks(args, V6F_COUNT, 8, v6_block_run, v6_scratch);
 }
 
+/* RWKV-5, per block (v5_block_run); the reference is aviary/model/v5.py (TimeMix, and RWKV-4's ChannelMix
+ * from aviary/model/v4.py, with T = 1). Product weight types in the order receptance, key, value, gate,
+ * output, ffn_key, ffn_receptance, ffn_value, then an unused LoRA type (there are no LoRAs); ranks 0.
+ *   xa = LN1(x);   x_f = xa * mix_f + sx_att * (1 - mix_f)      f in k, v, r, g
+ *   r, k, v, g' = W x_r, W x_k, W x_v, W x_g                    (one job)
+ *   g = silu(g');   y, S' = the gla step with decay exp(-exp(decay)), u = faaaa (v6_tail_job, w_lora = 0)
+ *   x1 = x + W_o (GroupNorm_head(y) * g)                        (one job)
+ *   xf = LN2(x1);   k_f, r_f = W_fk (xf mix_k + sx_ffn (1 - mix_k)), W_fr (... mix_r ...)   (one job)
+ *   x_out = x1 + sigmoid(r_f) * W_fv relu(k_f)^2                (one job) */
+#define V5_BLOCK_FIELDS(X)                                                                                    \
+    X(ln1_w) X(ln1_b) X(ln2_w) X(ln2_b) X(mix_k) X(mix_v) X(mix_r) X(mix_g) X(decay) X(faaaa) X(ln_x_w)       \
+    X(ln_x_b) X(receptance) X(receptance_scale) X(key) X(key_scale) X(value) X(value_scale) X(gate)          \
+    X(gate_scale) X(output) X(output_scale) X(ffn_mix_k) X(ffn_mix_r) X(ffn_key) X(ffn_key_scale)            \
+    X(ffn_receptance) X(ffn_receptance_scale) X(ffn_value) X(ffn_value_scale) X(x_in) X(x_out) X(shift_in)   \
+    X(shift_out) X(wkv_in) X(wkv_out)
+#define V5_ENUM(name) V5F_##name,
+enum { V5_BLOCK_FIELDS(V5_ENUM) V5F_COUNT };
+static const char *v5_block_fields[] = {V5_BLOCK_FIELDS(FIELD_NAME)};
+
+static int64_t v5_scratch(const block_dims *d) {
+    return 17 * d->C + d->F; /* the buffers at the top of v5_block_run */
+}
+
+static void v5_block_run(const uintptr_t *q, const block_dims *d, float *scratch) {
+#define P(name) ((const float *)q[V5F_##name])
+#define W(name) ((const void *)q[V5F_##name])
+    const int64_t B = d->B, C = d->C, F = d->F, BC = B * C;
+    float *xa = scratch, *xk = xa + BC, *xv = xk + BC, *xr = xv + BC, *xg = xr + BC;
+    float *r = xg + BC, *k = r + BC, *v = k + BC, *g = v + BC, *zero = g + BC, *yg = zero + BC, *x1 = yg + BC;
+    float *xf = x1 + BC, *xkf = xf + BC, *xrf = xkf + BC, *rf = xrf + BC, *fo = rf + BC, *kf = fo + BC;
+    const float *x_in = P(x_in), *shift_in = P(shift_in);
+    float *x_out = (float *)q[V5F_x_out], *shift_out = (float *)q[V5F_shift_out];
+
+    for (int64_t b = 0; b < B; b++) { /* LN1 and the four token mixes */
+        const int64_t o = b * C;
+        const float *sx = shift_in + b * d->shift_in;
+        layer_norm_row(x_in + o, xa + o, P(ln1_w), P(ln1_b), C, d->eps[0]);
+        for (int64_t c = 0; c < C; c++) {
+            const float x = xa[o + c], s = sx[c];
+            xk[o + c] = x * P(mix_k)[c] + s * (1.0f - P(mix_k)[c]);
+            xv[o + c] = x * P(mix_v)[c] + s * (1.0f - P(mix_v)[c]);
+            xr[o + c] = x * P(mix_r)[c] + s * (1.0f - P(mix_r)[c]);
+            xg[o + c] = x * P(mix_g)[c] + s * (1.0f - P(mix_g)[c]);
+        }
+    }
+    products_t job = {.M = B};
+    add_product(&job, d->wtype[0], 0, W(receptance), P(receptance_scale), xr, r, C, C);
+    add_product(&job, d->wtype[1], 0, W(key), P(key_scale), xk, k, C, C);
+    add_product(&job, d->wtype[2], 0, W(value), P(value_scale), xv, v, C, C);
+    add_product(&job, d->wtype[3], 0, W(gate), P(gate_scale), xg, g, C, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < BC; i++) {
+        g[i] = g[i] * sigmoidf_(g[i]); /* silu */
+        zero[i] = 0.0f;                /* RWKV-5's decay has no data-dependent part */
+    }
+    v6_args tail = {r, k, v, g, zero, P(decay), P(faaaa), P(ln_x_w), P(ln_x_b), P(wkv_in), (float *)q[V5F_wkv_out], yg,
+                    d->H, C / d->H, d->wkv_in, d->wkv_out, d->eps[2]};
+    parallel(v6_tail_job, &tail, B * d->H, 1, B * C * (C / d->H) >= d->step_min_numel ? d->threads : 1);
+    add_product(&job, d->wtype[4], 0, W(output), P(output_scale), yg, x1, C, C);
+    run_products(&job, d->threads, d->min_bytes);
+
+    for (int64_t b = 0; b < B; b++) { /* residual, LN2, the channel-mix token mixes, the new shift */
+        const int64_t o = b * C;
+        const float *sx = shift_in + b * d->shift_in + C;
+        float *so = shift_out + b * d->shift_out;
+        for (int64_t c = 0; c < C; c++) x1[o + c] += x_in[o + c];
+        layer_norm_row(x1 + o, xf + o, P(ln2_w), P(ln2_b), C, d->eps[1]);
+        for (int64_t c = 0; c < C; c++) {
+            const float x = xf[o + c], s = sx[c];
+            xkf[o + c] = x * P(ffn_mix_k)[c] + s * (1.0f - P(ffn_mix_k)[c]);
+            xrf[o + c] = x * P(ffn_mix_r)[c] + s * (1.0f - P(ffn_mix_r)[c]);
+        }
+        memcpy(so, xa + o, (size_t)C * sizeof(float)); /* the time-mix half was read in the first loop */
+        memcpy(so + C, xf + o, (size_t)C * sizeof(float));
+    }
+    add_product(&job, d->wtype[5], 0, W(ffn_key), P(ffn_key_scale), xkf, kf, C, F);
+    add_product(&job, d->wtype[6], 0, W(ffn_receptance), P(ffn_receptance_scale), xrf, rf, C, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < B * F; i++) kf[i] = kf[i] > 0.0f ? kf[i] * kf[i] : 0.0f;
+    add_product(&job, d->wtype[7], 0, W(ffn_value), P(ffn_value_scale), kf, fo, F, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < BC; i++) x_out[i] = x1[i] + sigmoidf_(rf[i]) * fo[i];
+#undef P
+#undef W
+}
+
+_Static_assert(V5F_COUNT <= MAX_FIELDS, "raise MAX_FIELDS");
+
+static PyObject *v5_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    return run_blocks(args, V5F_COUNT, 8, v5_block_run, v5_scratch);
+}
+
 /* wkv_step(kind, r, k, v, logw, u_or_a, b, S_in, S_out, y, BH, H, K, V, threads): kind 0 = gla, 1 = delta. */
 static PyObject *wkv_step(PyObject *self, PyObject *args) {
     int kind, threads;
@@ -1251,6 +1344,10 @@ static PyMethodDef methods[] = {
      "v7_tail(r, k, v, w_lora, a_lora, v_lora_or_0, v_first_or_0, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, S_in,\n"
      "S_out, out, B, H, N, eps, decay_scale, threads): RWKV-7's one-token time-mix between its products\n"
      "and its output projection. Raw pointers to contiguous float32 CPU buffers; S_out may equal S_in."},
+    {"v5_blocks", v5_blocks, METH_VARARGS,
+     "v5_blocks(layers, threads, min_bytes, step_min_numel): one-token RWKV-5 blocks, one after another; each\n"
+     "layer is (pointers in the order of V5_BLOCK_FIELDS, (B, C, H, F, 0, 0, 0, 0), (8 product wtypes, an\n"
+     "unused LoRA wtype), (4 row strides), (ln1_eps, ln2_eps, ln_x_eps, unused), layer0)."},
     {"v6_blocks", v6_blocks, METH_VARARGS,
      "v6_blocks(layers, threads, min_bytes, step_min_numel): one-token RWKV-6 blocks, one after another; each\n"
      "layer is (pointers in the order of V6_BLOCK_FIELDS, (B, C, H, F, rank_mix, rank_decay, 0, 0), (8 product\n"
@@ -1271,24 +1368,31 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     if (mod == NULL) {
         return NULL;
     }
-    PyObject *v7 = PyTuple_New(V7F_COUNT), *v6 = PyTuple_New(V6F_COUNT);
-    for (int i = 0; v7 != NULL && i < V7F_COUNT; i++) {
-        PyTuple_SET_ITEM(v7, i, PyUnicode_FromString(v7_block_fields[i])); /* NULL on failure: caught below */
-    }
-    for (int i = 0; v6 != NULL && i < V6F_COUNT; i++) {
-        PyTuple_SET_ITEM(v6, i, PyUnicode_FromString(v6_block_fields[i]));
-    }
-    if (PyModule_AddStringConstant(mod, "ISA", isa) < 0 || PyModule_AddIntConstant(mod, "BF16_DOT", bf16_dot) < 0 ||
-        v7 == NULL || v6 == NULL || PyModule_AddObject(mod, "V7_BLOCK_FIELDS", v7) < 0) {
-        Py_XDECREF(v7);
-        Py_XDECREF(v6);
+    static const struct {
+        const char *name, **fields;
+        int count;
+    } lists[] = {{"V5_BLOCK_FIELDS", v5_block_fields, V5F_COUNT},
+                 {"V6_BLOCK_FIELDS", v6_block_fields, V6F_COUNT},
+                 {"V7_BLOCK_FIELDS", v7_block_fields, V7F_COUNT}};
+    if (PyModule_AddStringConstant(mod, "ISA", isa) < 0 || PyModule_AddIntConstant(mod, "BF16_DOT", bf16_dot) < 0) {
         Py_DECREF(mod);
         return NULL;
     }
-    if (PyModule_AddObject(mod, "V6_BLOCK_FIELDS", v6) < 0) {
-        Py_DECREF(v6);
-        Py_DECREF(mod);
-        return NULL;
+    for (size_t l = 0; l < sizeof lists / sizeof lists[0]; l++) { /* each version's field names, in C order */
+        PyObject *t = PyTuple_New(lists[l].count);
+        for (int i = 0; t != NULL && i < lists[l].count; i++) {
+            PyObject *s = PyUnicode_FromString(lists[l].fields[i]);
+            if (s == NULL) {
+                Py_CLEAR(t);
+                break;
+            }
+            PyTuple_SET_ITEM(t, i, s);
+        }
+        if (t == NULL || PyModule_AddObject(mod, lists[l].name, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(mod);
+            return NULL;
+        }
     }
     return mod;
 }
