@@ -420,11 +420,12 @@ def _blocks(version: int, layers: list[BlockLayer], x: torch.Tensor, v_first: to
     xs = torch.empty(len(layers) + 1, B, 1, C)  # each layer's input; the last: the output
     vf = None if not uses_v_first else torch.empty(B, 1, C) if v_first is None else v_first.float().contiguous()
     step = B * C * 4
-    items = []
+    items, plans = [], []  # plans: holds each plan's float32 copies until the call is done
     for i, layer in enumerate(layers):
         plan = _plan(layer.params, layer.cache, spec)
         if plan is None or plan[0][0] != C or layer.params[0].dtype != dtype:
             return None
+        plans.append(plan)
         (_, F_, ranks, wtypes), ptrs, _ = plan
         H = layer.n_head
         if C % H or C // H > STEP_MAX_HEAD:
