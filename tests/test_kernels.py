@@ -403,7 +403,7 @@ def test_c_wkv_steps_write_into_out_even_when_it_is_the_input():
     torch.testing.assert_close(S, S_ref, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("version", [5, 6, 7])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_inplace_decode_of_a_batch_major_state(version):
     model = model_from_state_dict(random_state_dict(random_config(version, n_layer=2, n_embd=128, vocab_size=300)))
     with torch.no_grad():
@@ -463,7 +463,7 @@ def test_expanded_and_initial_states_are_copies_that_inplace_decode_cannot_reach
         assert torch.equal(one.wkv, state.wkv) and not torch.equal(copy.wkv, one.wkv)
 
 
-# ---- whole one-token blocks in C (RWKV-5, 6, 7) against the torch blocks -----------------------------
+# ---- whole one-token blocks in C (RWKV-4 to 7) against the torch blocks ------------------------------
 
 def _block_case(version, layer, head_size, B, quantize, batch_major, seed=0):
     C = 192
@@ -472,28 +472,35 @@ def _block_case(version, layer, head_size, B, quantize, batch_major, seed=0):
     if quantize:
         model.quantize("int8")
     g = torch.Generator().manual_seed(seed)
-    H = C // head_size
     x, v_first = (torch.randn(B, 1, C, generator=g) for _ in range(2))
     shift = torch.randn(B, 3, 2, C, generator=g)  # a batch-major 3-layer state: rows strided
-    wkv = torch.randn(B, 3, H, head_size, head_size, generator=g) * 0.3
+    wkv = _random_wkv(version, (B, 3), C, head_size, g)
     if not batch_major:
         shift = shift.transpose(0, 1).contiguous().transpose(0, 1)  # layer-major: rows contiguous
         wkv = wkv.transpose(0, 1).contiguous().transpose(0, 1)
     return model, model.blocks[layer], x, shift[:, 1], wkv[:, 1], None if layer == 0 or version < 7 else v_first
 
 
+def _random_wkv(version, lead, C, head_size, g):
+    """A plausible random wkv state: RWKV-4's (aa, bb, pp) rows with a positive denominator bb; else heads."""
+    if version == 4:
+        aa, bb, pp = (torch.randn(*lead, 1, C, generator=g) for _ in range(3))
+        return torch.cat([aa, bb.abs() + 0.5, pp], dim=-2)
+    return torch.randn(*lead, C // head_size, head_size, head_size, generator=g) * 0.3
+
+
 def _decode_block(version, block, x, shift, wkv, v_first, shift_out, wkv_out):
-    """The version's one-block C path as (x, v_first) (RWKV-5/6 have no v_first: None), or None."""
-    from aviary.model import v5, v6, v7
+    """The version's one-block C path as (x, v_first) (RWKV-4/5/6 have no v_first: None), or None."""
+    from aviary.model import v4, v5, v6, v7
 
     if version == 7:
         return v7.decode_block(block, x, shift, wkv, v_first, shift_out, wkv_out)
-    done = {5: v5, 6: v6}[version].decode_block(block, x, shift, wkv, shift_out, wkv_out)
+    done = {4: v4, 5: v5, 6: v6}[version].decode_block(block, x, shift, wkv, shift_out, wkv_out)
     return None if done is None else (done, None)
 
 
 @steps_built
-@pytest.mark.parametrize("version", [5, 6, 7])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 @pytest.mark.parametrize("layer", [0, 1])
 @pytest.mark.parametrize("head_size,B", [(64, 1), (24, 3), (64, 5)])
 @pytest.mark.parametrize("quantize", [False, pytest.param(True, marks=needs[torch.int8])])
@@ -520,7 +527,7 @@ def test_block_matches_the_torch_block(version, layer, head_size, B, quantize, i
 
 
 @steps_built
-@pytest.mark.parametrize("version", [5, 6, 7])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_block_steps_aside_where_it_cannot_run(version):
     model, block, x, shift, wkv, v_first = _block_case(version, 1, 64, 2, False, batch_major=False)
     args = (shift, wkv, v_first, shift.clone(), wkv.clone())
@@ -531,7 +538,7 @@ def test_block_steps_aside_where_it_cannot_run(version):
         assert _decode_block(version, block, x.bfloat16(), *args) is None
         assert _decode_block(version, block, x[:1], *args) is None  # rows do not match the state
         many = kernels.BLOCK_MAX_ROWS + 1
-        big = (torch.zeros(many, 2, 192), torch.zeros(many, 3, 64, 64))
+        big = (torch.zeros(many, 2, 192), torch.zeros(many, *wkv.shape[1:]))
         vf = None if version < 7 else torch.zeros(many, 1, 192)
         assert _decode_block(version, block, torch.zeros(many, 1, 192), *big, vf, *big) is None
         with reference_only():
@@ -545,13 +552,13 @@ def test_block_steps_aside_where_it_cannot_run(version):
 
 
 @steps_built
-@pytest.mark.parametrize("version", [5, 6, 7])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_block_sees_parameters_that_change_after_a_step(version):
     """The block caches its parameter checks by address and version: a swapped tensor or an in-place
     update must be seen, not the old values."""
     model, block, x, shift, wkv, v_first = _block_case(version, 1, 64, 1, False, batch_major=False)
     outs = lambda: (shift.clone(), wkv.clone())  # noqa: E731
-    decay = block.att.w0 if version == 7 else block.att.time_decay  # RWKV-5: [H, N]; RWKV-6: [1, 1, C]
+    decay = block.att.w0 if version == 7 else block.att.time_decay  # RWKV-4: [C]; 5: [H, N]; 6: [1, 1, C]
     with torch.no_grad():
         first, _ = _decode_block(version, block, x, shift, wkv, v_first, *outs())
         decay.data = decay.data + 1.0  # a new tensor at a new address
@@ -566,7 +573,7 @@ def test_block_sees_parameters_that_change_after_a_step(version):
 
 
 @steps_built
-@pytest.mark.parametrize("version", [5, 6, 7])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 @pytest.mark.parametrize("quantize", [False, pytest.param(True, marks=needs[torch.int8])])
 def test_decode_runs_all_blocks_in_one_call(version, quantize, monkeypatch):
     model = model_from_state_dict(random_state_dict(random_config(version, n_layer=3, n_embd=128, vocab_size=300)))
@@ -604,7 +611,7 @@ def test_rescaled_rwkv6_decodes_through_its_torch_blocks(monkeypatch):
 
 @steps_built
 @needs[torch.bfloat16]
-@pytest.mark.parametrize("version", [5, 6, 7])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 @pytest.mark.parametrize("layer", [0, 1])
 def test_block_of_a_bfloat16_model_computes_in_float32(version, layer):
     """A bf16 model's block runs in float32 on its bf16 weights, rounding only the products' inputs and
@@ -617,7 +624,7 @@ def test_block_of_a_bfloat16_model_computes_in_float32(version, layer):
     model32 = model_from_state_dict({k: v.float() for k, v in sd.items()})
     g = torch.Generator().manual_seed(layer)
     x, v_first = (torch.randn(2, 1, C, generator=g).bfloat16() for _ in range(2))
-    shift, wkv = torch.randn(2, 2, C, generator=g), torch.randn(2, 3, 64, 64, generator=g) * 0.3
+    shift, wkv = torch.randn(2, 2, C, generator=g), _random_wkv(version, (2,), C, 64, g)
     v_first = None if layer == 0 or version < 7 else v_first
     with torch.no_grad(), reference_only():
         x32, shift32, wkv32, vf32 = model32.blocks[layer](x.float(), shift, wkv,
@@ -645,7 +652,7 @@ def test_fused_decodes_in_two_python_threads_match_one_at_a_time():
     import threading
 
     models = [model_from_state_dict(random_state_dict(random_config(v, n_layer=2, n_embd=128, vocab_size=300)))
-              for v in (5, 6, 7)]
+              for v in (4, 5, 6, 7)]
     toks = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
 
     def decode(model, out):

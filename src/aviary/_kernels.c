@@ -1213,6 +1213,106 @@ static PyObject *v6_blocks(PyObject *self, PyObject *args) {
     return run_blocks(args, V6F_COUNT, 8, v6_block_run, v6_scratch);
 }
 
+/* RWKV-4, per block (v4_block_run); the reference is aviary/model/v4.py (TimeMix and ChannelMix with
+ * T = 1) and aviary/ops/wkv4.py's recurrence. Product weight types in the order receptance, key, value,
+ * output, ffn_key, ffn_receptance, ffn_value, then an unused LoRA type; ranks 0; the state row is
+ * (aa, bb, pp) [3, C]; H is unused (the caller passes C).
+ *   xa = LN1(x);   x_f = xa * mix_f + sx_att * (1 - mix_f)      f in k, v, r
+ *   r', k, v = W x_r, W x_k, W x_v                              (one job)
+ *   y = wkv4 step (u = first, w = -exp(decay));   x1 = x + W_o (sigmoid(r') * y)   (one job)
+ *   channel-mix as RWKV-5's                                     (two jobs) */
+#define V4_BLOCK_FIELDS(X)                                                                                    \
+    X(ln1_w) X(ln1_b) X(ln2_w) X(ln2_b) X(mix_k) X(mix_v) X(mix_r) X(decay) X(first) X(receptance)            \
+    X(receptance_scale) X(key) X(key_scale) X(value) X(value_scale) X(output) X(output_scale) X(ffn_mix_k)   \
+    X(ffn_mix_r) X(ffn_key) X(ffn_key_scale) X(ffn_receptance) X(ffn_receptance_scale) X(ffn_value)         \
+    X(ffn_value_scale) X(x_in) X(x_out) X(shift_in) X(shift_out) X(wkv_in) X(wkv_out)
+#define V4_ENUM(name) V4F_##name,
+enum { V4_BLOCK_FIELDS(V4_ENUM) V4F_COUNT };
+static const char *v4_block_fields[] = {V4_BLOCK_FIELDS(FIELD_NAME)};
+
+static int64_t v4_scratch(const block_dims *d) {
+    return 14 * d->C + d->F; /* the buffers at the top of v4_block_run */
+}
+
+static void v4_block_run(const uintptr_t *q, const block_dims *d, float *scratch) {
+#define P(name) ((const float *)q[V4F_##name])
+#define W(name) ((const void *)q[V4F_##name])
+    const int64_t B = d->B, C = d->C, F = d->F, BC = B * C;
+    float *xa = scratch, *xk = xa + BC, *xv = xk + BC, *xr = xv + BC, *r = xr + BC, *k = r + BC, *v = k + BC;
+    float *yr = v + BC, *x1 = yr + BC, *xf = x1 + BC, *xkf = xf + BC, *xrf = xkf + BC, *rf = xrf + BC;
+    float *fo = rf + BC, *kf = fo + BC;
+    const float *x_in = P(x_in), *shift_in = P(shift_in), *S_in = P(wkv_in);
+    float *x_out = (float *)q[V4F_x_out], *shift_out = (float *)q[V4F_shift_out], *S_out = (float *)q[V4F_wkv_out];
+
+    for (int64_t b = 0; b < B; b++) { /* LN1 and the three token mixes */
+        const int64_t o = b * C;
+        const float *sx = shift_in + b * d->shift_in;
+        layer_norm_row(x_in + o, xa + o, P(ln1_w), P(ln1_b), C, d->eps[0]);
+        for (int64_t c = 0; c < C; c++) {
+            const float x = xa[o + c], s = sx[c];
+            xk[o + c] = x * P(mix_k)[c] + s * (1.0f - P(mix_k)[c]);
+            xv[o + c] = x * P(mix_v)[c] + s * (1.0f - P(mix_v)[c]);
+            xr[o + c] = x * P(mix_r)[c] + s * (1.0f - P(mix_r)[c]);
+        }
+    }
+    products_t job = {.M = B};
+    add_product(&job, d->wtype[0], 0, W(receptance), P(receptance_scale), xr, r, C, C);
+    add_product(&job, d->wtype[1], 0, W(key), P(key_scale), xk, k, C, C);
+    add_product(&job, d->wtype[2], 0, W(value), P(value_scale), xv, v, C, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t b = 0; b < B; b++) { /* the WKV step: output from the state before the update */
+        const float *S = S_in + b * d->wkv_in;
+        float *So = S_out + b * d->wkv_out;
+        for (int64_t c = 0; c < C; c++) {
+            const int64_t i = b * C + c;
+            const float aa = S[c], bb = S[C + c], pp = S[2 * C + c], kt = k[i], vt = v[i];
+            float ww = P(first)[c] + kt, p = pp > ww ? pp : ww;
+            float e1 = expf(pp - p), e2 = expf(ww - p);
+            yr[i] = sigmoidf_(r[i]) * ((e1 * aa + e2 * vt) / (e1 * bb + e2));
+            ww = -expf(P(decay)[c]) + pp;
+            p = ww > kt ? ww : kt;
+            e1 = expf(ww - p);
+            e2 = expf(kt - p);
+            So[c] = e1 * aa + e2 * vt;
+            So[C + c] = e1 * bb + e2;
+            So[2 * C + c] = p;
+        }
+    }
+    add_product(&job, d->wtype[3], 0, W(output), P(output_scale), yr, x1, C, C);
+    run_products(&job, d->threads, d->min_bytes);
+
+    for (int64_t b = 0; b < B; b++) { /* residual, LN2, the channel-mix token mixes, the new shift */
+        const int64_t o = b * C;
+        const float *sx = shift_in + b * d->shift_in + C;
+        float *so = shift_out + b * d->shift_out;
+        for (int64_t c = 0; c < C; c++) x1[o + c] += x_in[o + c];
+        layer_norm_row(x1 + o, xf + o, P(ln2_w), P(ln2_b), C, d->eps[1]);
+        for (int64_t c = 0; c < C; c++) {
+            const float x = xf[o + c], s = sx[c];
+            xkf[o + c] = x * P(ffn_mix_k)[c] + s * (1.0f - P(ffn_mix_k)[c]);
+            xrf[o + c] = x * P(ffn_mix_r)[c] + s * (1.0f - P(ffn_mix_r)[c]);
+        }
+        memcpy(so, xa + o, (size_t)C * sizeof(float)); /* the time-mix half was read in the first loop */
+        memcpy(so + C, xf + o, (size_t)C * sizeof(float));
+    }
+    add_product(&job, d->wtype[4], 0, W(ffn_key), P(ffn_key_scale), xkf, kf, C, F);
+    add_product(&job, d->wtype[5], 0, W(ffn_receptance), P(ffn_receptance_scale), xrf, rf, C, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < B * F; i++) kf[i] = kf[i] > 0.0f ? kf[i] * kf[i] : 0.0f;
+    add_product(&job, d->wtype[6], 0, W(ffn_value), P(ffn_value_scale), kf, fo, F, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < BC; i++) x_out[i] = x1[i] + sigmoidf_(rf[i]) * fo[i];
+#undef P
+#undef W
+}
+
+_Static_assert(V4F_COUNT <= MAX_FIELDS, "raise MAX_FIELDS");
+
+static PyObject *v4_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    return run_blocks(args, V4F_COUNT, 7, v4_block_run, v4_scratch);
+}
+
 /* RWKV-5, per block (v5_block_run); the reference is aviary/model/v5.py (TimeMix, and RWKV-4's ChannelMix
  * from aviary/model/v4.py, with T = 1). Product weight types in the order receptance, key, value, gate,
  * output, ffn_key, ffn_receptance, ffn_value, then an unused LoRA type (there are no LoRAs); ranks 0.
@@ -1344,6 +1444,10 @@ static PyMethodDef methods[] = {
      "v7_tail(r, k, v, w_lora, a_lora, v_lora_or_0, v_first_or_0, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, S_in,\n"
      "S_out, out, B, H, N, eps, decay_scale, threads): RWKV-7's one-token time-mix between its products\n"
      "and its output projection. Raw pointers to contiguous float32 CPU buffers; S_out may equal S_in."},
+    {"v4_blocks", v4_blocks, METH_VARARGS,
+     "v4_blocks(layers, threads, min_bytes, step_min_numel): one-token RWKV-4 blocks, one after another; each\n"
+     "layer is (pointers in the order of V4_BLOCK_FIELDS, (B, C, C, F, 0, 0, 0, 0), (7 product wtypes, an\n"
+     "unused LoRA wtype), (4 row strides; the state row is [3, C]), (ln1_eps, ln2_eps, unused, unused), layer0)."},
     {"v5_blocks", v5_blocks, METH_VARARGS,
      "v5_blocks(layers, threads, min_bytes, step_min_numel): one-token RWKV-5 blocks, one after another; each\n"
      "layer is (pointers in the order of V5_BLOCK_FIELDS, (B, C, H, F, 0, 0, 0, 0), (8 product wtypes, an\n"
@@ -1371,7 +1475,8 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     static const struct {
         const char *name, **fields;
         int count;
-    } lists[] = {{"V5_BLOCK_FIELDS", v5_block_fields, V5F_COUNT},
+    } lists[] = {{"V4_BLOCK_FIELDS", v4_block_fields, V4F_COUNT},
+                 {"V5_BLOCK_FIELDS", v5_block_fields, V5F_COUNT},
                  {"V6_BLOCK_FIELDS", v6_block_fields, V6F_COUNT},
                  {"V7_BLOCK_FIELDS", v7_block_fields, V7F_COUNT}};
     if (PyModule_AddStringConstant(mod, "ISA", isa) < 0 || PyModule_AddIntConstant(mod, "BF16_DOT", bf16_dot) < 0) {

@@ -22,9 +22,9 @@ wins. int8 weights reach the same kernel from `aviary.quant.Int8Linear` (up to i
 `delta_rule_step` are the one-token WKV updates of RWKV-5/6 and RWKV-7 with the state read and written
 once; `aviary.ops` sends float32 decode steps to them and keeps its torch steps as the reference.
 `rwkv7_tail` is RWKV-7's whole one-token time-mix between its products and its output projection (~40
-torch ops per layer) in one call. `rwkv5_blocks`, `rwkv6_blocks` and `rwkv7_blocks` go further:
-every block of a one-token step (LayerNorms, both mixers, all products; ~40-100 torch ops per layer
-otherwise) in one call. `aviary.model.v5` / `v6` / `v7` keep the torch forms as the reference.
+torch ops per layer) in one call. `rwkv4_blocks` ... `rwkv7_blocks` go further: every block of a
+one-token step (LayerNorms, both mixers, all products; ~30-100 torch ops per layer otherwise) in one
+call. `aviary.model.v4` ... `v7` keep the torch forms as the reference.
 
 Inside a decode step (`aviary._threads.small_ops_on_one_thread`) the products and steps run on the
 module's own worker threads, which stay awake for a fraction of a millisecond after each call, so the
@@ -36,6 +36,7 @@ module's own worker threads, which stay awake for a fraction of a millisecond af
 
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -52,8 +53,8 @@ except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 
 __all__ = ["BlockLayer", "Linear", "available", "bf16_rounds_x", "delta_rule_step", "gla_step", "kernel_weight",
-           "linear", "matmul", "reference_only", "rwkv5_blocks", "rwkv6_blocks", "rwkv7_blocks", "rwkv7_tail",
-           "steps_available"]
+           "linear", "matmul", "reference_only", "rwkv4_blocks", "rwkv5_blocks", "rwkv6_blocks", "rwkv7_blocks",
+           "rwkv7_tail", "steps_available"]
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 # beyond: torch's matmul (faster there); 16 bf16 rows with the dot-product kernel (docs/benchmarks.md)
@@ -267,7 +268,7 @@ def rwkv7_tail(r, k, v, w_lora, a_lora, v_lora, v_first, g, state, *, w0, a0, v0
     return y, out
 
 
-# ---- whole one-token blocks (RWKV-5, 6, 7) --------------------------------------------------------------
+# ---- whole one-token blocks (RWKV-4 to 7) ----------------------------------------------------------------
 
 def kernel_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight [out, in], int8 row scale or None) when `module`'s product can run in the C kernels (a
@@ -296,6 +297,7 @@ class _BlockSpec(NamedTuple):
     ranks: object  # (params, C) -> ((r0, r1, r2, r3), {name: numel}) or None
     entry: str  # the _kernels function
     v_first: bool  # whether the blocks thread RWKV-7's v_first (the last field)
+    state: object = lambda C, H: (H, C // H, C // H)  # (C, n_head) -> the shape of one row of wkv state
 
 
 def _v7_ranks(p: dict, C: int):
@@ -318,11 +320,13 @@ def _no_loras(p: dict, C: int):
 
 
 _V56_PRODUCTS = ("receptance", "key", "value", "gate", "output", "ffn_key", "ffn_receptance", "ffn_value")
-_SPECS = {} if _kernels is None or not hasattr(_kernels, "V5_BLOCK_FIELDS") else {
+_SPECS = {} if _kernels is None or not hasattr(_kernels, "V4_BLOCK_FIELDS") else {
     7: _BlockSpec(_kernels.V7_BLOCK_FIELDS, ("receptance", "key", "value", "output", "ffn_key", "ffn_value"),
                   _v7_ranks, "v7_blocks", True),
     6: _BlockSpec(_kernels.V6_BLOCK_FIELDS, _V56_PRODUCTS, _v6_ranks, "v6_blocks", False),
     5: _BlockSpec(_kernels.V5_BLOCK_FIELDS, _V56_PRODUCTS, _no_loras, "v5_blocks", False),
+    4: _BlockSpec(_kernels.V4_BLOCK_FIELDS, ("receptance", "key", "value", "output", "ffn_key", "ffn_receptance",
+                                             "ffn_value"), _no_loras, "v4_blocks", False, lambda C, H: (3, C)),
 }
 
 
@@ -430,10 +434,10 @@ def _blocks(version: int, layers: list[BlockLayer], x: torch.Tensor, v_first: to
         H = layer.n_head
         if C % H or C // H > STEP_MAX_HEAD:
             return None
-        N = C // H
+        row = spec.state(C, H)
+        inner = tuple(math.prod(row[j + 1:]) for j in range(len(row)))  # the row's contiguous strides
         strides = (_row_stride(layer.shift, (B, 2, C), (C, 1)), _row_stride(layer.shift_out, (B, 2, C), (C, 1)),
-                   _row_stride(layer.wkv, (B, H, N, N), (N * N, N, 1)),
-                   _row_stride(layer.wkv_out, (B, H, N, N), (N * N, N, 1)))
+                   _row_stride(layer.wkv, (B, *row), inner), _row_stride(layer.wkv_out, (B, *row), inner))
         if None in strides:
             return None
         here = (xs.data_ptr() + i * step, xs.data_ptr() + (i + 1) * step, layer.shift.data_ptr(),
@@ -478,6 +482,14 @@ def rwkv6_blocks(layers: list[BlockLayer], x: torch.Tensor) -> torch.Tensor | No
     return None if done is None else done[0]
 
 
+def rwkv4_blocks(layers: list[BlockLayer], x: torch.Tensor) -> torch.Tensor | None:
+    """RWKV-4's one-token blocks (LN1, time-mix, LN2, channel-mix), one after another, in one C call;
+    each layer's state rows are (aa, bb, pp) [B, 3, C] and its n_head is C. Returns x after the last block
+    in x's dtype."""
+    done = _blocks(4, layers, x, None, 0.0)
+    return None if done is None else done[0]
+
+
 def rwkv5_blocks(layers: list[BlockLayer], x: torch.Tensor) -> torch.Tensor | None:
     """RWKV-5's one-token blocks (LN1, time-mix, LN2, channel-mix), one after another, in one C call;
     returns x after the last block in x's dtype."""
@@ -488,3 +500,4 @@ def rwkv5_blocks(layers: list[BlockLayer], x: torch.Tensor) -> torch.Tensor | No
 rwkv7_blocks.__doc__ += _FUSED_DOC
 rwkv6_blocks.__doc__ += _FUSED_DOC
 rwkv5_blocks.__doc__ += _FUSED_DOC
+rwkv4_blocks.__doc__ += _FUSED_DOC

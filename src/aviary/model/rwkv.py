@@ -8,7 +8,7 @@
 
 Token shift ("sx", the previous token's LayerNorm-ed input) is formed here, once, for both mixers;
 each version's file only sees (x, sx). A version's file may also offer `decode_blocks`, all blocks of a
-one-token step in one fused call (RWKV-5, 6 and 7 do); it returns None where it cannot run, and these
+one-token step in one fused call (all four do); it returns None where it cannot run, and these
 Blocks are then the path (and always the reference). Parameter names are the official BlinkDL ones, so
 official checkpoints load with `strict=True`.
 """
