@@ -1061,6 +1061,51 @@ static PyObject *v7_blocks(PyObject *self, PyObject *args) {
     return run_blocks(args, V7F_COUNT, 6, v7_block_run, v7_scratch);
 }
 
+/* The end of an RWKV-4, 5 or 6 block, once x1 holds its time-mix output: the residual, LN2, the
+ * receptance-gated channel-mix (RWKV-4's, which RWKV-5 imports unchanged and RWKV-6 keeps up to its token
+ * mix) and the new shift. buf: 5 [B, C] buffers then one [B, F]:
+ *   x_out = x1 + sigmoid(W_r x_r) * W_v relu(W_k x_k)^2,   x_f = xf + (sx_ffn - xf) * mix_f   (RWKV-6)
+ *                                                          x_f = xf * mix_f + sx_ffn * (1 - mix_f)  (4, 5) */
+typedef struct {
+    const float *ln2_w, *ln2_b, *mix_k, *mix_r, *k_scale, *r_scale, *v_scale;
+    const void *key, *receptance, *value;
+    int k_type, r_type, v_type;
+    int delta_mix; /* 1: RWKV-6's form of the token mix; 0: RWKV-4/5's (the references round differently) */
+} gated_cmix;
+
+static void gated_channel_mix(const block_dims *d, const gated_cmix *p, const float *x_in, const float *xa,
+                              const float *shift_in, float *shift_out, float *x1, float *buf, float *x_out) {
+    const int64_t B = d->B, C = d->C, F = d->F, BC = B * C;
+    float *xf = buf, *xkf = xf + BC, *xrf = xkf + BC, *rf = xrf + BC, *fo = rf + BC, *kf = fo + BC;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t o = b * C;
+        const float *sx = shift_in + b * d->shift_in + C;
+        float *so = shift_out + b * d->shift_out;
+        for (int64_t c = 0; c < C; c++) x1[o + c] += x_in[o + c];
+        layer_norm_row(x1 + o, xf + o, p->ln2_w, p->ln2_b, C, d->eps[1]);
+        for (int64_t c = 0; c < C; c++) {
+            const float x = xf[o + c], s = sx[c];
+            if (p->delta_mix) {
+                xkf[o + c] = x + (s - x) * p->mix_k[c];
+                xrf[o + c] = x + (s - x) * p->mix_r[c];
+            } else {
+                xkf[o + c] = x * p->mix_k[c] + s * (1.0f - p->mix_k[c]);
+                xrf[o + c] = x * p->mix_r[c] + s * (1.0f - p->mix_r[c]);
+            }
+        }
+        memcpy(so, xa + o, (size_t)C * sizeof(float)); /* the time-mix half was read before the time-mix */
+        memcpy(so + C, xf + o, (size_t)C * sizeof(float));
+    }
+    products_t job = {.M = B};
+    add_product(&job, p->k_type, 0, p->key, p->k_scale, xkf, kf, C, F);
+    add_product(&job, p->r_type, 0, p->receptance, p->r_scale, xrf, rf, C, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < B * F; i++) kf[i] = kf[i] > 0.0f ? kf[i] * kf[i] : 0.0f;
+    add_product(&job, p->v_type, 0, p->value, p->v_scale, kf, fo, F, C);
+    run_products(&job, d->threads, d->min_bytes);
+    for (int64_t i = 0; i < BC; i++) x_out[i] = x1[i] + sigmoidf_(rf[i]) * fo[i];
+}
+
 /* RWKV-6, per block (v6_block_run); the reference is aviary/model/v6.py (TimeMix and ChannelMix with
  * T = 1). Product weight types in the order receptance, key, value, gate, output, ffn_key,
  * ffn_receptance, ffn_value; ranks (D = time_maa_w1's per-mix rank, Dd = the decay LoRA's, 0, 0).
@@ -1132,8 +1177,8 @@ static void v6_block_run(const uintptr_t *q, const block_dims *d, float *scratch
     const int64_t B = d->B, C = d->C, F = d->F, D = d->rank[0], Dd = d->rank[1], BC = B * C;
     float *xa = scratch, *xx = xa + BC, *xs = xx + BC, *m = xs + 5 * BC; /* xs: x_w, x_k, x_v, x_r, x_g */
     float *r = m + 5 * BC, *k = r + BC, *v = k + BC, *g = v + BC, *wl = g + BC, *yg = wl + BC, *x1 = yg + BC;
-    float *xf = x1 + BC, *xkf = xf + BC, *xrf = xkf + BC, *rf = xrf + BC, *fo = rf + BC, *kf = fo + BC;
-    float *h = kf + B * F, *hf = h + 5 * B * D, *hd = hf + 5 * B * D; /* h [B, 5D]; hf [5, B, D] */
+    float *cmix = x1 + BC; /* gated_channel_mix's buffers: 5 [B, C], then [B, F] */
+    float *h = cmix + 5 * BC + B * F, *hf = h + 5 * B * D, *hd = hf + 5 * B * D; /* h [B, 5D]; hf [5, B, D] */
     const float *x_in = P(x_in), *shift_in = P(shift_in);
     float *x_out = (float *)q[V6F_x_out], *shift_out = (float *)q[V6F_shift_out];
     const float *maa[5] = {P(maa_w), P(maa_k), P(maa_v), P(maa_r), P(maa_g)};
@@ -1181,27 +1226,10 @@ static void v6_block_run(const uintptr_t *q, const block_dims *d, float *scratch
     add_product(&job, d->wtype[4], 0, W(output), P(output_scale), yg, x1, C, C);
     run_products(&job, d->threads, d->min_bytes);
 
-    for (int64_t b = 0; b < B; b++) { /* residual, LN2, the channel-mix token mixes, the new shift */
-        const int64_t o = b * C;
-        const float *sx = shift_in + b * d->shift_in + C;
-        float *so = shift_out + b * d->shift_out;
-        for (int64_t c = 0; c < C; c++) x1[o + c] += x_in[o + c];
-        layer_norm_row(x1 + o, xf + o, P(ln2_w), P(ln2_b), C, d->eps[1]);
-        for (int64_t c = 0; c < C; c++) {
-            const float x = xf[o + c], dx = sx[c] - x;
-            xkf[o + c] = x + dx * P(ffn_maa_k)[c];
-            xrf[o + c] = x + dx * P(ffn_maa_r)[c];
-        }
-        memcpy(so, xa + o, (size_t)C * sizeof(float)); /* the time-mix half was read in the first loop */
-        memcpy(so + C, xf + o, (size_t)C * sizeof(float));
-    }
-    add_product(&job, d->wtype[5], 0, W(ffn_key), P(ffn_key_scale), xkf, kf, C, F);
-    add_product(&job, d->wtype[6], 0, W(ffn_receptance), P(ffn_receptance_scale), xrf, rf, C, C);
-    run_products(&job, d->threads, d->min_bytes);
-    for (int64_t i = 0; i < B * F; i++) kf[i] = kf[i] > 0.0f ? kf[i] * kf[i] : 0.0f;
-    add_product(&job, d->wtype[7], 0, W(ffn_value), P(ffn_value_scale), kf, fo, F, C);
-    run_products(&job, d->threads, d->min_bytes);
-    for (int64_t i = 0; i < BC; i++) x_out[i] = x1[i] + sigmoidf_(rf[i]) * fo[i];
+    const gated_cmix cm = {P(ln2_w), P(ln2_b), P(ffn_maa_k), P(ffn_maa_r), P(ffn_key_scale), P(ffn_receptance_scale),
+                           P(ffn_value_scale), W(ffn_key), W(ffn_receptance), W(ffn_value), d->wtype[5], d->wtype[6],
+                           d->wtype[7], 1};
+    gated_channel_mix(d, &cm, x_in, xa, shift_in, shift_out, x1, cmix, x_out);
 #undef P
 #undef W
 }
@@ -1211,43 +1239,6 @@ _Static_assert(V6F_COUNT <= MAX_FIELDS, "raise MAX_FIELDS");
 static PyObject *v6_blocks(PyObject *self, PyObject *args) {
     (void)self;
     return run_blocks(args, V6F_COUNT, 8, v6_block_run, v6_scratch);
-}
-
-/* The end of an RWKV-4 or RWKV-5 block, once x1 holds its time-mix output: the residual, LN2, RWKV-4's
- * channel-mix (RWKV-5 uses it unchanged, as aviary/model/v5.py imports v4's ChannelMix) and the new
- * shift. buf: 5 [B, C] buffers then one [B, F]; x_out = x1 + sigmoid(W_r xr) * W_v relu(W_k xk)^2. */
-typedef struct {
-    const float *ln2_w, *ln2_b, *mix_k, *mix_r, *k_scale, *r_scale, *v_scale;
-    const void *key, *receptance, *value;
-    int k_type, r_type, v_type;
-} lerp_cmix;
-
-static void lerp_channel_mix(const block_dims *d, const lerp_cmix *p, const float *x_in, const float *xa,
-                             const float *shift_in, float *shift_out, float *x1, float *buf, float *x_out) {
-    const int64_t B = d->B, C = d->C, F = d->F, BC = B * C;
-    float *xf = buf, *xkf = xf + BC, *xrf = xkf + BC, *rf = xrf + BC, *fo = rf + BC, *kf = fo + BC;
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t o = b * C;
-        const float *sx = shift_in + b * d->shift_in + C;
-        float *so = shift_out + b * d->shift_out;
-        for (int64_t c = 0; c < C; c++) x1[o + c] += x_in[o + c];
-        layer_norm_row(x1 + o, xf + o, p->ln2_w, p->ln2_b, C, d->eps[1]);
-        for (int64_t c = 0; c < C; c++) {
-            const float x = xf[o + c], s = sx[c];
-            xkf[o + c] = x * p->mix_k[c] + s * (1.0f - p->mix_k[c]);
-            xrf[o + c] = x * p->mix_r[c] + s * (1.0f - p->mix_r[c]);
-        }
-        memcpy(so, xa + o, (size_t)C * sizeof(float)); /* the time-mix half was read before the time-mix */
-        memcpy(so + C, xf + o, (size_t)C * sizeof(float));
-    }
-    products_t job = {.M = B};
-    add_product(&job, p->k_type, 0, p->key, p->k_scale, xkf, kf, C, F);
-    add_product(&job, p->r_type, 0, p->receptance, p->r_scale, xrf, rf, C, C);
-    run_products(&job, d->threads, d->min_bytes);
-    for (int64_t i = 0; i < B * F; i++) kf[i] = kf[i] > 0.0f ? kf[i] * kf[i] : 0.0f;
-    add_product(&job, p->v_type, 0, p->value, p->v_scale, kf, fo, F, C);
-    run_products(&job, d->threads, d->min_bytes);
-    for (int64_t i = 0; i < BC; i++) x_out[i] = x1[i] + sigmoidf_(rf[i]) * fo[i];
 }
 
 /* RWKV-4, per block (v4_block_run); the reference is aviary/model/v4.py (TimeMix and ChannelMix with
@@ -1268,7 +1259,7 @@ enum { V4_BLOCK_FIELDS(V4_ENUM) V4F_COUNT };
 static const char *v4_block_fields[] = {V4_BLOCK_FIELDS(FIELD_NAME)};
 
 static int64_t v4_scratch(const block_dims *d) {
-    return 14 * d->C + d->F; /* 9 [B, C] buffers in v4_block_run, then lerp_channel_mix's */
+    return 14 * d->C + d->F; /* 9 [B, C] buffers in v4_block_run, then gated_channel_mix's */
 }
 
 static void v4_block_run(const uintptr_t *q, const block_dims *d, float *scratch) {
@@ -1276,7 +1267,7 @@ static void v4_block_run(const uintptr_t *q, const block_dims *d, float *scratch
 #define W(name) ((const void *)q[V4F_##name])
     const int64_t B = d->B, C = d->C, BC = B * C;
     float *xa = scratch, *xk = xa + BC, *xv = xk + BC, *xr = xv + BC, *r = xr + BC, *k = r + BC, *v = k + BC;
-    float *yr = v + BC, *x1 = yr + BC; /* then lerp_channel_mix's buffers */
+    float *yr = v + BC, *x1 = yr + BC; /* then gated_channel_mix's buffers */
     const float *x_in = P(x_in), *shift_in = P(shift_in), *S_in = P(wkv_in);
     float *x_out = (float *)q[V4F_x_out], *shift_out = (float *)q[V4F_shift_out], *S_out = (float *)q[V4F_wkv_out];
 
@@ -1317,10 +1308,10 @@ static void v4_block_run(const uintptr_t *q, const block_dims *d, float *scratch
     add_product(&job, d->wtype[3], 0, W(output), P(output_scale), yr, x1, C, C);
     run_products(&job, d->threads, d->min_bytes);
 
-    const lerp_cmix cm = {P(ln2_w), P(ln2_b), P(ffn_mix_k), P(ffn_mix_r), P(ffn_key_scale), P(ffn_receptance_scale),
-                          P(ffn_value_scale), W(ffn_key), W(ffn_receptance), W(ffn_value), d->wtype[4], d->wtype[5],
-                          d->wtype[6]};
-    lerp_channel_mix(d, &cm, x_in, xa, shift_in, shift_out, x1, x1 + BC, x_out);
+    const gated_cmix cm = {P(ln2_w), P(ln2_b), P(ffn_mix_k), P(ffn_mix_r), P(ffn_key_scale), P(ffn_receptance_scale),
+                           P(ffn_value_scale), W(ffn_key), W(ffn_receptance), W(ffn_value), d->wtype[4], d->wtype[5],
+                           d->wtype[6], 0};
+    gated_channel_mix(d, &cm, x_in, xa, shift_in, shift_out, x1, x1 + BC, x_out);
 #undef P
 #undef W
 }
@@ -1352,7 +1343,7 @@ enum { V5_BLOCK_FIELDS(V5_ENUM) V5F_COUNT };
 static const char *v5_block_fields[] = {V5_BLOCK_FIELDS(FIELD_NAME)};
 
 static int64_t v5_scratch(const block_dims *d) {
-    return 17 * d->C + d->F; /* 12 [B, C] buffers in v5_block_run, then lerp_channel_mix's */
+    return 17 * d->C + d->F; /* 12 [B, C] buffers in v5_block_run, then gated_channel_mix's */
 }
 
 static void v5_block_run(const uintptr_t *q, const block_dims *d, float *scratch) {
@@ -1361,7 +1352,7 @@ static void v5_block_run(const uintptr_t *q, const block_dims *d, float *scratch
     const int64_t B = d->B, C = d->C, BC = B * C;
     float *xa = scratch, *xk = xa + BC, *xv = xk + BC, *xr = xv + BC, *xg = xr + BC;
     float *r = xg + BC, *k = r + BC, *v = k + BC, *g = v + BC, *zero = g + BC, *yg = zero + BC, *x1 = yg + BC;
-    /* then lerp_channel_mix's buffers */
+    /* then gated_channel_mix's buffers */
     const float *x_in = P(x_in), *shift_in = P(shift_in);
     float *x_out = (float *)q[V5F_x_out], *shift_out = (float *)q[V5F_shift_out];
 
@@ -1393,10 +1384,10 @@ static void v5_block_run(const uintptr_t *q, const block_dims *d, float *scratch
     add_product(&job, d->wtype[4], 0, W(output), P(output_scale), yg, x1, C, C);
     run_products(&job, d->threads, d->min_bytes);
 
-    const lerp_cmix cm = {P(ln2_w), P(ln2_b), P(ffn_mix_k), P(ffn_mix_r), P(ffn_key_scale), P(ffn_receptance_scale),
-                          P(ffn_value_scale), W(ffn_key), W(ffn_receptance), W(ffn_value), d->wtype[5], d->wtype[6],
-                          d->wtype[7]};
-    lerp_channel_mix(d, &cm, x_in, xa, shift_in, shift_out, x1, x1 + BC, x_out);
+    const gated_cmix cm = {P(ln2_w), P(ln2_b), P(ffn_mix_k), P(ffn_mix_r), P(ffn_key_scale), P(ffn_receptance_scale),
+                           P(ffn_value_scale), W(ffn_key), W(ffn_receptance), W(ffn_value), d->wtype[5], d->wtype[6],
+                           d->wtype[7], 0};
+    gated_channel_mix(d, &cm, x_in, xa, shift_in, shift_out, x1, x1 + BC, x_out);
 #undef P
 #undef W
 }

@@ -52,9 +52,9 @@ try:  # built by setup.py; optional (no compiler, or not x86): everything falls 
 except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 
-__all__ = ["BlockLayer", "Linear", "available", "bf16_rounds_x", "delta_rule_step", "gla_step", "kernel_weight",
-           "linear", "matmul", "reference_only", "rwkv4_blocks", "rwkv5_blocks", "rwkv6_blocks", "rwkv7_blocks",
-           "rwkv7_tail", "steps_available"]
+__all__ = ["BlockLayer", "Linear", "available", "bf16_rounds_x", "block_layer", "block_layers", "delta_rule_step",
+           "gla_step", "kernel_weight", "linear", "matmul", "product_weights", "reference_only", "rwkv4_blocks",
+           "rwkv5_blocks", "rwkv6_blocks", "rwkv7_blocks", "rwkv7_tail", "steps_available"]
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 # beyond: torch's matmul (faster there); 16 bf16 rows with the dot-product kernel (docs/benchmarks.md)
@@ -397,6 +397,32 @@ class BlockLayer(NamedTuple):
     wkv: torch.Tensor
     shift_out: torch.Tensor
     wkv_out: torch.Tensor
+
+
+def product_weights(modules) -> list | None:
+    """[weight, scale, weight, scale, ...] from `kernel_weight` of each module in turn (the products' fields
+    of a block), or None if one of them has no kernel."""
+    out = []
+    for module in modules:
+        weight = kernel_weight(module)
+        if weight is None:
+            return None
+        out += weight
+    return out
+
+
+def block_layer(block: nn.Module, params: list, n_head: int, eps: tuple, layer0: bool, shift, wkv, shift_out,
+                wkv_out) -> BlockLayer:
+    """A `BlockLayer` for `block`, with the plan cache kept on the block."""
+    return BlockLayer(params, block.__dict__.setdefault("_decode_cache", {}), n_head, eps, layer0, shift, wkv,
+                      shift_out, wkv_out)
+
+
+def block_layers(blocks, layer, shift, wkv, shift_out, wkv_out) -> list[BlockLayer] | None:
+    """`layer(block, shift[:, i], wkv[:, i], shift_out[:, i], wkv_out[:, i])` for every block i (the state
+    tensors [B, L, ...]), or None if one of them cannot run in C."""
+    layers = [layer(block, shift[:, i], wkv[:, i], shift_out[:, i], wkv_out[:, i]) for i, block in enumerate(blocks)]
+    return None if None in layers else layers
 
 
 def _plan(params: list, cache: dict, spec: _BlockSpec):

@@ -89,19 +89,14 @@ def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.BlockLay
     p1, p2 = ln1._parameters, ln2._parameters
     params = [p1["weight"], p1["bias"], p2["weight"], p2["bias"], ap["time_mix_k"], ap["time_mix_v"], ap["time_mix_r"],
               ap["time_decay"], ap["time_first"]]
-    for module in (am["receptance"], am["key"], am["value"], am["output"], None, fm["key"], fm["receptance"],
-                   fm["value"]):
-        if module is None:
-            params += (fp["time_mix_k"], fp["time_mix_r"])
-            continue
-        weight = kernels.kernel_weight(module)
-        if weight is None:
-            return None
-        params += weight
-    cache = block.__dict__.setdefault("_decode_cache", {})
+    att_w = kernels.product_weights((am["receptance"], am["key"], am["value"], am["output"]))
+    ffn_w = kernels.product_weights((fm["key"], fm["receptance"], fm["value"]))
+    if att_w is None or ffn_w is None:
+        return None
+    params += [*att_w, fp["time_mix_k"], fp["time_mix_r"], *ffn_w]
     C = ap["time_decay"].shape[0]
-    return kernels.BlockLayer(params, cache, C, (ln1.eps, ln2.eps, 0.0), att.layer_id == 0, shift, wkv, shift_out,
-                              wkv_out)
+    return kernels.block_layer(block, params, C, (ln1.eps, ln2.eps, 0.0), att.layer_id == 0, shift, wkv, shift_out,
+                               wkv_out)
 
 
 def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
@@ -112,8 +107,8 @@ def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
     into shift_out and wkv_out (which may be shift and wkv). Returns x after the last block, or None,
     having done nothing, where the kernels cannot take these blocks (gradients, a weight type or device
     they do not handle): the caller then runs each `block` itself, the reference."""
-    layers = [_layer(block, shift[:, i], wkv[:, i], shift_out[:, i], wkv_out[:, i]) for i, block in enumerate(blocks)]
-    return None if None in layers else kernels.rwkv4_blocks(layers, x)
+    layers = kernels.block_layers(blocks, _layer, shift, wkv, shift_out, wkv_out)
+    return None if layers is None else kernels.rwkv4_blocks(layers, x)
 
 
 def decode_block(block: nn.Module, x, shift, wkv, shift_out, wkv_out):

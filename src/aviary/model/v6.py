@@ -106,18 +106,13 @@ def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.BlockLay
     p1, p2, px = ln1._parameters, ln2._parameters, ln_x._parameters
     params = [p1["weight"], p1["bias"], p2["weight"], p2["bias"], *(ap[n] for n in _ATT_VECTORS), px["weight"],
               px["bias"]]
-    for module in (am["receptance"], am["key"], am["value"], am["gate"], am["output"], None, fm["key"],
-                   fm["receptance"], fm["value"]):
-        if module is None:
-            params += (fp["time_maa_k"], fp["time_maa_r"])
-            continue
-        weight = kernels.kernel_weight(module)
-        if weight is None:
-            return None
-        params += weight
-    cache = block.__dict__.setdefault("_decode_cache", {})
-    return kernels.BlockLayer(params, cache, ap["time_faaaa"].shape[0], (ln1.eps, ln2.eps, ln_x.eps),
-                              att.layer_id == 0, shift, wkv, shift_out, wkv_out)
+    att_w = kernels.product_weights((am["receptance"], am["key"], am["value"], am["gate"], am["output"]))
+    ffn_w = kernels.product_weights((fm["key"], fm["receptance"], fm["value"]))
+    if att_w is None or ffn_w is None:
+        return None
+    params += [*att_w, fp["time_maa_k"], fp["time_maa_r"], *ffn_w]
+    return kernels.block_layer(block, params, ap["time_faaaa"].shape[0], (ln1.eps, ln2.eps, ln_x.eps),
+                               att.layer_id == 0, shift, wkv, shift_out, wkv_out)
 
 
 def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
@@ -128,8 +123,8 @@ def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
     into shift_out and wkv_out (which may be shift and wkv). Returns x after the last block, or None,
     having done nothing, where the kernels cannot take these blocks (gradients, a weight type or device
     they do not handle): the caller then runs each `block` itself, the reference."""
-    layers = [_layer(block, shift[:, i], wkv[:, i], shift_out[:, i], wkv_out[:, i]) for i, block in enumerate(blocks)]
-    return None if None in layers else kernels.rwkv6_blocks(layers, x)
+    layers = kernels.block_layers(blocks, _layer, shift, wkv, shift_out, wkv_out)
+    return None if layers is None else kernels.rwkv6_blocks(layers, x)
 
 
 def decode_block(block: nn.Module, x, shift, wkv, shift_out, wkv_out):

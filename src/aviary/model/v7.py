@@ -124,19 +124,14 @@ def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.BlockLay
     ap, am, fm = att._parameters, att._modules, ffn._modules
     ln1, ln2, ln_x = bm["ln1"], bm["ln2"], am["ln_x"]
     p1, p2, px = ln1._parameters, ln2._parameters, ln_x._parameters
-    params = [p1["weight"], p1["bias"], p2["weight"], p2["bias"], *(ap[n] for n in _ATT_PARAMS),
-              px["weight"], px["bias"], *(ap[n] for n in _LORAS)]
-    for module in (am["receptance"], am["key"], am["value"], am["output"], None, fm["key"], fm["value"]):
-        if module is None:
-            params.append(ffn._parameters["x_k"])
-            continue
-        weight = kernels.kernel_weight(module)
-        if weight is None:
-            return None
-        params += weight
-    cache = block.__dict__.setdefault("_decode_cache", {})
-    return kernels.BlockLayer(params, cache, ap["r_k"].shape[0], (ln1.eps, ln2.eps, ln_x.eps), att.layer_id == 0,
-                           shift, wkv, shift_out, wkv_out)
+    att_w = kernels.product_weights((am["receptance"], am["key"], am["value"], am["output"]))
+    ffn_w = kernels.product_weights((fm["key"], fm["value"]))
+    if att_w is None or ffn_w is None:
+        return None
+    params = [p1["weight"], p1["bias"], p2["weight"], p2["bias"], *(ap[n] for n in _ATT_PARAMS), px["weight"],
+              px["bias"], *(ap[n] for n in _LORAS), *att_w, ffn._parameters["x_k"], *ffn_w]
+    return kernels.block_layer(block, params, ap["r_k"].shape[0], (ln1.eps, ln2.eps, ln_x.eps), att.layer_id == 0,
+                               shift, wkv, shift_out, wkv_out)
 
 
 def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
@@ -148,10 +143,8 @@ def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
     into shift_out and wkv_out (which may be shift and wkv). Returns x after the last block, or None,
     having done nothing, where the kernels cannot take these blocks (gradients, a weight type or device
     they do not handle): the caller then runs each `block` itself, the reference."""
-    layers = [_layer(block, shift[:, i], wkv[:, i], shift_out[:, i], wkv_out[:, i]) for i, block in enumerate(blocks)]
-    if None in layers:
-        return None
-    done = kernels.rwkv7_blocks(layers, x, None, decay_scale=DECAY_SCALE)
+    layers = kernels.block_layers(blocks, _layer, shift, wkv, shift_out, wkv_out)
+    done = None if layers is None else kernels.rwkv7_blocks(layers, x, None, decay_scale=DECAY_SCALE)
     return None if done is None else done[0]
 
 
