@@ -30,15 +30,16 @@ def _case(dtype, out, n_in, rows, seed=0):
     return x, w, None, x.double() @ w.double().t()
 
 
-# sizes: not multiples of 16 or 4 (tails), exactly 16, a row block split unevenly over threads
-SHAPES = [(1, 1), (5, 7), (33, 100), (64, 16), (130, 768), (1000, 96)]
+# sizes: not multiples of 16 or 4 (tails), exactly 16, a row block split unevenly over threads, inputs
+# longer than one chunk of x in the batch kernels (with and without a tail)
+SHAPES = [(1, 1), (5, 7), (33, 100), (64, 16), (130, 768), (1000, 96), (44, 1000)]
 
 
 DTYPES = [pytest.param(d, marks=needs[d]) for d in (torch.float32, torch.bfloat16, torch.int8)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 19, 35])  # 35: two passes of the batch kernels
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_matches_reference(dtype, rows, shape, threads, monkeypatch):

@@ -9,7 +9,7 @@
  * leave bandwidth unused on the test machine: `aten._weight_int8pack_mm` widens every int8 weight to
  * bf16 and is compute-bound at one row (4-9 GB/s), and oneDNN's bf16 product reads at ~17 GB/s with a
  * fixed cost of ~100 us per call. Here each weight is widened to float32 in SIMD registers, x stays
- * float32, and every weight is read once for all M rows (4x4 register tiles for M > 1).
+ * float32, and every weight is read once for all M rows (blocked 4x4 register tiles for M > 1).
  *
  * ISA: AVX-512 versions of all three and an AVX2 version of int8; the module picks at import (`ISA`:
  * "avx512", "avx2" or "none"). Where there is no SIMD version, `linear` refuses and Python uses torch
@@ -57,6 +57,41 @@ static inline float i8_scalar(int8_t v) { return (float)v; }
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define LOAD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 
+/* The 16 sums of 16 accumulators at once (a shuffle tree), for the tiles below. */
+static int hsum16_order[16]; /* hsum16's raw output position -> accumulator; filled by pick_kernels */
+
+/* [sum(v[0]), ..., sum(v[15])] in the raw order fixed by the shuffles (hsum16_order maps it). */
+__attribute__((target("avx512f"), always_inline)) static inline __m512 hsum16_raw(__m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int k = 0; k < 8; k++) /* 128-bit lanes {0,1} + {2,3} of two vectors: 8 partial sums each */
+        a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++) /* lanes {0,2} + {1,3}: one 128-bit lane of 4 partial sums per vector */
+        b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; k++) /* within lanes: elements {0,1} + {2,3} */
+        c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+
+static __m512i hsum16_perm; /* permutes hsum16_raw's output into accumulator order */
+
+__attribute__((target("avx512f"))) static void hsum16_init(void) {
+    __m512 v[16];
+    float out[16];
+    for (int j = 0; j < 16; j++) v[j] = _mm512_set1_ps((float)j);
+    _mm512_storeu_ps(out, hsum16_raw(v)); /* 16 * (the accumulator each position holds) */
+    int idx[16];
+    for (int p = 0; p < 16; p++) hsum16_order[p] = (int)(out[p] / 16.0f + 0.5f);
+    for (int p = 0; p < 16; p++) idx[hsum16_order[p]] = p;
+    hsum16_perm = _mm512_loadu_si512(idx);
+}
+
+/* The sums of v[0..15], in order. */
+__attribute__((target("avx512f"), always_inline)) static inline __m512 hsum16(__m512 v[16]) {
+    return _mm512_permutexvar_ps(hsum16_perm, hsum16_raw(v));
+}
+
 /* acc[j] += a * b_j for four weight vectors: one row of a 4x4 register tile. */
 #define FMA4(acc, a, b0, b1, b2, b3)                   \
     do {                                               \
@@ -67,9 +102,111 @@ static inline float i8_scalar(int8_t v) { return (float)v; }
         (acc)[3] = _mm512_fmadd_ps(a_, b3, (acc)[3]);  \
     } while (0)
 
+/* M > 1 (a batch), for float32 weights and for bfloat16 and int8 weights widened to float32.
+ *
+ * Each weight still comes from memory once, but at 16 rows it is used 16 times, so the product needs as
+ * much compute as memory traffic, and the two have to overlap. On the test machine (Zen 4, C
+ * microbenchmarks, one core): a loop doing 16 FMAs per 64-byte line it streams from memory kept both its
+ * full FMA rate (~110 GFLOPS) and ~14 GB/s when it read one or two runs of consecutive addresses and its
+ * other loads hit L1; four runs at once dropped it to ~68 GFLOPS, other loads from L2 to ~64. The earlier
+ * 4x4 tiles over whole rows read four runs and re-read 16 rows of x (48 KB at in = 768) from L2 for every
+ * tile: ~50 GFLOPS per core from memory against ~100 on weights already in cache. So:
+ *   - outputs go in blocks of BLOCK_OUT rows; within a block, `in` is taken in chunks sized so that the
+ *     chunk of x (all M rows) is X_CHUNK_BYTES and stays in L1 while each 4-row tile of the block uses it;
+ *   - a tile (4 weight rows x 4 rows of x, 16 accumulators) sums one chunk; hsum16 folds its 16 sums into
+ *     the block's partial sums (acc, on the stack);
+ *   - while a block computes, the next block's weights (consecutive addresses) are prefetched in order,
+ *     spread evenly over the block's steps.
+ * Rows of x past the last multiple of 4 take tiles of 1-3 rows; a tail of `in` past the last multiple of
+ * 16 is added per output in plain C. Block sizes were picked by paired timings (docs/benchmarks.md). */
+#define BLOCK_OUT 8 /* weight rows per block */
+#define BLOCK_M 32 /* rows of x per pass (the stack holds BLOCK_M x BLOCK_OUT sums) */
+#define X_CHUNK_BYTES 16384 /* x's share of L1 */
+
+#define PF_HINT _MM_HINT_T0
+#define DEFINE_BLOCKED(NAME, WTYPE, WLOAD, WSCALAR)                                                            \
+    /* Tile: weight rows w, w + in, w + 2 in, w + 3 in x R rows of x (stride in), over [i0, i1); adds the */  \
+    /* 4R sums to acc[r * BLOCK_OUT + j]. */                                                                   \
+    __attribute__((target("avx512f"), always_inline)) static inline void NAME##_tile(                         \
+        const WTYPE *w, const float *x, int64_t in, int64_t i0, int64_t i1, float *acc, const int R,          \
+        const char **pf, int64_t pf_step) {                                                                  \
+        __m512 c[16];                                                                                        \
+        for (int j = 0; j < 16; j++) c[j] = _mm512_setzero_ps();                                             \
+        const char *p = *pf;                                                                                 \
+        for (int64_t i = i0; i < i1; i += 16) {                                                              \
+            _mm_prefetch(p, PF_HINT);                                                                        \
+            p += pf_step;                                                                                    \
+            __m512 b0 = WLOAD(w + i), b1 = WLOAD(w + in + i), b2 = WLOAD(w + 2 * in + i),                    \
+                   b3 = WLOAD(w + 3 * in + i);                                                               \
+            for (int r = 0; r < R; r++) {                                                                    \
+                __m512 a = _mm512_loadu_ps(x + r * in + i);                                                  \
+                c[4 * r] = _mm512_fmadd_ps(a, b0, c[4 * r]);                                                 \
+                c[4 * r + 1] = _mm512_fmadd_ps(a, b1, c[4 * r + 1]);                                         \
+                c[4 * r + 2] = _mm512_fmadd_ps(a, b2, c[4 * r + 2]);                                         \
+                c[4 * r + 3] = _mm512_fmadd_ps(a, b3, c[4 * r + 3]);                                         \
+            }                                                                                                \
+        }                                                                                                    \
+        *pf = p;                                                                                             \
+        float s[16];                                                                                         \
+        _mm512_storeu_ps(s, hsum16(c));                                                                      \
+        for (int r = 0; r < R; r++)                                                                          \
+            _mm_storeu_ps(acc + r * BLOCK_OUT, _mm_add_ps(_mm_loadu_ps(acc + r * BLOCK_OUT), _mm_loadu_ps(s + 4 * r))); \
+    }                                                                                                        \
+                                                                                                             \
+    /* Outputs [o0, o1) (a multiple of 4 of them) for all M rows of x. */                                   \
+    __attribute__((target("avx512f"))) static void NAME##_blocked(const WTYPE *W, const float *scale,        \
+                                                                  const float *x, float *y, int64_t o0,      \
+                                                                  int64_t o1, int64_t in, int64_t out,       \
+                                                                  int64_t M) {                               \
+        const int64_t in16 = in / 16 * 16;                                                                   \
+        for (int64_t mb = 0; mb < M; mb += BLOCK_M) {                                                        \
+            const int64_t Mb = M - mb < BLOCK_M ? M - mb : BLOCK_M;                                          \
+            const float *xb = x + mb * in;                                                                   \
+            int64_t chunk = X_CHUNK_BYTES / (4 * Mb) / 16 * 16;                                              \
+            if (chunk < 64) chunk = 64;                                                                      \
+            for (int64_t o = o0; o < o1; o += BLOCK_OUT) {                                                   \
+                const int64_t nb = o1 - o < BLOCK_OUT ? o1 - o : BLOCK_OUT; /* a multiple of 4 */            \
+                float acc[BLOCK_M * BLOCK_OUT] __attribute__((aligned(64)));                                 \
+                for (int64_t m = 0; m < Mb; m++) memset(acc + m * BLOCK_OUT, 0, (size_t)nb * sizeof(float)); \
+                /* the next block's weights, in order, spread over this block's steps */                    \
+                const int64_t steps = (nb / 4) * ((Mb + 3) / 4) * (in16 / 16);                               \
+                const int64_t pf_step = steps ? BLOCK_OUT * in * (int64_t)sizeof(WTYPE) / steps : 0;         \
+                const char *pf = (const char *)(W + (o + nb) * in);                                          \
+                for (int64_t k0 = 0; k0 < in16; k0 += chunk) {                                               \
+                    const int64_t k1 = k0 + chunk < in16 ? k0 + chunk : in16;                                \
+                    for (int64_t t = 0; t < nb; t += 4) {                                                    \
+                        const WTYPE *w = W + (o + t) * in;                                                   \
+                        int64_t m = 0;                                                                       \
+                        for (; m + 4 <= Mb; m += 4)                                                          \
+                            NAME##_tile(w, xb + m * in, in, k0, k1, acc + m * BLOCK_OUT + t, 4, &pf, pf_step); \
+                        switch (Mb - m) {                                                                    \
+                        case 3: NAME##_tile(w, xb + m * in, in, k0, k1, acc + m * BLOCK_OUT + t, 3, &pf, pf_step); break; \
+                        case 2: NAME##_tile(w, xb + m * in, in, k0, k1, acc + m * BLOCK_OUT + t, 2, &pf, pf_step); break; \
+                        case 1: NAME##_tile(w, xb + m * in, in, k0, k1, acc + m * BLOCK_OUT + t, 1, &pf, pf_step); break; \
+                        default: break;                                                                      \
+                        }                                                                                    \
+                    }                                                                                        \
+                }                                                                                            \
+                for (int64_t m = 0; m < Mb; m++) {                                                           \
+                    const float *xm = xb + m * in;                                                           \
+                    float *ym = y + (mb + m) * out + o;                                                      \
+                    for (int64_t j = 0; j < nb; j++) {                                                       \
+                        float s = acc[m * BLOCK_OUT + j];                                                    \
+                        const WTYPE *wj = W + (o + j) * in;                                                  \
+                        for (int64_t i = in16; i < in; i++) s += WSCALAR(wj[i]) * xm[i];                     \
+                        ym[j] = scale ? s * scale[o + j] : s;                                                 \
+                    }                                                                                        \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+DEFINE_BLOCKED(f32_rows_avx512, float, LOAD_F32, f32_scalar)
+DEFINE_BLOCKED(bf16_rows_avx512, uint16_t, LOAD_BF16, bf16_to_f32)
+DEFINE_BLOCKED(i8_rows_avx512, int8_t, LOAD_I8, i8_scalar)
+
 /* M == 1: four independent accumulators over 64 weights per iteration (hides the FMA latency).
- * M > 1: tiles of 4 weight rows x 4 rows of x, 16 accumulators; each weight vector is widened once per
- * 4 rows of x. Leftover rows (out % 4, M % 4) take a one-accumulator loop. */
+ * M > 1: NAME##_blocked (above) for the outputs up to the last multiple of 4; the rest, one at a time. */
 #define DEFINE_AVX512(NAME, WTYPE, WLOAD, WSCALAR)                                                             \
     __attribute__((target("avx512f"))) static float NAME##_dot1(const WTYPE *w, const float *x, int64_t in) { \
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),                 \
@@ -97,35 +234,8 @@ static inline float i8_scalar(int8_t v) { return (float)v; }
         const WTYPE *W = (const WTYPE *)wp;                                                                  \
         int64_t o = o0;                                                                                      \
         if (M > 1) {                                                                                         \
-            int64_t in16 = in / 16 * 16;                                                                     \
-            for (; o + 4 <= o1; o += 4) {                                                                    \
-                const WTYPE *w[4] = {W + o * in, W + (o + 1) * in, W + (o + 2) * in, W + (o + 3) * in};      \
-                int64_t m = 0;                                                                               \
-                for (; m + 4 <= M; m += 4) {                                                                 \
-                    const float *xs[4] = {x + m * in, x + (m + 1) * in, x + (m + 2) * in, x + (m + 3) * in}; \
-                    __m512 c[4][4];                                                                          \
-                    for (int r = 0; r < 4; r++)                                                              \
-                        for (int j = 0; j < 4; j++) c[r][j] = _mm512_setzero_ps();                           \
-                    for (int64_t i = 0; i < in16; i += 16) {                                                 \
-                        __m512 b0 = WLOAD(w[0] + i), b1 = WLOAD(w[1] + i), b2 = WLOAD(w[2] + i),             \
-                               b3 = WLOAD(w[3] + i);                                                         \
-                        for (int r = 0; r < 4; r++) FMA4(c[r], _mm512_loadu_ps(xs[r] + i), b0, b1, b2, b3);  \
-                    }                                                                                        \
-                    for (int r = 0; r < 4; r++) {                                                            \
-                        for (int j = 0; j < 4; j++) {                                                        \
-                            float s = _mm512_reduce_add_ps(c[r][j]);                                         \
-                            for (int64_t i = in16; i < in; i++) s += WSCALAR(w[j][i]) * xs[r][i];            \
-                            y[(m + r) * out + o + j] = scale ? s * scale[o + j] : s;                         \
-                        }                                                                                    \
-                    }                                                                                        \
-                }                                                                                            \
-                for (; m < M; m++) {                                                                         \
-                    for (int j = 0; j < 4; j++) {                                                            \
-                        float s = NAME##_dot1(w[j], x + m * in, in);                                         \
-                        y[m * out + o + j] = scale ? s * scale[o + j] : s;                                   \
-                    }                                                                                        \
-                }                                                                                            \
-            }                                                                                                \
+            o = o0 + (o1 - o0) / 4 * 4;                                                                      \
+            NAME##_blocked(W, scale, x, y, o0, o, in, out, M);                                               \
         }                                                                                                    \
         for (; o < o1; o++) {                                                                                \
             for (int64_t m = 0; m < M; m++) {                                                                \
@@ -145,40 +255,6 @@ DEFINE_AVX512(i8_rows_avx512, int8_t, LOAD_I8, i8_scalar)
  * bf16 product does (a bf16 model's activations are bf16 already; the rounding is then exact). Tiles of
  * 4 weight rows x 4 rows of x; the 16 sums of a tile are reduced together (hsum16) and written as four
  * runs of 4 outputs. Input lengths that are not multiples of 32 take a masked last step. */
-static int hsum16_order[16]; /* hsum16's raw output position -> accumulator; filled by pick_kernels */
-
-/* [sum(v[0]), ..., sum(v[15])] in the raw order fixed by the shuffles (hsum16_order maps it). */
-__attribute__((target("avx512f"))) static __m512 hsum16_raw(__m512 v[16]) {
-    __m512 a[8], b[4], c[2];
-    for (int k = 0; k < 8; k++) /* 128-bit lanes {0,1} + {2,3} of two vectors: 8 partial sums each */
-        a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
-                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
-    for (int k = 0; k < 4; k++) /* lanes {0,2} + {1,3}: one 128-bit lane of 4 partial sums per vector */
-        b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88),
-                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xDD));
-    for (int k = 0; k < 2; k++) /* within lanes: elements {0,1} + {2,3} */
-        c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
-}
-
-static __m512i hsum16_perm; /* permutes hsum16_raw's output into accumulator order */
-
-__attribute__((target("avx512f"))) static void hsum16_init(void) {
-    __m512 v[16];
-    float out[16];
-    for (int j = 0; j < 16; j++) v[j] = _mm512_set1_ps((float)j);
-    _mm512_storeu_ps(out, hsum16_raw(v)); /* 16 * (the accumulator each position holds) */
-    int idx[16];
-    for (int p = 0; p < 16; p++) hsum16_order[p] = (int)(out[p] / 16.0f + 0.5f);
-    for (int p = 0; p < 16; p++) idx[hsum16_order[p]] = p;
-    hsum16_perm = _mm512_loadu_si512(idx);
-}
-
-/* The sums of v[0..15], in order. */
-__attribute__((target("avx512f"))) static inline __m512 hsum16(__m512 v[16]) {
-    return _mm512_permutexvar_ps(hsum16_perm, hsum16_raw(v));
-}
-
 /* One tile: 4 weight rows (w) x R rows of bf16 x (xb, row stride inp), written to y (row stride out). R is
  * a constant at every call, so the 4R sums stay in registers. */
 __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline void
@@ -208,6 +284,86 @@ bf16dp_tile(const uint16_t *const w[4], const uint16_t *xb, int64_t inp, int64_t
     float s[16];
     _mm512_storeu_ps(s, hsum16(c));
     for (int r = 0; r < R; r++) memcpy(y + r * out, s + 4 * r, 4 * sizeof(float));
+}
+
+/* M > 1: the blocked order of DEFINE_BLOCKED (blocks of BLOCK_OUT weight rows, chunks of the bf16 x
+ * that fit X_CHUNK_BYTES, the next block prefetched in order). A tile sums [i0, i1) of 4 weight rows x R
+ * rows of xb (stride inp) and adds its 4R sums to acc[r * BLOCK_OUT + j]; the step at in32, if i1 passes
+ * it, loads the weights under `tail`. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline void
+bf16dp_chunk_tile(const uint16_t *w, int64_t in, const uint16_t *xb, int64_t inp, int64_t i0, int64_t i1,
+                  int64_t in32, __mmask32 tail, float *acc, const int R, const char **pf, int64_t pf_step) {
+    __m512 c[16];
+    for (int j = 0; j < 16; j++) c[j] = _mm512_setzero_ps();
+    const char *p = *pf;
+    for (int64_t i = i0; i < i1; i += 32) {
+        _mm_prefetch(p, PF_HINT);
+        p += pf_step;
+        __m512bh b0, b1, b2, b3;
+        if (i < in32) {
+            b0 = (__m512bh)_mm512_loadu_si512(w + i);
+            b1 = (__m512bh)_mm512_loadu_si512(w + in + i);
+            b2 = (__m512bh)_mm512_loadu_si512(w + 2 * in + i);
+            b3 = (__m512bh)_mm512_loadu_si512(w + 3 * in + i);
+        } else {
+            b0 = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + i);
+            b1 = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + in + i);
+            b2 = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + 2 * in + i);
+            b3 = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + 3 * in + i);
+        }
+        for (int r = 0; r < R; r++) {
+            __m512bh a = (__m512bh)_mm512_load_si512(xb + r * inp + i);
+            c[4 * r] = _mm512_dpbf16_ps(c[4 * r], a, b0);
+            c[4 * r + 1] = _mm512_dpbf16_ps(c[4 * r + 1], a, b1);
+            c[4 * r + 2] = _mm512_dpbf16_ps(c[4 * r + 2], a, b2);
+            c[4 * r + 3] = _mm512_dpbf16_ps(c[4 * r + 3], a, b3);
+        }
+    }
+    *pf = p;
+    float s[16];
+    _mm512_storeu_ps(s, hsum16(c));
+    for (int r = 0; r < R; r++)
+        _mm_storeu_ps(acc + r * BLOCK_OUT, _mm_add_ps(_mm_loadu_ps(acc + r * BLOCK_OUT), _mm_loadu_ps(s + 4 * r)));
+}
+
+/* Outputs [o0, o1) (a multiple of 4 of them) for all M rows of xb. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void bf16dp_blocked(const uint16_t *W,
+                                                                                 const uint16_t *xbase, float *y,
+                                                                                 int64_t o0, int64_t o1,
+                                                                                 int64_t in, int64_t out, int64_t M) {
+    const int64_t in32 = in / 32 * 32, inp = (in + 31) / 32 * 32;
+    const __mmask32 tail = (__mmask32)((1ull << (in - in32)) - 1);
+    for (int64_t mb = 0; mb < M; mb += BLOCK_M) {
+        const int64_t Mb = M - mb < BLOCK_M ? M - mb : BLOCK_M;
+        const uint16_t *xb = xbase + mb * inp;
+        int64_t chunk = X_CHUNK_BYTES / (2 * Mb) / 32 * 32;
+        if (chunk < 64) chunk = 64;
+        for (int64_t o = o0; o < o1; o += BLOCK_OUT) {
+            const int64_t nb = o1 - o < BLOCK_OUT ? o1 - o : BLOCK_OUT; /* a multiple of 4 */
+            float acc[BLOCK_M * BLOCK_OUT] __attribute__((aligned(64)));
+            for (int64_t m = 0; m < Mb; m++) memset(acc + m * BLOCK_OUT, 0, (size_t)nb * sizeof(float));
+            const int64_t steps = (nb / 4) * ((Mb + 3) / 4) * (inp / 32);
+            const int64_t pf_step = steps ? BLOCK_OUT * in * 2 / steps : 0;
+            const char *pf = (const char *)(W + (o + nb) * in);
+            for (int64_t k0 = 0; k0 < inp; k0 += chunk) {
+                const int64_t k1 = k0 + chunk < inp ? k0 + chunk : inp;
+                for (int64_t t = 0; t < nb; t += 4) {
+                    const uint16_t *w = W + (o + t) * in;
+                    float *a = acc + t;
+                    int64_t m = 0;
+                    for (; m + 4 <= Mb; m += 4)
+                        bf16dp_chunk_tile(w, in, xb + m * inp, inp, k0, k1, in32, tail, a + m * BLOCK_OUT, 4, &pf, pf_step);
+                    switch (Mb - m) {
+                    case 3: bf16dp_chunk_tile(w, in, xb + m * inp, inp, k0, k1, in32, tail, a + m * BLOCK_OUT, 3, &pf, pf_step); break;
+                    case 2: bf16dp_chunk_tile(w, in, xb + m * inp, inp, k0, k1, in32, tail, a + m * BLOCK_OUT, 2, &pf, pf_step); break;
+                    case 1: bf16dp_chunk_tile(w, in, xb + m * inp, inp, k0, k1, in32, tail, a + m * BLOCK_OUT, 1, &pf, pf_step); break;
+                    default: break;
+                    }
+                }
+            }
+            for (int64_t m = 0; m < Mb; m++) memcpy(y + (mb + m) * out + o, acc + m * BLOCK_OUT, (size_t)nb * sizeof(float));
+        }
+    }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void bf16dp_rows(const void *wp, const float *scale,
@@ -256,7 +412,12 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void bf16dp_rows(c
             _mm512_storeu_ps(y + o, hsum16(c));
         }
     }
-    for (; o + 4 <= o1; o += 4) {
+    if (M > 1) {
+        const int64_t o4 = o + (o1 - o) / 4 * 4;
+        bf16dp_blocked(W, xb, y, o, o4, in, out, M);
+        o = o4;
+    }
+    for (; o + 4 <= o1; o += 4) { /* M == 1: the rows past the last 16 */
         const uint16_t *const w[4] = {W + o * in, W + (o + 1) * in, W + (o + 2) * in, W + (o + 3) * in};
         int64_t m = 0;
         for (; m + 4 <= M; m += 4) bf16dp_tile(w, xb + m * inp, inp, in32, tail, y + m * out + o, out, 4);
@@ -375,10 +536,10 @@ static void pick_kernels(void) {
 #ifdef AVIARY_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) {
+        hsum16_init();
         kernels[W_F32] = f32_rows_avx512;
         kernels[W_BF16] = bf16_rows_avx512;
         if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")) {
-            hsum16_init();
             kernels[W_BF16] = bf16dp_rows;
             bf16_dot = 1;
         }
