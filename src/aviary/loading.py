@@ -7,6 +7,7 @@ import os
 import torch
 
 from aviary.config import ConfigError, ModelConfig, infer_config
+from aviary.hugepages import move_to_huge_pages
 from aviary.io import CheckpointError, read_state_dict
 from aviary.model import RWKV
 
@@ -66,13 +67,17 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], *, backend: str = "chunke
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-         backend: str = "chunked", rescale_every: int | None = None, quantize: str | None = None) -> RWKV:
+         backend: str = "chunked", rescale_every: int | None = None, quantize: str | None = None,
+         huge_pages: bool = True) -> RWKV:
     """Load an RWKV-4/5/6/7 checkpoint: official `.pth`, safetensors, or a Hugging Face / fla folder.
 
     dtype:          float32 or bfloat16 (CPU and GPU), float16 (GPU; v4-v6 then halve the residual
                     every `rescale_every` layers, default 6, to stay in fp16 range)
     backend:        how sequences run: "chunked" (parallel form) or "recurrent" (reference loop)
     quantize:       None, or "int8": int8 weight-only block linears and head (`RWKV.quantize`, aviary.quant)
+    huge_pages:     on a CPU, copy the large weights onto transparent huge pages where Linux offers them
+                    (`aviary.hugepages`: 10-17 % faster single-stream decode here); False keeps them where
+                    they were loaded (a memory-mapped fp32 checkpoint then stays shared page cache)
     Raises CheckpointError naming the file for anything it cannot read or understand.
     """
     torch_dtype = _dtype(dtype)
@@ -90,4 +95,6 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         model.apply_rescale(rescale_every)
     if quantize is not None:
         model.quantize(quantize)
+    if huge_pages and torch.device(device).type == "cpu":
+        move_to_huge_pages(model)
     return model
