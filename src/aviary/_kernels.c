@@ -115,15 +115,15 @@ __attribute__((target("avx512f"), always_inline)) static inline __m512 hsum16(__
  *     chunk of x (all M rows) is X_CHUNK_BYTES and stays in L1 while each 4-row tile of the block uses it;
  *   - a tile (4 weight rows x 4 rows of x, 16 accumulators) sums one chunk; hsum16 folds its 16 sums into
  *     the block's partial sums (acc, on the stack);
- *   - while a block computes, the next block's weights (consecutive addresses) are prefetched in order,
- *     spread evenly over the block's steps.
+ *   - while a block computes, the next block's weights (consecutive addresses) are prefetched into L2 in
+ *     order, spread evenly over the block's steps.
  * Rows of x past the last multiple of 4 take tiles of 1-3 rows; a tail of `in` past the last multiple of
  * 16 is added per output in plain C. Block sizes were picked by paired timings (docs/benchmarks.md). */
 #define BLOCK_OUT 8 /* weight rows per block */
 #define BLOCK_M 32 /* rows of x per pass (the stack holds BLOCK_M x BLOCK_OUT sums) */
 #define X_CHUNK_BYTES 16384 /* x's share of L1 */
 
-#define PF_HINT _MM_HINT_T0
+#define PF_HINT _MM_HINT_T1 /* into L2: prefetching into L1 as well was ~5 % slower at batch 16 (paired) */
 #define DEFINE_BLOCKED(NAME, WTYPE, WLOAD, WSCALAR)                                                            \
     /* Tile: weight rows w, w + in, w + 2 in, w + 3 in x R rows of x (stride in), over [i0, i1); adds the */  \
     /* 4R sums to acc[r * BLOCK_OUT + j]. */                                                                   \
