@@ -531,12 +531,14 @@ static rows_fn kernels[3] = {NULL, NULL, NULL};  /* W [out, in]; NULL: no SIMD k
 static rows_fn kernels_t[3] = {NULL, NULL, NULL}; /* W [in, out] (no int8 version) */
 static const char *isa = "none";
 static int bf16_dot = 0; /* bfloat16 products use vdpbf16ps (x rounded to bf16): exported as BF16_DOT */
+static int vec_math = 0; /* the gates below take 16-wide exponentials (exp512): an AVX-512 CPU */
 
 static void pick_kernels(void) {
 #ifdef AVIARY_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) {
         hsum16_init();
+        vec_math = 1;
         kernels[W_F32] = f32_rows_avx512;
         kernels[W_BF16] = bf16_rows_avx512;
         if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")) {
@@ -863,6 +865,108 @@ typedef struct {
 
 static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+
+#ifdef AVIARY_X86
+/* e^x for 16 floats, within ~2 ulp of expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), e^r by
+ * its Taylor polynomial to r^7 (remainder < 6e-9 relative, under float32's 6e-8), times 2^n by vscalefps
+ * (which also gives 0 and inf past the ends of the range). NaN stays NaN. */
+__attribute__((target("avx512f"), always_inline)) static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 q = _mm512_set1_ps(1.0f / 5040.0f);
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 720.0f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 120.0f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 24.0f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 6.0f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(q, n);
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline __m512 sigmoid512(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+/* v7_gates with AVX-512 (see there). */
+__attribute__((target("avx512f"))) static void v7_gates_avx512(const float *w0, const float *wl, const float *a0,
+                                                               const float *al, const float *v0, const float *vl,
+                                                               float decay_scale, float *dec, float *a, float *vs,
+                                                               int64_t n) {
+    const __m512 ds = _mm512_set1_ps(-decay_scale);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = (__mmask16)(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+#define LD(ptr) _mm512_maskz_loadu_ps(m, (ptr) + i)
+        _mm512_mask_storeu_ps(a + i, m, sigmoid512(_mm512_add_ps(LD(a0), LD(al))));
+        _mm512_mask_storeu_ps(dec + i, m, exp512(_mm512_mul_ps(ds, sigmoid512(_mm512_add_ps(LD(w0), LD(wl))))));
+        if (vl) _mm512_mask_storeu_ps(vs + i, m, sigmoid512(_mm512_add_ps(LD(v0), LD(vl))));
+#undef LD
+    }
+}
+#endif
+
+/* RWKV-7's per-channel gates of one head: a = sigmoid(a0 + a_lora), dec = exp(-decay_scale sigmoid(w0 +
+ * w_lora)), and (when vl is not NULL) vs = sigmoid(v0 + v_lora). At batch 16 these are ~600,000
+ * exponentials per step; the AVX-512 version does 16 at a time. */
+static void v7_gates(const float *w0, const float *wl, const float *a0, const float *al, const float *v0,
+                     const float *vl, float decay_scale, float *dec, float *a, float *vs, int64_t n) {
+#ifdef AVIARY_X86
+    if (vec_math) {
+        v7_gates_avx512(w0, wl, a0, al, v0, vl, decay_scale, dec, a, vs, n);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) {
+        a[i] = sigmoidf_(a0[i] + al[i]);
+        dec[i] = expf(-decay_scale * sigmoidf_(w0[i] + wl[i]));
+        if (vl) vs[i] = sigmoidf_(v0[i] + vl[i]);
+    }
+}
+
+#ifdef AVIARY_X86
+__attribute__((target("avx512f"))) static void decays_avx512(const float *a, const float *b, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = (__mmask16)(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+        const __m512 e = exp512(_mm512_add_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i)));
+        _mm512_mask_storeu_ps(out + i, m, exp512(_mm512_sub_ps(_mm512_setzero_ps(), e)));
+    }
+}
+
+__attribute__((target("avx512f"))) static void gate_avx512(const float *x, float *out, int64_t n, int times_x) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = (__mmask16)(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i), s = sigmoid512(v);
+        _mm512_mask_storeu_ps(out + i, m, times_x ? _mm512_mul_ps(v, s) : s);
+    }
+}
+#endif
+
+/* RWKV-6's decays of one head: out = exp(-exp(a + b)). */
+static void decays(const float *a, const float *b, float *out, int64_t n) {
+#ifdef AVIARY_X86
+    if (vec_math) {
+        decays_avx512(a, b, out, n);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) out[i] = expf(-expf(a[i] + b[i]));
+}
+
+/* out = sigmoid(x), or x sigmoid(x) (silu) when times_x; out may be x. */
+static void gate(const float *x, float *out, int64_t n, int times_x) {
+#ifdef AVIARY_X86
+    if (vec_math) {
+        gate_avx512(x, out, n, times_x);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) out[i] = times_x ? x[i] * sigmoidf_(x[i]) : sigmoidf_(x[i]);
+}
+
 MULTIVERSION static void v7_tail_job(const void *ctx, int64_t lo, int64_t hi) {
     const v7_args *p = ctx;
     const int64_t H = p->H, N = p->N, C = H * N;
@@ -873,15 +977,16 @@ MULTIVERSION static void v7_tail_job(const void *ctx, int64_t lo, int64_t hi) {
         const float *S = p->S_in + b * p->S_in_stride + h * N * N;
         float *So = p->S_out + b * p->S_out_stride + h * N * N, *out = p->out + row;
         float norm = 0.0f, bonus = 0.0f;
+        v7_gates(p->w0 + ch, p->w_lora + row, p->a0 + ch, p->a_lora + row, p->v0 + ch,
+                 p->v_lora ? p->v_lora + row : NULL, p->decay_scale, dec, bb, vv, N);
         for (int64_t i = 0; i < N; i++) {
             const int64_t c = ch + i;
-            vv[i] = p->v_lora ? v[i] + (p->v_first[row + i] - v[i]) * sigmoidf_(p->v0[c] + p->v_lora[row + i]) : v[i];
-            const float a = sigmoidf_(p->a0[c] + p->a_lora[row + i]);
-            dec[i] = expf(-p->decay_scale * sigmoidf_(p->w0[c] + p->w_lora[row + i]));
+            vv[i] = p->v_lora ? v[i] + (p->v_first[row + i] - v[i]) * vv[i] : v[i];
+            const float a = bb[i];
             kk[i] = k[i] * p->k_k[c];
             norm += kk[i] * kk[i];
             kn[i] = k[i] * (1.0f + (a - 1.0f) * p->k_a[c]);
-            bb[i] = a; /* times kk below, once kk is normalised */
+            /* bb[i] = a, times kk below once kk is normalised */
             bonus += r[i] * kn[i] * p->r_k[c];
         }
         norm = sqrtf(norm);
@@ -1264,7 +1369,8 @@ static void gated_channel_mix(const block_dims *d, const gated_cmix *p, const fl
     for (int64_t i = 0; i < B * F; i++) kf[i] = kf[i] > 0.0f ? kf[i] * kf[i] : 0.0f;
     add_product(&job, p->v_type, 0, p->value, p->v_scale, kf, fo, F, C);
     run_products(&job, d->threads, d->min_bytes);
-    for (int64_t i = 0; i < BC; i++) x_out[i] = x1[i] + sigmoidf_(rf[i]) * fo[i];
+    gate(rf, rf, BC, 0);
+    for (int64_t i = 0; i < BC; i++) x_out[i] = x1[i] + rf[i] * fo[i];
 }
 
 /* RWKV-6, per block (v6_block_run); the reference is aviary/model/v6.py (TimeMix and ChannelMix with
@@ -1300,17 +1406,18 @@ typedef struct {
 MULTIVERSION static void v6_tail_job(const void *ctx, int64_t lo, int64_t hi) {
     const v6_args *p = ctx;
     const int64_t H = p->H, N = p->N, C = H * N;
-    float y[1024]; /* N <= 1024 */
+    float y[1024], wd[1024]; /* N <= 1024 */
     for (int64_t bh = lo; bh < hi; bh++) {
         const int64_t b = bh / H, h = bh % H, row = b * C + h * N, ch = h * N;
         const float *r = p->r + row, *k = p->k + row, *v = p->v + row, *g = p->g + row, *u = p->u + ch;
+        decays(p->decay + ch, p->w_lora + row, wd, N);
         const float *S = p->S_in + b * p->S_in_stride + h * N * N;
         float *So = p->S_out + b * p->S_out_stride + h * N * N, *out = p->out + row;
         float bonus = 0.0f;
         for (int64_t i = 0; i < N; i++) bonus += r[i] * u[i] * k[i];
         for (int64_t j = 0; j < N; j++) y[j] = bonus * v[j];
         for (int64_t i = 0; i < N; i++) {
-            const float ri = r[i], wi = expf(-expf(p->decay[ch + i] + p->w_lora[row + i])), ki = k[i];
+            const float ri = r[i], wi = wd[i], ki = k[i];
             const float *srow = S + i * N;
             float *orow = So + i * N;
             for (int64_t j = 0; j < N; j++) {
@@ -1377,7 +1484,7 @@ static void v6_block_run(const uintptr_t *q, const block_dims *d, float *scratch
     add_product(&job, d->lora_wtype, 1, W(decay_w1), NULL, xs, hd, C, Dd);
     run_products(&job, d->threads, d->min_bytes);
     for (int64_t i = 0; i < B * Dd; i++) hd[i] = tanhf(hd[i]);
-    for (int64_t i = 0; i < BC; i++) g[i] = g[i] * sigmoidf_(g[i]); /* silu */
+    gate(g, g, BC, 1); /* silu */
     add_product(&job, d->lora_wtype, 1, W(decay_w2), NULL, hd, wl, Dd, C);
     run_products(&job, d->threads, d->min_bytes);
 
@@ -1535,10 +1642,8 @@ static void v5_block_run(const uintptr_t *q, const block_dims *d, float *scratch
     add_product(&job, d->wtype[2], 0, W(value), P(value_scale), xv, v, C, C);
     add_product(&job, d->wtype[3], 0, W(gate), P(gate_scale), xg, g, C, C);
     run_products(&job, d->threads, d->min_bytes);
-    for (int64_t i = 0; i < BC; i++) {
-        g[i] = g[i] * sigmoidf_(g[i]); /* silu */
-        zero[i] = 0.0f;                /* RWKV-5's decay has no data-dependent part */
-    }
+    gate(g, g, BC, 1); /* silu */
+    for (int64_t i = 0; i < BC; i++) zero[i] = 0.0f; /* RWKV-5's decay has no data-dependent part */
     v6_args tail = {r, k, v, g, zero, P(decay), P(faaaa), P(ln_x_w), P(ln_x_b), P(wkv_in), (float *)q[V5F_wkv_out], yg,
                     d->H, C / d->H, d->wkv_in, d->wkv_out, d->eps[2]};
     parallel(v6_tail_job, &tail, B * d->H, 1, B * C * (C / d->H) >= d->step_min_numel ? d->threads : 1);
