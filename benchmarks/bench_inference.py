@@ -3,7 +3,8 @@
     python benchmarks/bench_inference.py                     # full run (~20 min on 2 busy cores)
     python benchmarks/bench_inference.py --quick             # fewer repeats, shorter contexts (smoke test)
 
-Same random-weight L12-D768-V65536 checkpoints (official format, `aviary.testing`) for RWKV-6 and RWKV-7,
+Same random-weight L12-D768-V65536 checkpoints (official format, `aviary.testing`) for RWKV-6 and RWKV-7
+(`--versions 4,5` for the older two),
 `torch.set_num_threads(2)` everywhere. Each engine (Aviary fp32 / bf16 / int8, the pip package `cpu fp32` /
 `cpu bf16`, GPT-2 with a KV cache) lives in its own worker process (the pip package configures itself from
 env vars at import, and RWKV-7 cannot share a process with RWKV-4/5/6). The parent sends the workers the
@@ -442,7 +443,7 @@ def table(results: dict) -> str:
     """Markdown tables of the results."""
     lines = []
     bw = results["copy_bandwidth_gbs"]
-    for v in (6, 7):
+    for v in (4, 5, 6, 7):
         r = results.get(f"rwkv{v}")
         if not r:
             continue
@@ -505,7 +506,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--error-tokens", type=int, default=64)
-    ap.add_argument("--versions", default="6,7")
+    ap.add_argument("--versions", default="6,7", help="comma-separated RWKV versions, any of 4,5,6,7 (the "
+                    "issue's tables are 6 and 7; the plot shows 6 and 7)")
     ap.add_argument("--tasks", default="all", help="'decode': single-stream decode only; 'all': everything")
     ap.add_argument("--profile", action="store_true", help="also profile one decode step by op")
     ap.add_argument("--workdir", help="keep the random checkpoints here (re-used when present)")
@@ -545,7 +547,7 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(results, indent=1))
     text = table(results)
     print(text)
-    for v in (6, 7):
+    for v in (4, 5, 6, 7):
         for key in ("profile_fp32", "profile_int8"):
             if key in results.get(f"rwkv{v}", {}):
                 print(f"\nRWKV-{v} {key}\n{results[f'rwkv{v}'][key]}")
