@@ -119,6 +119,39 @@ def test_the_command_sets_the_openmp_wait_policy_before_torch_loads():
     assert out.stdout.strip().splitlines()[-1] == "PASSIVE"
 
 
+def test_help_does_not_load_torch():
+    # `aviary --help` and every verb's --help build the whole parser: they should not wait for torch
+    import subprocess
+    import sys
+
+    code = ("import sys, aviary.cli\n"
+            "for argv in (['--help'], ['train', '--help'], ['convert', '--help'], ['generate', '--help']):\n"
+            "    try:\n"
+            "        aviary.cli.main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_convert_layout_choices_are_the_known_layouts():
+    from aviary.commands import convert
+    from aviary.io import names
+
+    assert convert.LAYOUTS == names.LAYOUTS
+
+
+def test_lazy_train_package():
+    import aviary.train as t
+    from aviary.train.loop import train
+
+    assert t.train is train and set(t.__all__) == set(t._WHERE)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        t.nope  # noqa: B018
+
+
 def test_lazy_package_attributes():
     import aviary
 

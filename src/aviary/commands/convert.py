@@ -23,9 +23,12 @@ HELP = "convert a checkpoint between .pth, safetensors and Hugging Face / fla la
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from aviary.io.names import LAYOUTS
+# aviary.io.names.LAYOUTS, written out so that building the CLI's parser (`aviary --help`) does not import
+# torch; tests/test_cli.py checks that the two agree
+LAYOUTS = ("official", "hf-rwkv4", "hf-rwkv5", "hf-rwkv6", "fla-rwkv7")
 
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help=".pth / .safetensors file, or a Hugging Face / fla folder")
     parser.add_argument("dst", metavar="DST", help="output: NAME.pth, NAME.safetensors, or a folder")
     parser.add_argument("--layout", choices=LAYOUTS,
