@@ -529,6 +529,29 @@ def test_block_matches_the_torch_block(version, layer, head_size, B, quantize, i
 
 @steps_built
 @pytest.mark.parametrize("version", [4, 5, 6, 7])
+def test_block_gates_with_and_without_vector_exponentials(version):
+    """The blocks' gates take exp512 on AVX-512 CPUs and libm's expf elsewhere: both paths, both close to
+    the torch block."""
+    model, block, x, shift, wkv, v_first = _block_case(version, 1, 64, 3, False, batch_major=True)
+    with torch.no_grad(), reference_only():
+        x_ref, _, wkv_ref, _ = block(x, shift, wkv, v_first, "recurrent")
+    outs = []
+    for on in (True, False):
+        before = kernels._kernels.vector_math(on)
+        try:
+            with torch.no_grad(), small_ops_on_one_thread():
+                shift_out, wkv_out = torch.empty_like(shift), torch.empty_like(wkv)
+                x_new, _ = _decode_block(version, block, x, shift, wkv, v_first, shift_out, wkv_out)
+        finally:
+            kernels._kernels.vector_math(before)
+        torch.testing.assert_close(x_new, x_ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(wkv_out, wkv_ref, atol=1e-5, rtol=1e-5)
+        outs.append(x_new)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+@steps_built
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_block_steps_aside_where_it_cannot_run(version):
     model, block, x, shift, wkv, v_first = _block_case(version, 1, 64, 2, False, batch_major=False)
     args = (shift, wkv, v_first, shift.clone(), wkv.clone())

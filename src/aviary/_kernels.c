@@ -1681,7 +1681,24 @@ static PyObject *wkv_step(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* vector_math(on) -> the previous setting: whether the blocks' gates use exp512 (tests run both). */
+static PyObject *vector_math(PyObject *self, PyObject *args) {
+    int on;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    const int before = vec_math;
+#ifdef AVIARY_X86
+    vec_math = on && __builtin_cpu_supports("avx512f");
+#else
+    vec_math = 0;
+#endif
+    return PyBool_FromLong(before);
+}
+
 static PyMethodDef methods[] = {
+    {"vector_math", vector_math, METH_VARARGS,
+     "vector_math(on) -> bool: turn the 16-wide exponentials of the blocks' gates on (where the CPU has\n"
+     "AVX-512) or off (libm's expf, the path of other CPUs); returns the previous setting. For tests."},
     {"linear", linear, METH_VARARGS,
      "linear(w_ptr, scale_ptr_or_0, x_ptr, y_ptr, in, out, M, threads, wtype, input_major=False, batch=1):\n"
      "y[M, out] = x W^T (* scale) for W [out, in], or x W for W [in, out] when input_major (float weights);\n"
