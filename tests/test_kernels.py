@@ -91,6 +91,30 @@ def test_linear_is_an_nn_linear_with_the_same_gradients():
         torch.testing.assert_close(fast(x.detach()[None]), ref(x.detach()[None]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layers_take_the_kernel_up_to_max_rows_and_torch_beyond(dtype, monkeypatch):
+    """Linear (float weights) and Int8Linear use the C kernel for up to MAX_ROWS[dtype] rows and torch's
+    product past it; both give the reference's numbers."""
+    torch.manual_seed(3)
+    lin = nn.Linear(96, 200, bias=False)
+    layer = Int8Linear.from_linear(lin) if dtype == torch.int8 else Linear(96, 200, bias=False).to(dtype)
+    if dtype != torch.int8:
+        layer.load_state_dict(lin.to(dtype).state_dict())
+    calls = []
+    real = kernels._run
+    monkeypatch.setattr(kernels, "_run", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    limit = kernels.MAX_ROWS[dtype]
+    for rows in (limit, limit + 1):
+        x = torch.randn(rows, 96).to(torch.float32 if dtype == torch.int8 else dtype)
+        with torch.no_grad():
+            out = layer(x)
+            with reference_only():
+                ref = layer(x) if dtype != torch.int8 else int8_linear_reference(x, layer.weight_int8, layer.scale)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol * float(ref.abs().max()), rtol=0)
+    assert calls == [limit]  # the kernel ran for `limit` rows only
+
+
 @pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_model_with_kernels_matches_reference_path(version):
     model = model_from_state_dict(random_state_dict(random_config(version, n_layer=2, n_embd=128, vocab_size=300)))

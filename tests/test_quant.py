@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import aviary
+from aviary import kernels
 from aviary.kernels import Linear
 from aviary.loading import model_from_state_dict
 from aviary.quant import (
@@ -53,7 +54,8 @@ def test_int8_linear_is_close_to_the_float_linear(dtype):
         lin.weight.copy_(torch.randn(256, 128, generator=g) / 128**0.5)
     lin = lin.to(dtype)
     q = Int8Linear.from_linear(lin)
-    for rows in (1, KERNEL_MAX_ROWS + 5):  # the kernel and the dequantised-matmul paths
+    limit = kernels.MAX_ROWS[torch.int8] if q.kernel == "aviary" else KERNEL_MAX_ROWS
+    for rows in (1, 7, limit // 2 + 5):  # x has 2 x rows: the kernel (2, 14) and the dequantised matmul
         x = torch.randn(2, rows, 128, generator=g).to(dtype)
         ref = lin(x).float()
         out = q(x)

@@ -16,7 +16,7 @@ kernel when it can (CPU, float32 or bfloat16 weight, at most `MAX_ROWS[dtype]` r
 needed) and `F.linear`, the reference, otherwise. On a CPU with AVX512_BF16 the bfloat16 kernel uses
 the bf16 dot-product instruction (x rounded to bf16 first, as in torch's bf16 matmul) and runs up to 16
 rows; without it, it widens the weights to float32 and stops at 2 rows, past which torch's bf16 matmul
-wins. int8 weights reach the same kernel from `aviary.quant.Int8Linear` (up to its KERNEL_MAX_ROWS rows).
+wins. int8 weights reach the same kernel from `aviary.quant.Int8Linear` (up to `MAX_ROWS[torch.int8]` rows).
 
 `matmul` does the same for the small LoRA matrices, which are stored [in, out]. `gla_step` and
 `delta_rule_step` are the one-token WKV updates of RWKV-5/6 and RWKV-7 with the state read and written
@@ -57,8 +57,14 @@ __all__ = ["BlockLayer", "Linear", "available", "bf16_rounds_x", "block_layer", 
            "rwkv5_blocks", "rwkv6_blocks", "rwkv7_blocks", "rwkv7_tail", "steps_available"]
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-# beyond: torch's matmul (faster there); 16 bf16 rows with the dot-product kernel (docs/benchmarks.md)
-MAX_ROWS = {torch.float32: 16, torch.bfloat16: 16 if _kernels is not None and getattr(_kernels, "BF16_DOT", 0) else 2}
+# rows up to which the C kernel beats torch's matmul (docs/benchmarks.md, Inference item 9; products of an
+# RWKV-7 L12-D768 step against F.linear: float32 2.3x at 24 rows, 1.66x at 64, 1.30x at 128; bf16 with the
+# dot-product kernel 1.28x at 32, 0.95x at 64; int8 whole steps 0.32-0.41x at 32-64 rows against
+# dequantise-and-matmul). int8 reaches it through aviary.quant.Int8Linear; its AVX2 kernel, untimed at
+# many rows, keeps 16.
+MAX_ROWS = {torch.float32: 64,
+            torch.bfloat16: 32 if _kernels is not None and getattr(_kernels, "BF16_DOT", 0) else 2,
+            torch.int8: 64 if _kernels is not None and _kernels.ISA == "avx512" else 16}
 # `matmul` (the small [in, out] LoRA weights): above 8 rows torch's bfloat16 product is faster
 MATMUL_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 PARALLEL_MIN_BYTES = 1 << 20  # weight bytes x rows below which one thread is used (docs/benchmarks.md, item 6)

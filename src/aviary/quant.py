@@ -18,10 +18,10 @@ reported in docs/benchmarks.md. Quantise after loading: a quantised model's stat
 
 Three forms of the same product, as for the ops (`Int8Linear.kernel` picks; tests compare them):
     `int8_linear_reference`  dequantise the weight to the activation dtype, then F.linear; used for
-                             more than KERNEL_MAX_ROWS rows (prefill), where a matmul wins
+                             more rows than the kernel takes (prefill), where a matmul wins
     `kernels.linear`         Aviary's C kernel (`aviary/_kernels.c`, AVX-512 / AVX2, own threads): int8
                              widened to float32 in registers, float32 activations, weights streamed
-                             once at memory speed; the default for up to KERNEL_MAX_ROWS rows
+                             once at memory speed; the default for up to kernels.MAX_ROWS[int8] rows
     `int8_linear_kernel`     torch's `aten._weight_int8pack_mm` (bf16 activations and scales, fp32
                              accumulation); the fallback where the C kernel was not built. It widens
                              every weight to bf16 and is compute-bound at one row (4-9 GB/s here).
@@ -39,7 +39,8 @@ from aviary._threads import all_threads
 __all__ = ["Int8Linear", "int8_linear_kernel", "int8_linear_reference", "quantize_int8", "quantize_model"]
 
 SCHEMES = ("int8",)
-KERNEL_MAX_ROWS = 16  # the int8pack kernel's time grows with the rows; above this, dequantise and use a matmul
+KERNEL_MAX_ROWS = 16  # torch's int8pack kernel's time grows with the rows; above this, dequantise and use a matmul
+# Aviary's C kernel: up to kernels.MAX_ROWS[torch.int8] rows (64 with AVX-512)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +81,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16).contiguous(), persistent=False)
-        self.kernel = default_kernel()  # for up to KERNEL_MAX_ROWS rows; None: always the reference
+        self.kernel = default_kernel()  # for decode-sized inputs; None: always the reference
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -96,12 +97,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        small = x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS
-        if small and self.kernel == "aviary" and kernels.available(torch.int8):
+        rows, cpu = x2.shape[0], x2.device.type == "cpu"
+        if cpu and self.kernel == "aviary" and rows <= kernels.MAX_ROWS[torch.int8] and kernels.available(torch.int8):
             y = kernels._run(x2, self.weight_int8, self.scale)  # buffers are contiguous CPU int8/fp32
         else:
             with all_threads():
-                if small and self.kernel == "int8pack":
+                if cpu and rows <= KERNEL_MAX_ROWS and self.kernel == "int8pack":
                     y = int8_linear_kernel(x2, self.weight_int8, self.scale_bf16)
                 else:
                     y = int8_linear_reference(x2, self.weight_int8, self.scale)
