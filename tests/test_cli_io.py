@@ -99,12 +99,19 @@ def test_bad_file_is_one_line_and_exit_code_2(capsys, tmp_path, verb):
     assert len(err.strip().splitlines()) == 1 and str(bad) in err and "error" in err
 
 
-def test_the_command_sets_the_openmp_wait_policy_before_torch_loads():
-    # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: `import aviary` must not import torch, so
-    # that `aviary ...` (and `python -m aviary`) can set PASSIVE first
+def _last_line_of_python(code: str) -> str:
+    """Run `code` in a fresh interpreter (nothing imported yet) and return the last line it printed."""
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_the_command_sets_the_openmp_wait_policy_before_torch_loads():
+    # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: `import aviary` must not import torch, so
+    # that `aviary ...` (and `python -m aviary`) can set PASSIVE first
     code = ("import os, sys\n"
             "os.environ.pop('OMP_WAIT_POLICY', None)\n"
             "import aviary, aviary.cli\n"
@@ -114,16 +121,11 @@ def test_the_command_sets_the_openmp_wait_policy_before_torch_loads():
             "except SystemExit:\n"
             "    pass\n"
             "print(os.environ.get('OMP_WAIT_POLICY'))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "PASSIVE"
+    assert _last_line_of_python(code) == "PASSIVE"
 
 
 def test_help_does_not_load_torch():
     # `aviary --help` and every verb's --help build the whole parser: they should not wait for torch
-    import subprocess
-    import sys
-
     code = ("import sys, aviary.cli\n"
             "for argv in (['--help'], ['train', '--help'], ['convert', '--help'], ['generate', '--help']):\n"
             "    try:\n"
@@ -131,9 +133,7 @@ def test_help_does_not_load_torch():
             "    except SystemExit:\n"
             "        pass\n"
             "print('torch' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert _last_line_of_python(code) == "False"
 
 
 def test_convert_layout_choices_are_the_known_layouts():

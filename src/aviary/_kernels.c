@@ -253,40 +253,9 @@ DEFINE_AVX512(i8_rows_avx512, int8_t, LOAD_I8, i8_scalar)
  * multiplies 32 weights by 32 inputs in pairs and adds into 16 float32 sums, twice the multiply-adds per
  * instruction of widening to float32 (DEFINE_AVX512). So x is rounded to bfloat16 first, as torch's
  * bf16 product does (a bf16 model's activations are bf16 already; the rounding is then exact). One row
- * of x takes tiles of 16 weight rows (then 4, then 1); several rows take the blocked order of
- * DEFINE_BLOCKED (bf16dp_blocked). Input lengths that are not multiples of 32 take a masked last step. */
-/* One tile: 4 weight rows (w) x R rows of bf16 x (xb, row stride inp), written to y (row stride out). R is
- * a constant at every call, so the 4R sums stay in registers. */
-__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline void
-bf16dp_tile(const uint16_t *const w[4], const uint16_t *xb, int64_t inp, int64_t in32, __mmask32 tail, float *y,
-            int64_t out, const int R) {
-    __m512 c[16];
-    for (int j = 0; j < 16; j++) c[j] = _mm512_setzero_ps();
-#define DP_STEP(LOAD)                                                                      \
-    do {                                                                                   \
-        __m512bh b0 = LOAD(w[0]), b1 = LOAD(w[1]), b2 = LOAD(w[2]), b3 = LOAD(w[3]);       \
-        for (int r = 0; r < R; r++) {                                                      \
-            __m512bh a = (__m512bh)_mm512_load_si512(xb + r * inp + i);                    \
-            c[4 * r] = _mm512_dpbf16_ps(c[4 * r], a, b0);                                  \
-            c[4 * r + 1] = _mm512_dpbf16_ps(c[4 * r + 1], a, b1);                          \
-            c[4 * r + 2] = _mm512_dpbf16_ps(c[4 * r + 2], a, b2);                          \
-            c[4 * r + 3] = _mm512_dpbf16_ps(c[4 * r + 3], a, b3);                          \
-        }                                                                                  \
-    } while (0)
-#define W_FULL(p) ((__m512bh)_mm512_loadu_si512((p) + i))
-#define W_TAIL(p) ((__m512bh)_mm512_maskz_loadu_epi16(tail, (p) + i))
-    int64_t i = 0;
-    for (; i < in32; i += 32) DP_STEP(W_FULL);
-    if (i < inp) DP_STEP(W_TAIL);
-#undef W_FULL
-#undef W_TAIL
-#undef DP_STEP
-    float s[16];
-    _mm512_storeu_ps(s, hsum16(c));
-    for (int r = 0; r < R; r++) memcpy(y + r * out, s + 4 * r, 4 * sizeof(float));
-}
-
-/* M > 1: the blocked order of DEFINE_BLOCKED (blocks of BLOCK_OUT weight rows, chunks of the bf16 x
+ * of x takes tiles of 16 weight rows; several rows, and one row's last weight rows, take the blocked
+ * order of DEFINE_BLOCKED (bf16dp_blocked). Input lengths that are not multiples of 32 take a masked last step. */
+/* The blocked order of DEFINE_BLOCKED (blocks of BLOCK_OUT weight rows, chunks of the bf16 x
  * that fit X_CHUNK_BYTES, the next block prefetched in order). A tile sums [i0, i1) of 4 weight rows x R
  * rows of xb (stride inp) and adds its 4R sums to acc[r * BLOCK_OUT + j]; the step at in32, if i1 passes
  * it, loads the weights under `tail`. */
@@ -412,15 +381,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void bf16dp_rows(c
             _mm512_storeu_ps(y + o, hsum16(c));
         }
     }
-    if (M > 1) {
-        const int64_t o4 = o + (o1 - o) / 4 * 4;
-        bf16dp_blocked(W, xb, y, o, o4, in, out, M);
-        o = o4;
-    }
-    for (; M == 1 && o + 4 <= o1; o += 4) { /* one row of x: the weight rows past the last 16 */
-        const uint16_t *const w[4] = {W + o * in, W + (o + 1) * in, W + (o + 2) * in, W + (o + 3) * in};
-        bf16dp_tile(w, xb, inp, in32, tail, y + o, out, 1);
-    }
+    const int64_t o4 = o + (o1 - o) / 4 * 4; /* several rows of x, or one row's weight rows past the last 16 */
+    bf16dp_blocked(W, xb, y, o, o4, in, out, M);
+    o = o4;
     for (; o < o1; o++) { /* leftover outputs, one at a time */
         const uint16_t *wo = W + o * in;
         for (int64_t m = 0; m < M; m++) {

@@ -72,12 +72,10 @@ def move_to_huge_pages(module: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
             key = t.untyped_storage().data_ptr()
             owners[key] = owners.get(key, 0) + 1
     moved = 0
-    done: set[int] = set()
-    for t in tensors:
+    for t in tensors:  # a tensor listed twice (one Parameter in two modules) counts as shared: skipped
         nbytes = t.numel() * t.element_size()
-        if t.device.type != "cpu" or id(t) in done or owners[t.untyped_storage().data_ptr()] > 1:
+        if t.device.type != "cpu" or owners[t.untyped_storage().data_ptr()] > 1:
             continue
-        done.add(id(t))
         with torch.no_grad():
             if nbytes >= min_bytes and t.is_contiguous():
                 t.data = huge_copy(t.detach())
