@@ -115,6 +115,39 @@ def test_layers_take_the_kernel_up_to_max_rows_and_torch_beyond(dtype, monkeypat
     assert calls == [limit]  # the kernel ran for `limit` rows only
 
 
+@pytest.mark.parametrize("dtype", DTYPES[1:])  # bf16 input: bf16 weights, or int8 ones
+def test_float_out_returns_the_kernels_sums_unrounded(dtype):
+    """float_out=True: the kernel's float32 sums as they are; without it they are rounded to x's dtype. The
+    torch path (past MAX_ROWS) returns x's dtype either way."""
+    torch.manual_seed(5)
+    lin = nn.Linear(64, 300, bias=False)
+    layer = Int8Linear.from_linear(lin) if dtype == torch.int8 else Linear(64, 300, bias=False).to(dtype)
+    if dtype != torch.int8:
+        layer.load_state_dict(lin.to(dtype).state_dict())
+    x = torch.randn(3, 64).bfloat16()
+    with torch.no_grad():
+        y, rounded = layer(x, float_out=True), layer(x)
+        big = layer(torch.randn(kernels.MAX_ROWS[dtype] + 1, 64).bfloat16(), float_out=True)
+    assert y.dtype == torch.float32 and rounded.dtype == torch.bfloat16 and big.dtype == torch.bfloat16
+    torch.testing.assert_close(y.bfloat16(), rounded, atol=0, rtol=0)  # the same sums, rounded once
+    assert bool((y != y.bfloat16().float()).any())  # ... and not already bf16 numbers
+
+
+@needs[torch.bfloat16]
+def test_bf16_model_decode_logits_are_not_rounded_to_bf16():
+    """A bf16 model's one-token logits are the head kernel's float32 sums: as close to the same sums in
+    float64 as float32 allows, where rounding them to bf16 would be ~1e-3 of their size off."""
+    model = model_from_state_dict(random_state_dict(random_config(7, n_layer=1, n_embd=64, vocab_size=500)))
+    model = model.to(torch.bfloat16)
+    seen = []
+    model.head.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([[3]]))
+        ref = seen[0].double() @ model.head.weight.double().t()
+    assert logits.dtype == torch.float32
+    assert float((logits.double() - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+
+
 @pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_model_with_kernels_matches_reference_path(version):
     model = model_from_state_dict(random_state_dict(random_config(version, n_layer=2, n_embd=128, vocab_size=300)))

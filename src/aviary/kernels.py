@@ -121,9 +121,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, input_major: bool = False,
-         batch: int = 1) -> torch.Tensor:
+         batch: int = 1, float_out: bool = False) -> torch.Tensor:
     """`linear` without the argument checks (for callers that have made them). x [batch * M, in]; weight
-    [batch, out, in] ([batch, in, out] if input_major) -> [batch * M, out]."""
+    [batch, out, in] ([batch, in, out] if input_major) -> [batch * M, out], in x's dtype, or float32 (the
+    kernel's sums as they are) if float_out."""
     x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
     if input_major:
         n_in, out = weight.shape[-2:]
@@ -135,7 +136,7 @@ def _run(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, inpu
     big = weight.nbytes * M >= PARALLEL_MIN_BYTES * batch
     _kernels.linear(weight.data_ptr(), 0 if scale is None else scale.data_ptr(), x32.data_ptr(), y.data_ptr(),
                     n_in, out, M, kernel_threads() if big else 1, _WTYPE[weight.dtype], input_major, batch)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return y if x.dtype == torch.float32 or float_out else y.to(x.dtype)
 
 
 def _decode_sized(x: torch.Tensor, w: torch.Tensor, rows: int, max_rows: dict = MAX_ROWS) -> bool:
@@ -175,13 +176,16 @@ class Linear(nn.Linear):
 
     Same parameters, state dict and gradients as `nn.Linear`: an input that needs a gradient, a GPU, a
     bias, or more than `MAX_ROWS[dtype]` rows takes `F.linear`. The product runs on all of torch's
-    threads even inside a decode step's one-thread region (`aviary._threads`)."""
+    threads even inside a decode step's one-thread region (`aviary._threads`).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    float_out=True lets the C kernel return its float32 sums instead of rounding them to x's dtype (the
+    model's head asks for it: its logits are float32 anyway); `F.linear` still returns x's dtype."""
+
+    def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
         w, n_in = self.weight, x.shape[-1]
         rows = x.numel() // n_in if n_in else 0
         if self.bias is None and _decode_sized(x, w, rows):
-            return _run(x.reshape(rows, n_in), w, None).view(*x.shape[:-1], w.shape[0])
+            return _run(x.reshape(rows, n_in), w, None, float_out=float_out).view(*x.shape[:-1], w.shape[0])
         with all_threads():
             return F.linear(x, w, self.bias)
 

@@ -94,12 +94,13 @@ class Int8Linear(nn.Module):
         """The dequantised weight [out, in] float32 (for inspection; forward never builds it for decode)."""
         return self.weight_int8.float() * self.scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """float_out: as in `aviary.kernels.Linear` (Aviary's kernel returns float32; the other paths x's dtype)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows, cpu = x2.shape[0], x2.device.type == "cpu"
         if cpu and self.kernel == "aviary" and rows <= kernels.MAX_ROWS[torch.int8] and kernels.available(torch.int8):
-            y = kernels._run(x2, self.weight_int8, self.scale)  # buffers are contiguous CPU int8/fp32
+            y = kernels._run(x2, self.weight_int8, self.scale, float_out=float_out)  # contiguous CPU int8/fp32
         else:
             with all_threads():
                 if cpu and rows <= KERNEL_MAX_ROWS and self.kernel == "int8pack":

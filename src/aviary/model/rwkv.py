@@ -197,7 +197,9 @@ class RWKV(nn.Module):
                     x = x / 2
         if last_only:
             x = x[:, -1:]
-        logits = self.head(self.ln_out(x)).float()
+        # float_out: in a decode step the C kernel's float32 sums come back unrounded; rounding bf16 logits
+        # was ~90 % of a trained bf16 model's logit error (benchmarks/bench_precision.py)
+        logits = self.head(self.ln_out(x), float_out=True).float()
         return logits, shift_out, wkv_out
 
     # ---- precision ---------------------------------------------------------------------------
