@@ -108,10 +108,7 @@ def _targets(segments: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t for ids in segments for t in ids[1:] + [-1]])
 
 
-def aviary_logits(path: str, dtype: str, quantize: str | None, segments, chunk: int) -> dict[str, torch.Tensor]:
-    import aviary
-
-    model = aviary.load(path, dtype=dtype, quantize=quantize)
+def aviary_logits(model, segments, chunk: int) -> dict[str, torch.Tensor]:
     return {"decode": torch.cat([decode_logits(model, ids) for ids in segments]),
             "prefill": torch.cat([prefill_logits(model, ids, chunk) for ids in segments])}
 
@@ -164,7 +161,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     path = args.model or str(default_model_path())
-    config = aviary.load(path, dtype="float32").config
+    fp32 = aviary.load(path, dtype="float32")
+    config = fp32.config
     tokenizer = aviary.load_tokenizer(version=config.version)
     segments = token_segments(read_documents(args.text), tokenizer, args.tokens, args.segment)
     targets = _targets(segments)
@@ -175,9 +173,10 @@ def main() -> None:
     results: dict = {"model": Path(path).name, "version": config.version, "text": args.text.name,
                      "positions": int(targets.numel()), "segments": len(segments), "chunk": args.chunk,
                      "aviary": {}, "pip": {}}
-    ref = aviary_logits(path, "float32", None, segments, args.chunk)
+    ref = aviary_logits(fp32, segments, args.chunk)
+    del fp32
     for name, dtype, quant in (("bf16", "bfloat16", None), ("int8", "float32", "int8")):
-        logits = aviary_logits(path, dtype, quant, segments, args.chunk)
+        logits = aviary_logits(aviary.load(path, dtype=dtype, quantize=quant), segments, args.chunk)
         results["aviary"][name] = {p: compare(logits[p], ref[p], targets) for p in ("decode", "prefill")}
         print(f"  aviary {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
     results["aviary"]["fp32 decode vs prefill"] = compare(ref["decode"], ref["prefill"], targets)
