@@ -1,5 +1,8 @@
 """Aviary's C decode kernels against their references (F.linear, the dequantised int8 product), and the
-`kernels.Linear` layer and decode thread split in whole models."""
+`kernels.Linear` layer and decode thread split in whole models.
+
+Every test here runs once for each instruction set this machine can execute (`kernels.runnable_isas()`:
+AVX-512, AVX2, the portable path), so a machine with AVX-512 also tests the paths of CPUs without it."""
 
 import pytest
 import torch
@@ -13,8 +16,17 @@ from aviary.loading import model_from_state_dict
 from aviary.quant import Int8Linear, int8_linear_reference, quantize_int8
 from aviary.testing import random_config, random_state_dict, save_random_checkpoint
 
-needs = {dt: pytest.mark.skipif(not kernels.available(dt), reason=f"no C kernel for {dt} on this machine")
-         for dt in (torch.float32, torch.bfloat16, torch.int8)}
+C_ISAS = [isa for isa in kernels.runnable_isas() if isa != "torch"]
+built = pytest.mark.skipif(not C_ISAS, reason=f"aviary._kernels is not built: {kernels.build_error()}")
+needs = dict.fromkeys((torch.float32, torch.bfloat16, torch.int8), built)  # every C path has all three
+
+
+@pytest.fixture(autouse=True, params=C_ISAS or ["torch"])
+def isa(request):
+    """Each test, once per instruction set this CPU runs."""
+    before = kernels.use_isa(request.param)
+    yield request.param
+    kernels.use_isa(before)
 
 
 def _case(dtype, out, n_in, rows, seed=0):
@@ -306,7 +318,7 @@ def test_matmul_takes_the_kernel_only_where_it_should(monkeypatch):
 from aviary.ops.delta import delta_rule_step  # noqa: E402
 from aviary.ops.gla import gla_step  # noqa: E402
 
-steps_built = pytest.mark.skipif(kernels._kernels is None, reason="aviary._kernels is not built")
+steps_built = built
 
 
 def _step_inputs(B, H, K, V, seed):
@@ -586,25 +598,23 @@ def test_block_matches_the_torch_block(version, layer, head_size, B, quantize, i
 
 @steps_built
 @pytest.mark.parametrize("version", [4, 5, 6, 7])
-def test_block_gates_with_and_without_vector_exponentials(version):
-    """The blocks' gates take exp512 on AVX-512 CPUs and libm's expf elsewhere: both paths, both close to
-    the torch block."""
+def test_every_instruction_set_gives_the_torch_block(version, isa):
+    """The blocks on every instruction set this CPU runs (their own products, exponentials and WKV steps)
+    are close to the torch block and to each other."""
     model, block, x, shift, wkv, v_first = _block_case(version, 1, 64, 3, False, batch_major=True)
     with torch.no_grad(), reference_only():
         x_ref, _, wkv_ref, _ = block(x, shift, wkv, v_first, "recurrent")
     outs = []
-    for on in (True, False):
-        before = kernels._kernels.vector_math(on)
-        try:
-            with torch.no_grad(), small_ops_on_one_thread():
-                shift_out, wkv_out = torch.empty_like(shift), torch.empty_like(wkv)
-                x_new, _ = _decode_block(version, block, x, shift, wkv, v_first, shift_out, wkv_out)
-        finally:
-            kernels._kernels.vector_math(before)
-        torch.testing.assert_close(x_new, x_ref, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(wkv_out, wkv_ref, atol=1e-5, rtol=1e-5)
+    for name in C_ISAS:
+        kernels.use_isa(name)  # the fixture puts back its own
+        with torch.no_grad(), small_ops_on_one_thread():
+            shift_out, wkv_out = torch.empty_like(shift), torch.empty_like(wkv)
+            x_new, _ = _decode_block(version, block, x, shift, wkv, v_first, shift_out, wkv_out)
+        torch.testing.assert_close(x_new, x_ref, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(wkv_out, wkv_ref, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
         outs.append(x_new)
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for other in outs[1:]:
+        torch.testing.assert_close(other, outs[0], atol=1e-5, rtol=1e-5)
 
 
 @steps_built

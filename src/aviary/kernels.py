@@ -47,40 +47,112 @@ import torch.nn.functional as F
 
 from aviary._threads import all_threads, kernel_threads
 
-try:  # built by setup.py; optional (no compiler, or not x86): everything falls back to torch
+try:  # built by setup.py; optional (no compiler): everything falls back to torch
     from aviary import _kernels
-except ImportError:  # pragma: no cover - depends on the build
-    _kernels = None
+    _IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover - depends on the build
+    _kernels, _IMPORT_ERROR = None, e
 
-__all__ = ["BlockLayer", "Linear", "available", "bf16_rounds_x", "block_layer", "block_layers", "delta_rule_step",
-           "gla_step", "kernel_weight", "linear", "matmul", "product_weights", "reference_only", "rwkv4_blocks",
-           "rwkv5_blocks", "rwkv6_blocks", "rwkv7_blocks", "rwkv7_tail", "steps_available"]
+__all__ = ["BlockLayer", "ISAS", "Linear", "available", "bf16_rounds_x", "block_layer", "block_layers",
+           "build_error", "cpu_isa", "delta_rule_step", "gla_step", "kernel_weight", "linear", "matmul",
+           "product_weights", "reference_only", "runnable_isas", "rwkv4_blocks", "rwkv5_blocks", "rwkv6_blocks",
+           "rwkv7_blocks", "rwkv7_tail", "steps_available", "use_isa"]
 
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-# rows up to which the C kernel beats torch's matmul (docs/benchmarks.md, Inference item 9; products of an
-# RWKV-7 L12-D768 step against F.linear: float32 2.3x at 24 rows, 1.66x at 64, 1.30x at 128; bf16 with the
-# dot-product kernel 1.28x at 32, 0.95x at 64; int8 whole steps 0.32-0.41x at 32-64 rows against
-# dequantise-and-matmul). int8 reaches it through aviary.quant.Int8Linear; its AVX2 kernel, untimed at
-# many rows, keeps 16.
-MAX_ROWS = {torch.float32: 64,
-            torch.bfloat16: 32 if _kernels is not None and getattr(_kernels, "BF16_DOT", 0) else 2,
-            torch.int8: 64 if _kernels is not None and _kernels.ISA == "avx512" else 16}
+# The instruction sets, fastest first. "torch" is no C kernels at all: every product is torch's.
+ISAS = ("avx512", "avx2", "generic", "torch")
+ENV_VAR = "AVIARY_CPU_ISA"
+# rows up to which the C kernel beats torch's matmul, per instruction set (docs/benchmarks.md, Inference item
+# 9; products of an RWKV-7 L12-D768 step against F.linear on AVX-512: float32 2.3x at 24 rows, 1.66x at 64,
+# 1.30x at 128; bf16 with the dot-product kernel 1.28x at 32, 0.95x at 64, and without it (widening to
+# float32) slower than torch's AVX512_BF16 matmul past 2 rows; int8 whole steps 0.32-0.41x at 32-64 rows
+# against dequantise-and-matmul). int8 reaches it through aviary.quant.Int8Linear. Where the CPU has no
+# AVX-512, torch's bf16 and int8 products have no fast instructions either, and the widening kernels keep 16.
+_MAX_ROWS = {
+    "avx512": {torch.float32: 64, torch.bfloat16: 2, torch.int8: 64},
+    "avx512+bf16": {torch.float32: 64, torch.bfloat16: 32, torch.int8: 64},
+    "avx2": {torch.float32: 64, torch.bfloat16: 16, torch.int8: 16},
+    "generic": {torch.float32: 64, torch.bfloat16: 16, torch.int8: 16},
+}
+MAX_ROWS: dict = {}  # for the instruction set in use (updated in place by use_isa)
 # `matmul` (the small [in, out] LoRA weights): above 8 rows torch's bfloat16 product is faster
 MATMUL_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 PARALLEL_MIN_BYTES = 1 << 20  # weight bytes x rows below which one thread is used (docs/benchmarks.md, item 6)
 _local = threading.local()
+_BUILT: frozenset = frozenset()  # weight dtypes with a kernel in the instruction set in use
+_BF16_DOT = False
 
 
-# weight dtypes with a kernel in this build on this CPU
-_BUILT = frozenset() if _kernels is None else frozenset(
-    (torch.float32, torch.bfloat16, torch.int8) if _kernels.ISA == "avx512"
-    else (torch.int8,) if _kernels.ISA == "avx2" else ())
+def runnable_isas() -> tuple[str, ...]:
+    """The instruction sets this build and CPU can run, fastest first, ending with "torch" (no C kernels)."""
+    return (*(_kernels.RUNNABLE if _kernels is not None else ()), "torch")
+
+
+def cpu_isa() -> str:
+    """The instruction set Aviary's CPU kernels use now: "avx512", "avx2", "generic" or "torch" (none)."""
+    return _kernels.isa()[0] if _BUILT else "torch"
+
+
+def use_isa(name: str | None = None) -> str:
+    """Run Aviary's CPU kernels with `name`'s code from now on, in the whole process; returns the previous
+    name. None: the best the CPU runs. "torch" turns the C kernels off (every product is torch's).
+
+    The same choice as the environment variable AVIARY_CPU_ISA, which is read once, at import. A name
+    this CPU or build cannot run is a ValueError that lists the ones it can."""
+    global _BUILT, _BF16_DOT
+    runnable = runnable_isas()
+    name = runnable[0] if name is None else name
+    if name not in ISAS:
+        raise ValueError(f"unknown CPU instruction set {name!r}; choose one of {', '.join(ISAS)}")
+    if name not in runnable:
+        raise ValueError(f"this {'CPU' if _kernels is not None else 'install'} cannot run the {name!r} kernels"
+                         f"{'' if _kernels is not None else ' (aviary._kernels is not built: ' + build_error() + ')'}"
+                         f"; it runs: {', '.join(runnable)}")
+    before = cpu_isa()
+    if name == "torch":
+        _BUILT, _BF16_DOT = frozenset(), False
+        MAX_ROWS.clear()
+        MAX_ROWS.update({dt: 0 for dt in _WTYPE})
+        return before
+    _kernels.use_isa(name)
+    _BF16_DOT = bool(_kernels.isa()[1])
+    _BUILT = frozenset(_WTYPE)
+    MAX_ROWS.clear()
+    MAX_ROWS.update(_MAX_ROWS[name + ("+bf16" if _BF16_DOT else "")])
+    return before
+
+
+def build_error() -> str:
+    """Why aviary._kernels is missing (the import error, and the build's own record where there is one),
+    or "" when it is there."""
+    if _kernels is not None:
+        return ""
+    from pathlib import Path
+    note = Path(__file__).with_name("_kernels.build-error.txt")
+    return f"{_IMPORT_ERROR}" + (f"\n{note.read_text()}" if note.is_file() else
+                                  "\n(no build record: reinstall with `pip install -v .` to see the compiler's output)")
+
+
+def _choose_at_import() -> None:
+    import os
+    import warnings
+    wanted = os.environ.get(ENV_VAR, "").strip().lower() or None
+    try:
+        use_isa(wanted)
+    except ValueError as e:
+        if wanted not in ISAS:  # a typo: say so at once
+            raise ValueError(f"{ENV_VAR}={wanted!r}: {e}") from None
+        warnings.warn(f"{ENV_VAR}={wanted!r}: {e}; using {runnable_isas()[0]!r}", RuntimeWarning, stacklevel=2)
+        use_isa(None)
+
+
+_choose_at_import()
 
 
 def bf16_rounds_x() -> bool:
     """Whether this CPU's bfloat16 products use its bf16 dot-product instruction (AVX512_BF16), which
     rounds x to bfloat16 first, as torch's bf16 matmul does; without it x stays float32."""
-    return _kernels is not None and bool(getattr(_kernels, "BF16_DOT", 0))
+    return _BF16_DOT
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -104,8 +176,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
 
     weight: contiguous [out, in] float32, bfloat16 or int8 on the CPU; scale: contiguous float32 [out]
     (required for int8, else None). Computes in float32. Check `available(weight.dtype)` first."""
-    if _kernels is None:
-        raise RuntimeError("aviary._kernels is not built (reinstall Aviary with a C compiler)")
+    if not _BUILT:
+        raise RuntimeError("Aviary's C kernels are off (the 'torch' instruction set)" if _kernels is not None
+                           else f"aviary._kernels is not built: {build_error()}")
     if weight.dtype not in _WTYPE:
         raise ValueError(f"linear: weights must be float32, bfloat16 or int8, got {weight.dtype}")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -204,7 +277,7 @@ PARALLEL_STEP_NUMEL = 1 << 16  # state numbers below which one thread is faster 
 
 def steps_available(state: torch.Tensor, *xs: torch.Tensor) -> bool:
     """Whether the C WKV step can run this one-token update: float32 CPU tensors that need no gradient."""
-    if _kernels is None or getattr(_local, "off", False) or state.shape[-1] > STEP_MAX_HEAD:
+    if not _BUILT or getattr(_local, "off", False) or state.shape[-1] > STEP_MAX_HEAD:
         return False
     grad = torch.is_grad_enabled()
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and _plain(t) and not (grad and t.requires_grad)
@@ -298,14 +371,13 @@ BLOCK_PARALLEL_STEP_NUMEL = 1 << 14
 
 
 class _BlockSpec(NamedTuple):
-    """What one version's C block takes: its fields (`_kernels.V*_BLOCK_FIELDS`), the products in the
+    """What one version's C block takes: its fields (`_kernels.BLOCK_FIELDS[version]`), the products in the
     order of its weight-type tuple, and, from the parameters, its four LoRA ranks and the LoRA
     matrices' sizes (None when they do not fit)."""
 
     fields: tuple
     products: tuple
     ranks: object  # (params, C) -> ((r0, r1, r2, r3), {name: numel}) or None
-    entry: str  # the _kernels function
     v_first: bool  # whether the blocks thread RWKV-7's v_first (the last field)
     state: object = lambda C, H: (H, C // H, C // H)  # (C, n_head) -> the shape of one row of wkv state
 
@@ -330,13 +402,13 @@ def _no_loras(p: dict, C: int):
 
 
 _V56_PRODUCTS = ("receptance", "key", "value", "gate", "output", "ffn_key", "ffn_receptance", "ffn_value")
-_SPECS = {} if _kernels is None or not hasattr(_kernels, "V4_BLOCK_FIELDS") else {
-    7: _BlockSpec(_kernels.V7_BLOCK_FIELDS, ("receptance", "key", "value", "output", "ffn_key", "ffn_value"),
-                  _v7_ranks, "v7_blocks", True),
-    6: _BlockSpec(_kernels.V6_BLOCK_FIELDS, _V56_PRODUCTS, _v6_ranks, "v6_blocks", False),
-    5: _BlockSpec(_kernels.V5_BLOCK_FIELDS, _V56_PRODUCTS, _no_loras, "v5_blocks", False),
-    4: _BlockSpec(_kernels.V4_BLOCK_FIELDS, ("receptance", "key", "value", "output", "ffn_key", "ffn_receptance",
-                                             "ffn_value"), _no_loras, "v4_blocks", False, lambda C, H: (3, C)),
+_SPECS = {} if _kernels is None else {
+    7: _BlockSpec(_kernels.BLOCK_FIELDS[7], ("receptance", "key", "value", "output", "ffn_key", "ffn_value"),
+                  _v7_ranks, True),
+    6: _BlockSpec(_kernels.BLOCK_FIELDS[6], _V56_PRODUCTS, _v6_ranks, False),
+    5: _BlockSpec(_kernels.BLOCK_FIELDS[5], _V56_PRODUCTS, _no_loras, False),
+    4: _BlockSpec(_kernels.BLOCK_FIELDS[4], ("receptance", "key", "value", "output", "ffn_key", "ffn_receptance",
+                                             "ffn_value"), _no_loras, False, lambda C, H: (3, C)),
 }
 
 
@@ -449,7 +521,7 @@ def _plan(params: list, cache: dict, spec: _BlockSpec):
 def _blocks(version: int, layers: list[BlockLayer], x: torch.Tensor, v_first: torch.Tensor | None,
             constant: float) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     spec = _SPECS.get(version)
-    if spec is None or getattr(_local, "off", False) or torch.is_grad_enabled() or not layers:
+    if spec is None or not _BUILT or getattr(_local, "off", False) or torch.is_grad_enabled() or not layers:
         return None
     B, C, dtype = x.shape[0], x.shape[-1], x.dtype
     uses_v_first = spec.v_first
@@ -482,7 +554,7 @@ def _blocks(version: int, layers: list[BlockLayer], x: torch.Tensor, v_first: to
             here += (vf.data_ptr(),)
         items.append((ptrs + here, (B, C, H, F_, *ranks), wtypes, strides, (*layer.eps, constant), layer.layer0))
     xs[0].copy_(x)
-    getattr(_kernels, spec.entry)(tuple(items), kernel_threads(), BLOCK_PARALLEL_MIN_BYTES, BLOCK_PARALLEL_STEP_NUMEL)
+    _kernels.blocks(version, tuple(items), kernel_threads(), BLOCK_PARALLEL_MIN_BYTES, BLOCK_PARALLEL_STEP_NUMEL)
     x_out = xs[-1]
     if dtype != torch.float32:  # back to the model's dtype; a v_first that came in is returned as it came
         x_out = x_out.to(dtype)
