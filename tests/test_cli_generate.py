@@ -54,7 +54,8 @@ def test_generate_reads_a_prompt_file_and_reports_speed(checkpoint, tmp_path, ca
     prompt.write_text("Once upon a time", encoding="utf-8")
     assert main(["generate", str(checkpoint), "--prompt-file", str(prompt), "-n", "4", "--seed", "1",
                  "--stats"]) == 0
-    assert "decode 4 tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "decode 4 tokens" in err and "decode path: cpu " in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,7 +1,7 @@
 """Aviary's C decode kernels against their references (F.linear, the dequantised int8 product), and the
-`kernels.Linear` layer and decode thread split in whole models.
+`cpu.Linear` layer and decode thread split in whole models.
 
-Every test here runs once for each instruction set this machine can execute (`kernels.runnable_isas()`:
+Every test here runs once for each instruction set this machine can execute (`cpu.runnable_isas()`:
 AVX-512, AVX2, the portable path), so a machine with AVX-512 also tests the paths of CPUs without it."""
 
 import pytest
@@ -9,24 +9,24 @@ import torch
 import torch.nn as nn
 
 import aviary
-from aviary import kernels
-from aviary._threads import all_threads, small_ops_on_one_thread
-from aviary.kernels import Linear, reference_only
+from aviary import cpu
+from aviary.cpu import Linear, blocks, products, reference_only, steps
+from aviary.cpu.threads import all_threads, small_ops_on_one_thread
 from aviary.loading import model_from_state_dict
 from aviary.quant import Int8Linear, int8_linear_reference, quantize_int8
 from aviary.testing import random_config, random_state_dict, save_random_checkpoint
 
-C_ISAS = [isa for isa in kernels.runnable_isas() if isa != "torch"]
-built = pytest.mark.skipif(not C_ISAS, reason=f"aviary._kernels is not built: {kernels.build_error()}")
+C_ISAS = [isa for isa in cpu.runnable_isas() if isa != "torch"]
+built = pytest.mark.skipif(not C_ISAS, reason=f"aviary._kernels is not built: {cpu.build_error()}")
 needs = dict.fromkeys((torch.float32, torch.bfloat16, torch.int8), built)  # every C path has all three
 
 
 @pytest.fixture(autouse=True, params=C_ISAS or ["torch"])
 def isa(request):
     """Each test, once per instruction set this CPU runs."""
-    before = kernels.use_isa(request.param)
+    before = cpu.use_isa(request.param)
     yield request.param
-    kernels.use_isa(before)
+    cpu.use_isa(before)
 
 
 def _case(dtype, out, n_in, rows, seed=0):
@@ -37,7 +37,7 @@ def _case(dtype, out, n_in, rows, seed=0):
         q, scale = quantize_int8(w)
         return x, q, scale, int8_linear_reference(x.double(), q, scale.double())
     w = w.to(dtype)
-    if dtype == torch.bfloat16 and kernels.bf16_rounds_x():  # the bf16 dot-product kernel rounds x as torch's does
+    if dtype == torch.bfloat16 and cpu.bf16_rounds_x():  # the bf16 dot-product kernel rounds x as torch's does
         return x, w, None, x.bfloat16().double() @ w.double().t()
     return x, w, None, x.double() @ w.double().t()
 
@@ -57,12 +57,12 @@ DTYPES = [pytest.param(d, marks=needs[d]) for d in (torch.float32, torch.bfloat1
 def test_kernel_matches_reference(dtype, rows, shape, threads, monkeypatch):
     out, n_in = shape
     x, w, scale, ref = _case(dtype, out, n_in, rows)
-    monkeypatch.setattr(kernels, "PARALLEL_MIN_BYTES", 0 if threads > 1 else 1 << 62)
+    monkeypatch.setattr(products, "PARALLEL_MIN_BYTES", 0 if threads > 1 else 1 << 62)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with small_ops_on_one_thread():  # a decode step: the kernels' worker threads
-            y = kernels.linear(x, w, scale)
+            y = cpu.linear(x, w, scale)
     finally:
         torch.set_num_threads(before)
     assert y.shape == (rows, out) and y.dtype == torch.float32
@@ -73,17 +73,17 @@ def test_kernel_matches_reference(dtype, rows, shape, threads, monkeypatch):
 @needs[torch.float32]
 def test_kernel_returns_the_input_dtype_and_checks_its_arguments():
     w = torch.randn(8, 4)
-    assert kernels.linear(torch.randn(2, 4).bfloat16(), w).dtype == torch.bfloat16
+    assert cpu.linear(torch.randn(2, 4).bfloat16(), w).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="do not fit"):
-        kernels.linear(torch.randn(2, 5), w)
+        cpu.linear(torch.randn(2, 5), w)
     with pytest.raises(ValueError, match="need a scale"):
-        kernels.linear(torch.randn(2, 4), torch.zeros(8, 4, dtype=torch.int8))
+        cpu.linear(torch.randn(2, 4), torch.zeros(8, 4, dtype=torch.int8))
     with pytest.raises(ValueError, match="take none"):
-        kernels.linear(torch.randn(2, 4), w, torch.ones(8))
+        cpu.linear(torch.randn(2, 4), w, torch.ones(8))
     with pytest.raises(ValueError, match="contiguous weight"):
-        kernels.linear(torch.randn(2, 4), torch.randn(4, 8).t())
+        cpu.linear(torch.randn(2, 4), torch.randn(4, 8).t())
     with pytest.raises(ValueError, match="float32, bfloat16 or int8"):
-        kernels.linear(torch.randn(2, 4), w.double())
+        cpu.linear(torch.randn(2, 4), w.double())
 
 
 def test_linear_is_an_nn_linear_with_the_same_gradients():
@@ -113,9 +113,9 @@ def test_layers_take_the_kernel_up_to_max_rows_and_torch_beyond(dtype, monkeypat
     if dtype != torch.int8:
         layer.load_state_dict(lin.to(dtype).state_dict())
     calls = []
-    real = kernels._run
-    monkeypatch.setattr(kernels, "_run", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
-    limit = kernels.MAX_ROWS[dtype]
+    real = products._run
+    monkeypatch.setattr(products, "_run", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    limit = cpu.MAX_ROWS[dtype]
     for rows in (limit, limit + 1):
         x = torch.randn(rows, 96).to(torch.float32 if dtype == torch.int8 else dtype)
         with torch.no_grad():
@@ -139,7 +139,7 @@ def test_float_out_returns_the_kernels_sums_unrounded(dtype):
     x = torch.randn(3, 64).bfloat16()
     with torch.no_grad():
         y, rounded = layer(x, float_out=True), layer(x)
-        big = layer(torch.randn(kernels.MAX_ROWS[dtype] + 1, 64).bfloat16(), float_out=True)
+        big = layer(torch.randn(cpu.MAX_ROWS[dtype] + 1, 64).bfloat16(), float_out=True)
     assert y.dtype == torch.float32 and rounded.dtype == torch.bfloat16 and big.dtype == torch.bfloat16
     torch.testing.assert_close(y.bfloat16(), rounded, atol=0, rtol=0)  # the same sums, rounded once
     assert bool((y != y.bfloat16().float()).any())  # ... and not already bf16 numbers
@@ -260,7 +260,7 @@ def test_new_states_are_laid_out_layer_by_layer():
     assert state.wkv.shape[:2] == (2, 3)
 
 
-# ---- input-major weights (the LoRA matrices) and `kernels.matmul` ------------------------------------
+# ---- input-major weights (the LoRA matrices) and `cpu.matmul` ------------------------------------
 
 @pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs[d]) for d in (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("rows", [1, 3, 4, 9, 16])
@@ -272,12 +272,12 @@ def test_input_major_kernel_matches_reference(dtype, rows, shape, batch, threads
     g = torch.Generator().manual_seed(rows * 31 + n_in)
     x = torch.randn(batch * rows, n_in, generator=g)
     w = torch.randn(batch, n_in, out, generator=g).to(dtype)
-    monkeypatch.setattr(kernels, "PARALLEL_MIN_BYTES", 0 if threads > 1 else 1 << 62)
+    monkeypatch.setattr(products, "PARALLEL_MIN_BYTES", 0 if threads > 1 else 1 << 62)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with small_ops_on_one_thread():
-            y = kernels._run(x, w, None, input_major=True, batch=batch)
+            y = products._run(x, w, None, input_major=True, batch=batch)
     finally:
         torch.set_num_threads(before)
     ref = torch.bmm(x.double().view(batch, rows, n_in), w.double()).reshape(batch * rows, out)
@@ -287,29 +287,29 @@ def test_input_major_kernel_matches_reference(dtype, rows, shape, batch, threads
 @needs[torch.bfloat16]
 def test_matmul_takes_the_kernel_only_where_it_should(monkeypatch):
     calls = []
-    real = kernels._run
-    monkeypatch.setattr(kernels, "_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = products._run
+    monkeypatch.setattr(products, "_run", lambda *a, **k: calls.append(1) or real(*a, **k))
     w = torch.randn(32, 48)
     x = torch.randn(2, 1, 32)
     with torch.no_grad():
-        torch.testing.assert_close(kernels.matmul(x, w), x @ w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cpu.matmul(x, w), x @ w, atol=1e-5, rtol=1e-5)
         assert calls
         calls.clear()
         wb, xb = w.bfloat16(), x.bfloat16()
-        torch.testing.assert_close(kernels.matmul(xb, wb).float(), (xb.float() @ wb.float()), atol=0.05, rtol=0.02)
-        assert calls and kernels.matmul(xb, wb).dtype == torch.bfloat16
+        torch.testing.assert_close(cpu.matmul(xb, wb).float(), (xb.float() @ wb.float()), atol=0.05, rtol=0.02)
+        assert calls and cpu.matmul(xb, wb).dtype == torch.bfloat16
         stack = torch.randn(5, 32, 48).bfloat16()
         h = torch.randn(5, 1, 32).bfloat16()
-        torch.testing.assert_close(kernels.matmul(h, stack).float(), torch.bmm(h.float(), stack.float()),
+        torch.testing.assert_close(cpu.matmul(h, stack).float(), torch.bmm(h.float(), stack.float()),
                                    atol=0.05, rtol=0.02)
         calls.clear()
-        big = torch.randn(kernels.MATMUL_MAX_ROWS[torch.bfloat16] + 1, 32).bfloat16()
-        kernels.matmul(big, wb)
+        big = torch.randn(products.MATMUL_MAX_ROWS[torch.bfloat16] + 1, 32).bfloat16()
+        cpu.matmul(big, wb)
         with reference_only():
-            kernels.matmul(xb, wb)
+            cpu.matmul(xb, wb)
         assert not calls
     xg = torch.randn(2, 32, requires_grad=True)
-    kernels.matmul(xg.bfloat16(), wb).float().sum().backward()  # needs a gradient: torch's product
+    cpu.matmul(xg.bfloat16(), wb).float().sum().backward()  # needs a gradient: torch's product
     assert xg.grad is not None and not calls
 
 
@@ -339,7 +339,7 @@ def _f64(d):
 @pytest.mark.parametrize("B,H,K,V", [(1, 1, 1, 1), (1, 12, 64, 64), (3, 2, 5, 7), (2, 3, 64, 17), (16, 4, 32, 32)])
 def test_c_wkv_steps_match_the_torch_steps(B, H, K, V):
     d = _step_inputs(B, H, K, V, seed=B * 100 + K)
-    assert kernels.steps_available(d["state"], d["r"])
+    assert steps.steps_available(d["state"], d["r"])
     e = _f64(d)
     with small_ops_on_one_thread():  # a decode step: (16, 4, 32, 32) is big enough for the worker threads
         _check_steps(d, e, B, H, K)
@@ -348,11 +348,11 @@ def test_c_wkv_steps_match_the_torch_steps(B, H, K, V):
 
 def _check_steps(d, e, B, H, K):
     for lw_c, lw_ref in ((d["logw"], e["logw"]), (d["logw"][:1, :, :, :], e["logw"][:1])):  # own and broadcast
-        y, S = kernels.gla_step(d["r"], d["k"], d["v"], lw_c, d["u"], d["state"])
+        y, S = steps.gla_step(d["r"], d["k"], d["v"], lw_c, d["u"], d["state"])
         y_ref, S_ref = gla_step(e["r"], e["k"], e["v"], lw_ref.expand(B, 1, H, K), e["u"], e["state"])
         torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(S.double(), S_ref, atol=1e-5, rtol=1e-5)
-    y, S = kernels.delta_rule_step(d["r"], d["logw"], d["k"], d["v"], d["a"], d["b"], d["state"])
+    y, S = steps.delta_rule_step(d["r"], d["logw"], d["k"], d["v"], d["a"], d["b"], d["state"])
     y_ref, S_ref = delta_rule_step(e["r"], e["logw"], e["k"], e["v"], e["a"], e["b"], e["state"])
     torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(S.double(), S_ref, atol=1e-5, rtol=1e-5)
@@ -362,14 +362,14 @@ def _check_steps(d, e, B, H, K):
 def test_c_wkv_steps_read_strided_states_and_step_aside_when_they_should():
     d = _step_inputs(2, 3, 8, 8, seed=5)
     layers = torch.stack([d["state"], d["state"] * 2], dim=1)  # [B, L, ...]: layer 1's slice is strided
-    y, S = kernels.gla_step(d["r"], d["k"], d["v"], d["logw"], d["u"], layers[:, 1])
+    y, S = steps.gla_step(d["r"], d["k"], d["v"], d["logw"], d["u"], layers[:, 1])
     y_ref, S_ref = gla_step(d["r"], d["k"], d["v"], d["logw"], d["u"], layers[:, 1].contiguous())
     torch.testing.assert_close(S, S_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    assert not kernels.steps_available(d["state"].double(), d["r"].double())
-    assert not kernels.steps_available(d["state"].requires_grad_(True), d["r"])
+    assert not steps.steps_available(d["state"].double(), d["r"].double())
+    assert not steps.steps_available(d["state"].requires_grad_(True), d["r"])
     with reference_only():
-        assert not kernels.steps_available(layers, d["r"])
+        assert not steps.steps_available(layers, d["r"])
 
 
 # ---- the worker pool: many threads, concurrent callers, a forked child --------------------------------
@@ -378,12 +378,12 @@ def test_c_wkv_steps_read_strided_states_and_step_aside_when_they_should():
 @pytest.mark.parametrize("threads", [3, 5])
 def test_more_threads_than_cores_still_adds_up(threads, monkeypatch):
     x, w, _, ref = _case(torch.float32, 1000, 96, 4)
-    monkeypatch.setattr(kernels, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(products, "PARALLEL_MIN_BYTES", 0)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with small_ops_on_one_thread():
-            y = kernels.linear(x, w)
+            y = cpu.linear(x, w)
     finally:
         torch.set_num_threads(before)
     assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
@@ -393,7 +393,7 @@ def test_more_threads_than_cores_still_adds_up(threads, monkeypatch):
 def test_concurrent_callers_get_their_own_results(monkeypatch):
     import threading
 
-    monkeypatch.setattr(kernels, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(products, "PARALLEL_MIN_BYTES", 0)
     cases = [_case(torch.float32, 700, 300, rows, seed=rows) for rows in (1, 2, 5, 16)]
     errors = []
 
@@ -401,7 +401,7 @@ def test_concurrent_callers_get_their_own_results(monkeypatch):
         x, w, _, ref = case
         with small_ops_on_one_thread():  # (per Python thread) the kernels' worker threads
             for _ in range(50):
-                if float((kernels.linear(x, w).double() - ref).abs().max()) > 1e-5 * float(ref.abs().max()):
+                if float((cpu.linear(x, w).double() - ref).abs().max()) > 1e-5 * float(ref.abs().max()):
                     errors.append("mismatch")
 
     threads = [threading.Thread(target=work, args=(c,)) for c in cases]
@@ -416,13 +416,13 @@ def test_concurrent_callers_get_their_own_results(monkeypatch):
 def test_a_forked_child_can_use_the_kernels(monkeypatch):
     import multiprocessing as mp
 
-    monkeypatch.setattr(kernels, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(products, "PARALLEL_MIN_BYTES", 0)
     x, w, _, ref = _case(torch.float32, 500, 64, 2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with small_ops_on_one_thread():
-            kernels.linear(x, w)  # the parent's workers exist now
+            cpu.linear(x, w)  # the parent's workers exist now
     finally:
         torch.set_num_threads(before)
     ctx = mp.get_context("fork")
@@ -434,7 +434,7 @@ def test_a_forked_child_can_use_the_kernels(monkeypatch):
 def _child_product(x, w):
     torch.set_num_threads(2)
     with small_ops_on_one_thread():
-        return kernels.linear(x, w)
+        return cpu.linear(x, w)
 
 
 def test_states_from_init_cat_select_and_expand_are_layer_major():
@@ -456,19 +456,19 @@ def test_states_from_init_cat_select_and_expand_are_layer_major():
 @steps_built
 def test_c_wkv_steps_write_into_out_even_when_it_is_the_input():
     d = _step_inputs(2, 3, 8, 8, seed=9)
-    y_ref, S_ref = kernels.delta_rule_step(d["r"], d["logw"], d["k"], d["v"], d["a"], d["b"], d["state"])
+    y_ref, S_ref = steps.delta_rule_step(d["r"], d["logw"], d["k"], d["v"], d["a"], d["b"], d["state"])
     state = d["state"].clone()
-    y, S = kernels.delta_rule_step(d["r"], d["logw"], d["k"], d["v"], d["a"], d["b"], state, out=state)
+    y, S = steps.delta_rule_step(d["r"], d["logw"], d["k"], d["v"], d["a"], d["b"], state, out=state)
     assert S.data_ptr() == state.data_ptr()
     torch.testing.assert_close(S, S_ref, atol=0, rtol=0)
     torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
     state = d["state"].clone()
-    y, S = kernels.gla_step(d["r"], d["k"], d["v"], d["logw"], d["u"], state, out=state)
-    y_ref, S_ref = kernels.gla_step(d["r"], d["k"], d["v"], d["logw"], d["u"], d["state"])
+    y, S = steps.gla_step(d["r"], d["k"], d["v"], d["logw"], d["u"], state, out=state)
+    y_ref, S_ref = steps.gla_step(d["r"], d["k"], d["v"], d["logw"], d["u"], d["state"])
     assert S.data_ptr() == state.data_ptr()
     torch.testing.assert_close(S, S_ref, atol=0, rtol=0)
     strided = torch.empty(2, 2, 3, 8, 8)[:, 0]  # not contiguous: ignored, a new tensor comes back
-    _, S = kernels.gla_step(d["r"], d["k"], d["v"], d["logw"], d["u"], d["state"], out=strided)
+    _, S = steps.gla_step(d["r"], d["k"], d["v"], d["logw"], d["u"], d["state"], out=strided)
     assert S.data_ptr() != strided.data_ptr()
     torch.testing.assert_close(S, S_ref, atol=0, rtol=0)
 
@@ -502,8 +502,8 @@ def test_rwkv7_tail_matches_the_time_mix(layer, head_size, monkeypatch):
     wkv = torch.randn(B, H, N, N, generator=g) * 0.3
     wkv_before = wkv.clone()
     calls = []
-    real = kernels.rwkv7_tail
-    monkeypatch.setattr(kernels, "rwkv7_tail", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = steps.rwkv7_tail
+    monkeypatch.setattr(steps, "rwkv7_tail", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         out_state = torch.empty_like(wkv)
         y, S, vf = att(x, sx, wkv, None if layer == 0 else v_first, "recurrent", out_state)
@@ -563,10 +563,8 @@ def _decode_block(version, block, x, shift, wkv, v_first, shift_out, wkv_out):
     """The version's one-block C path as (x, v_first) (RWKV-4/5/6 have no v_first: None), or None."""
     from aviary.model import v4, v5, v6, v7
 
-    if version == 7:
-        return v7.decode_block(block, x, shift, wkv, v_first, shift_out, wkv_out)
-    done = {4: v4, 5: v5, 6: v6}[version].decode_block(block, x, shift, wkv, shift_out, wkv_out)
-    return None if done is None else (done, None)
+    record = {4: v4, 5: v5, 6: v6, 7: v7}[version].CPU_BLOCK
+    return blocks.decode_block(record, block, x, shift, wkv, v_first, shift_out, wkv_out)
 
 
 @steps_built
@@ -606,7 +604,7 @@ def test_every_instruction_set_gives_the_torch_block(version, isa):
         x_ref, _, wkv_ref, _ = block(x, shift, wkv, v_first, "recurrent")
     outs = []
     for name in C_ISAS:
-        kernels.use_isa(name)  # the fixture puts back its own
+        cpu.use_isa(name)  # the fixture puts back its own
         with torch.no_grad(), small_ops_on_one_thread():
             shift_out, wkv_out = torch.empty_like(shift), torch.empty_like(wkv)
             x_new, _ = _decode_block(version, block, x, shift, wkv, v_first, shift_out, wkv_out)
@@ -628,7 +626,7 @@ def test_block_steps_aside_where_it_cannot_run(version):
             assert _decode_block(version, block, x, shift, wkv, None, *args[3:]) is None  # layer 1 needs v_first
         assert _decode_block(version, block, x.bfloat16(), *args) is None
         assert _decode_block(version, block, x[:1], *args) is None  # rows do not match the state
-        many = kernels.BLOCK_MAX_ROWS + 1
+        many = blocks.BLOCK_MAX_ROWS + 1
         big = (torch.zeros(many, 2, 192), torch.zeros(many, *wkv.shape[1:]))
         vf = None if version < 7 else torch.zeros(many, 1, 192)
         assert _decode_block(version, block, torch.zeros(many, 1, 192), *big, vf, *big) is None
@@ -671,8 +669,8 @@ def test_decode_runs_all_blocks_in_one_call(version, quantize, monkeypatch):
     if quantize:
         model.quantize("int8")
     calls = []
-    real = kernels._blocks
-    monkeypatch.setattr(kernels, "_blocks", lambda v, layers, *a: calls.append((len(layers), real(v, layers, *a)))
+    real = blocks._run
+    monkeypatch.setattr(blocks, "_run", lambda record, layers, *a: calls.append((len(layers), real(record, layers, *a)))
                         or calls[-1][1])
     with torch.no_grad():
         _, state = model(torch.tensor([[1, 2, 3]]))
@@ -695,7 +693,7 @@ def test_rescaled_rwkv6_decodes_through_its_torch_blocks(monkeypatch):
         _, state = model(torch.tensor([[1, 2]]))
         ref, _ = model(torch.tensor([[3]]), state)
         model.apply_rescale(2)  # x halves every 2 blocks: the fused blocks do not do that
-        monkeypatch.setattr(kernels, "_blocks", lambda *a: pytest.fail("fused blocks ran on a rescaled model"))
+        monkeypatch.setattr(blocks, "_run", lambda *a: pytest.fail("fused blocks ran on a rescaled model"))
         out, _ = model(torch.tensor([[3]]), state)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 

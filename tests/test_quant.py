@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 import aviary
-from aviary import kernels
-from aviary.kernels import Linear
+from aviary import cpu
+from aviary.cpu import Linear
 from aviary.loading import model_from_state_dict
 from aviary.quant import (
     KERNEL_MAX_ROWS,
@@ -54,7 +54,7 @@ def test_int8_linear_is_close_to_the_float_linear(dtype):
         lin.weight.copy_(torch.randn(256, 128, generator=g) / 128**0.5)
     lin = lin.to(dtype)
     q = Int8Linear.from_linear(lin)
-    limit = kernels.MAX_ROWS[torch.int8] if q.kernel == "aviary" else KERNEL_MAX_ROWS
+    limit = cpu.MAX_ROWS[torch.int8] if q.kernel == "aviary" else KERNEL_MAX_ROWS
     for rows in (1, 7, limit // 2 + 5):  # x has 2 x rows: the kernel (2, 14) and the dequantised matmul
         x = torch.randn(2, rows, 128, generator=g).to(dtype)
         ref = lin(x).float()

@@ -45,7 +45,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value  # later lookups skip this function
         return value
-    try:  # a submodule, as `import aviary` used to import most of them: aviary.kernels, aviary.ops, ...
+    try:  # a submodule, as `import aviary` used to import most of them: aviary.cpu, aviary.ops, ...
         return importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError as e:
         if e.name != f"{__name__}.{name}":

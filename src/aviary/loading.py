@@ -97,4 +97,5 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         model.quantize(quantize)
     if huge_pages and torch.device(device).type == "cpu":
         move_to_huge_pages(model)
+    model._update_thread_split()  # decides and records the decode path (model.decode_path)
     return model

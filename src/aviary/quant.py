@@ -19,9 +19,9 @@ reported in docs/benchmarks.md. Quantise after loading: a quantised model's stat
 Three forms of the same product, as for the ops (`Int8Linear.kernel` picks; tests compare them):
     `int8_linear_reference`  dequantise the weight to the activation dtype, then F.linear; used for
                              more rows than the kernel takes (prefill), where a matmul wins
-    `kernels.linear`         Aviary's C kernel (`aviary/_kernels.c`, AVX-512 / AVX2, own threads): int8
+    `cpu.linear`             Aviary's C kernel (`aviary/csrc/`, AVX-512 / AVX2 / portable, own threads): int8
                              widened to float32 in registers, float32 activations, weights streamed
-                             once at memory speed; the default for up to kernels.MAX_ROWS[int8] rows
+                             once at memory speed; the default for up to isa.MAX_ROWS[int8] rows
     `int8_linear_kernel`     torch's `aten._weight_int8pack_mm` (bf16 activations and scales, fp32
                              accumulation); the fallback where the C kernel was not built. It widens
                              every weight to bf16 and is compute-bound at one row (4-9 GB/s here).
@@ -33,14 +33,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary import kernels
-from aviary._threads import all_threads
+from aviary.cpu import isa, products
+from aviary.cpu.threads import all_threads
 
 __all__ = ["Int8Linear", "int8_linear_kernel", "int8_linear_reference", "quantize_int8", "quantize_model"]
 
 SCHEMES = ("int8",)
 KERNEL_MAX_ROWS = 16  # torch's int8pack kernel's time grows with the rows; above this, dequantise and use a matmul
-# Aviary's C kernel: up to kernels.MAX_ROWS[torch.int8] rows (64 with AVX-512)
+# Aviary's C kernel: up to isa.MAX_ROWS[torch.int8] rows (64 with AVX-512)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +58,8 @@ def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor)
 
 
 def default_kernel() -> str | None:
-    """The fastest int8 kernel here: Aviary's C kernel (`aviary.kernels`), else torch's int8pack, else None."""
-    if kernels.available(torch.int8):
+    """The fastest int8 kernel here: Aviary's C kernel (`aviary.cpu`), else torch's int8pack, else None."""
+    if isa.available(torch.int8):
         return "aviary"
     return "int8pack" if hasattr(torch.ops.aten, "_weight_int8pack_mm") else None
 
@@ -95,12 +95,12 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
-        """float_out: as in `aviary.kernels.Linear` (Aviary's kernel returns float32; the other paths x's dtype)."""
+        """float_out: as in `aviary.cpu.Linear` (Aviary's kernel returns float32; the other paths x's dtype)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows, cpu = x2.shape[0], x2.device.type == "cpu"
-        if cpu and self.kernel == "aviary" and rows <= kernels.MAX_ROWS[torch.int8] and kernels.available(torch.int8):
-            y = kernels._run(x2, self.weight_int8, self.scale, float_out=float_out)  # contiguous CPU int8/fp32
+        if cpu and self.kernel == "aviary" and rows <= isa.MAX_ROWS[torch.int8] and isa.available(torch.int8):
+            y = products._run(x2, self.weight_int8, self.scale, float_out=float_out)  # contiguous CPU int8/fp32
         else:
             with all_threads():
                 if cpu and rows <= KERNEL_MAX_ROWS and self.kernel == "int8pack":
@@ -110,9 +110,9 @@ class Int8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
     def kernel_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(int8 weight, row scale) when Aviary's C kernel runs this product (`aviary.kernels.kernel_weight`)."""
+        """(int8 weight, row scale) when Aviary's C kernel runs this product (`aviary.cpu.kernel_weight`)."""
         q, scale = self._buffers["weight_int8"], self._buffers["scale"]  # not getattr: runs every decode step
-        return (q, scale) if self.kernel == "aviary" and kernels.available(torch.int8) and q.is_cpu else None
+        return (q, scale) if self.kernel == "aviary" and isa.available(torch.int8) and q.is_cpu else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs="*", metavar="[MODEL] PROMPT",
                         help="checkpoint (default: the bundled model) and the prompt; escapes like \\n are understood")
     parser.add_argument("--prompt-file", default=None, help="read the prompt from this file (UTF-8)")
-    parser.add_argument("--stats", action="store_true", help="print prefill and decode speed to stderr at the end")
+    parser.add_argument("--stats", action="store_true",
+                        help="print prefill and decode speed, and what the decode step ran on, to stderr at the end")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
 
@@ -67,4 +68,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"prefill {n_prompt} tokens in {t1 - t0:.2f} s ({n_prompt / max(t1 - t0, 1e-9):.1f} tok/s); "
               f"decode {n_new} tokens in {t2 - t1:.2f} s ({n_new / max(t2 - t1, 1e-9):.1f} tok/s); "
               f"finish: {seq.finish_reason}", file=sys.stderr)
+        print(f"decode path: {model.decode_path}", file=sys.stderr)
     return 0

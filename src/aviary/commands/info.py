@@ -1,10 +1,15 @@
 """Show what a checkpoint holds, without building the model: RWKV version, file format and key layout,
 every size (layers, width, heads, ffn, LoRA ranks, vocabulary), the parameter count, the recurrent
-state size per sequence, the dtypes in the file, and whether it carries a state-tuned `time_state`.
+state size per sequence, the dtypes in the file, whether it carries a state-tuned `time_state`, and what
+a decode step on this CPU would run on. `--system` shows this machine's CPU backend instead: the CPU, the
+instruction sets Aviary's C kernels were built for and can run here, the one in use (AVIARY_CPU_ISA
+forces one: avx512, avx2, generic, torch), and why the kernels are missing if they failed to build.
 
 examples:
   aviary info RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth
   aviary info --json ./rwkv7-hf-folder
+  aviary info --system
+  AVIARY_CPU_ISA=generic aviary info --system --json
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ LORA_RANKS = {"rank_mix": "mix", "rank_decay": "decay", "rank_w": "w", "rank_a":
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?",
                         help=".pth / .safetensors file, or a Hugging Face / fla model folder")
+    parser.add_argument("--system", action="store_true",
+                        help="show this machine's CPU backend (instruction sets, the one in use, build problems)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -69,7 +76,45 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "state_bytes": config.n_layer * (2 * config.n_embd + wkv) * 4,
         "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in sd.values()).most_common()),
         "time_state": bool(time_state),
+        "cpu_decode": cpu_decode(),
     }
+
+
+def cpu_decode() -> str:
+    """What a float32/bfloat16/int8 decode step of a model loaded on this CPU runs on (without building it):
+    every version has a C block, so that is the instruction set in use and the C blocks, or torch."""
+    from aviary import cpu
+
+    info = cpu.backend_info()
+    if info["isa"] == "torch":
+        why = "forced by AVIARY_CPU_ISA" if info["forced"] else "aviary._kernels is not built (aviary info --system)"
+        return f"torch's kernels ({why})"
+    dot = ", bf16 with the dot-product instruction" if info["bf16_dot"] else ""
+    return f"C kernels, {info['isa']}: all blocks of a step in one C call{dot}, {info['threads']} threads"
+
+
+def system() -> dict[str, Any]:
+    """This machine's CPU backend, as plain data (aviary.cpu.backend_info)."""
+    from aviary import cpu
+
+    return cpu.backend_info()
+
+
+def _system_table(info: dict[str, Any]) -> list[tuple[str, str]]:
+    runnable = [n for n in info["runnable"] if n != "torch"]
+    rows = [
+        ("cpu", f"{info['cpu']} ({info['machine']})"),
+        ("kernels built for", ", ".join(info["built"]) or "none"),
+        ("runnable here", ", ".join(runnable) or "none (torch's kernels only)"),
+        ("in use", info["isa"] + (f" (forced: AVIARY_CPU_ISA={info['forced']})" if info["forced"] else
+                                  " (the best this CPU runs)" if info["isa"] != "torch" else "")),
+        ("bf16 products", "bf16 dot-product instruction (x rounded to bf16)" if info["bf16_dot"]
+         else "widened to float32" if info["isa"] != "torch" else "torch"),
+        ("threads", str(info["threads"])),
+    ]
+    if info["build_error"]:
+        rows.append(("build error", info["build_error"].strip()))
+    return rows
 
 
 def _table(info: dict[str, Any]) -> list[tuple[str, str]]:
@@ -95,6 +140,7 @@ def _table(info: dict[str, Any]) -> list[tuple[str, str]]:
         ("state", f"{info['state_bytes']:,} bytes per sequence (fp32)"),
         ("dtypes", dtypes),
         ("time_state", "yes (state-tuned: its initial state is used)" if info["time_state"] else "no"),
+        ("cpu decode", info["cpu_decode"]),
     ]
 
 
@@ -106,11 +152,18 @@ def _short(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = describe(args.checkpoint)
+    if args.system:
+        info, rows = system(), None
+        if args.checkpoint is not None:
+            raise ValueError("--system describes this machine: give it without a CHECKPOINT")
+    elif args.checkpoint is None:
+        raise ValueError("give a CHECKPOINT (or --system for this machine's CPU backend)")
+    else:
+        info = describe(args.checkpoint)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        rows = _table(info)
+        rows = _system_table(info) if args.system else _table(info)
         width = max(len(label) for label, _ in rows)
         for label, value in rows:
             print(f"{label:<{width}}  {value}")

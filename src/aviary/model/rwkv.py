@@ -7,9 +7,9 @@
     logits = head(LN_out(x))
 
 Token shift ("sx", the previous token's LayerNorm-ed input) is formed here, once, for both mixers;
-each version's file only sees (x, sx). A version's file may also offer `decode_blocks`, all blocks of a
-one-token step in one fused call (all four do); it returns None where it cannot run, and these
-Blocks are then the path (and always the reference). Parameter names are the official BlinkDL ones, so
+each version's file only sees (x, sx). On a CPU, a one-token step runs all blocks in one C call where it
+can (`aviary.cpu.blocks`, by the version's `CPU_BLOCK` record); where it cannot, these Blocks are the path
+(and always the reference). `model.decode_path` says which runs. Parameter names are the official BlinkDL ones, so
 official checkpoints load with `strict=True`.
 """
 
@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary._threads import small_ops_on_one_thread
 from aviary.config import ModelConfig
-from aviary.kernels import Linear
+from aviary.cpu import DecodePath, Linear, decode_path, isa
+from aviary.cpu.blocks import decode_blocks
+from aviary.cpu.threads import small_ops_on_one_thread
 from aviary.ops import BACKENDS
 from aviary.state import RWKVState, StateError, layer_major
 
@@ -182,10 +183,10 @@ class RWKV(nn.Module):
         else:
             shift_out, wkv_out = _layer_major_like(state.shift), _layer_major_like(state.wkv)  # filled per layer
         v_first = None
-        # a version may run all blocks of a one-token step in one call (v7.decode_blocks); None: not here
-        one_call = None if tokens.shape[1] != 1 or training or self.rescale_every else \
-            getattr(self.arch, "decode_blocks", None)
-        done = one_call(self.blocks, x, state.shift, state.wkv, shift_out, wkv_out) if one_call else None
+        # a one-token step: all blocks in one C call where that runs (aviary.cpu.blocks); None: not here
+        one_call = tokens.shape[1] == 1 and not training and not self.rescale_every
+        done = decode_blocks(self.arch.CPU_BLOCK, self.blocks, x, state.shift, state.wkv, shift_out, wkv_out) \
+            if one_call else None
         if done is not None:
             x = done
         else:
@@ -233,12 +234,29 @@ class RWKV(nn.Module):
         return self
 
     def _update_thread_split(self) -> None:
-        # only while every big product is a layer that steps the thread count back up (kernels.Linear,
+        # only while every big product is a layer that steps the thread count back up (cpu.Linear,
         # Int8Linear): a plain nn.Linear swapped in by a user would otherwise run on one thread
         from aviary.quant import Int8Linear
 
         self.split_decode_threads = all(isinstance(m, (Linear, Int8Linear)) or not isinstance(m, nn.Linear)
                                         for m in (*self.blocks.modules(), self.head))
+        self._decode_path = decode_path(self)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cpu(), .bfloat16(), ...: the decode path may change
+        out = super()._apply(fn, *args, **kwargs)
+        if "_decode_path" in self.__dict__:
+            self._decode_path = decode_path(self)
+        return out
+
+    @property
+    def decode_path(self) -> DecodePath:
+        """What a one-token step runs on (device, CPU instruction set, C blocks or torch's, products in C,
+        threads): decided when the model is built, moved or quantised, and again if the process's
+        instruction set has changed since (`aviary.cpu.use_isa`)."""
+        path = self.__dict__.get("_decode_path")
+        if path is None or path.isa != isa.cpu_isa() or path.threads != torch.get_num_threads():
+            path = self._decode_path = decode_path(self)
+        return path
 
     # ---- generation (the loop lives in aviary.generation) --------------------------------------
 

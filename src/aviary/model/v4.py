@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from aviary import kernels
 from aviary.config import ModelConfig
-from aviary.kernels import Linear
+from aviary.cpu import Linear
+from aviary.cpu.blocks import BlockRecord
 from aviary.ops import wkv4
 from aviary.ops.wkv4 import empty_state
 
@@ -78,41 +78,13 @@ class ChannelMix(nn.Module):
         return torch.sigmoid(self.receptance(lerp(x, sx, self.time_mix_r))) * self.value(k)
 
 
-def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.BlockLayer | None:
-    """`block` as the C blocks take it (`aviary.kernels.BlockLayer`, fields in the order of
-    `_kernels.V4_BLOCK_FIELDS`), or None if a product has no kernel."""
-    # module._parameters / _modules rather than attribute access: this runs for every layer of every step
-    bm = block._modules
-    att, ffn = bm["att"], bm["ffn"]
-    ap, am, fp, fm = att._parameters, att._modules, ffn._parameters, ffn._modules
-    ln1, ln2 = bm["ln1"], bm["ln2"]
-    p1, p2 = ln1._parameters, ln2._parameters
-    params = [p1["weight"], p1["bias"], p2["weight"], p2["bias"], ap["time_mix_k"], ap["time_mix_v"], ap["time_mix_r"],
-              ap["time_decay"], ap["time_first"]]
-    att_w = kernels.product_weights((am["receptance"], am["key"], am["value"], am["output"]))
-    ffn_w = kernels.product_weights((fm["key"], fm["receptance"], fm["value"]))
-    if att_w is None or ffn_w is None:
-        return None
-    params += [*att_w, fp["time_mix_k"], fp["time_mix_r"], *ffn_w]
-    C = ap["time_decay"].shape[0]
-    return kernels.block_layer(block, params, C, (ln1.eps, ln2.eps, 0.0), att.layer_id == 0, shift, wkv, shift_out,
-                               wkv_out)
-
-
-def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
-    """All of `blocks` for one token in one C call (`aviary.kernels.rwkv4_blocks`): `Block.forward`
-    (aviary/model/rwkv.py) with this file's mixers, ~30 torch ops and 7 products a layer otherwise.
-
-    x [B, 1, C]; shift [B, L, 2, C] and wkv [B, L, 3, C] the state's tensors; the new ones are written
-    into shift_out and wkv_out (which may be shift and wkv). Returns x after the last block, or None,
-    having done nothing, where the kernels cannot take these blocks (gradients, a weight type or device
-    they do not handle): the caller then runs each `block` itself, the reference."""
-    layers = kernels.block_layers(blocks, _layer, shift, wkv, shift_out, wkv_out)
-    return None if layers is None else kernels.rwkv4_blocks(layers, x)
-
-
-def decode_block(block: nn.Module, x, shift, wkv, shift_out, wkv_out):
-    """One block of `decode_blocks`: x [B, 1, C]; shift [B, 2, C]; wkv [B, 3, C]. Returns x, or None where
-    the kernels cannot take it."""
-    layer = _layer(block, shift, wkv, shift_out, wkv_out)
-    return None if layer is None else kernels.rwkv4_blocks([layer], x)
+# Where the C decode block (aviary.cpu.blocks; src/aviary/csrc/blocks.c) finds its fields in a Block. The
+# state row of a layer is (aa, bb, pp) [3, C]; one "head" per channel.
+CPU_BLOCK = BlockRecord(
+    version=4,
+    params={"ln1_w": "ln1.weight", "ln1_b": "ln1.bias", "ln2_w": "ln2.weight", "ln2_b": "ln2.bias",
+            **{f"mix_{n}": f"att.time_mix_{n}" for n in "kvr"}, "decay": "att.time_decay",
+            "first": "att.time_first", "ffn_mix_k": "ffn.time_mix_k", "ffn_mix_r": "ffn.time_mix_r"},
+    products={"receptance": "att.receptance", "key": "att.key", "value": "att.value", "output": "att.output",
+              "ffn_key": "ffn.key", "ffn_receptance": "ffn.receptance", "ffn_value": "ffn.value"},
+    state_row=lambda C, H: (3, C))

@@ -16,14 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary import kernels
 from aviary.config import ModelConfig
-from aviary.kernels import Linear
+from aviary.cpu import Linear
+from aviary.cpu.blocks import BlockRecord
 from aviary.model.rwkv import group_norm
 from aviary.model.v4 import ChannelMix, lerp
 from aviary.ops import gla
 
-__all__ = ["ChannelMix", "TimeMix", "decode_block", "decode_blocks"]
+__all__ = ["CPU_BLOCK", "ChannelMix", "TimeMix"]
 
 SUPPORTS_RESCALE = True
 
@@ -68,44 +68,14 @@ class TimeMix(nn.Module):
         return self.output(y.to(x.dtype) * g), wkv, v_first
 
 
-_ATT_VECTORS = ("time_mix_k", "time_mix_v", "time_mix_r", "time_mix_g", "time_decay", "time_faaaa")
-
-
-def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.BlockLayer | None:
-    """`block` as the C blocks take it (`aviary.kernels.BlockLayer`, fields in the order of
-    `_kernels.V5_BLOCK_FIELDS`), or None if a product has no kernel."""
-    # module._parameters / _modules rather than attribute access: this runs for every layer of every step
-    bm = block._modules
-    att, ffn = bm["att"], bm["ffn"]
-    ap, am, fp, fm = att._parameters, att._modules, ffn._parameters, ffn._modules
-    ln1, ln2, ln_x = bm["ln1"], bm["ln2"], am["ln_x"]
-    p1, p2, px = ln1._parameters, ln2._parameters, ln_x._parameters
-    params = [p1["weight"], p1["bias"], p2["weight"], p2["bias"], *(ap[n] for n in _ATT_VECTORS), px["weight"],
-              px["bias"]]
-    att_w = kernels.product_weights((am["receptance"], am["key"], am["value"], am["gate"], am["output"]))
-    ffn_w = kernels.product_weights((fm["key"], fm["receptance"], fm["value"]))
-    if att_w is None or ffn_w is None:
-        return None
-    params += [*att_w, fp["time_mix_k"], fp["time_mix_r"], *ffn_w]
-    return kernels.block_layer(block, params, ap["time_faaaa"].shape[0], (ln1.eps, ln2.eps, ln_x.eps),
-                               att.layer_id == 0, shift, wkv, shift_out, wkv_out)
-
-
-def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
-    """All of `blocks` for one token in one C call (`aviary.kernels.rwkv5_blocks`): `Block.forward`
-    (aviary/model/rwkv.py) with this file's time-mix and RWKV-4's channel-mix, ~40 torch ops and 8
-    products a layer otherwise.
-
-    x [B, 1, C]; shift [B, L, 2, C] and wkv [B, L, H, N, N] the state's tensors; the new ones are written
-    into shift_out and wkv_out (which may be shift and wkv). Returns x after the last block, or None,
-    having done nothing, where the kernels cannot take these blocks (gradients, a weight type or device
-    they do not handle): the caller then runs each `block` itself, the reference."""
-    layers = kernels.block_layers(blocks, _layer, shift, wkv, shift_out, wkv_out)
-    return None if layers is None else kernels.rwkv5_blocks(layers, x)
-
-
-def decode_block(block: nn.Module, x, shift, wkv, shift_out, wkv_out):
-    """One block of `decode_blocks`: x [B, 1, C]; shift [B, 2, C]; wkv [B, H, N, N]. Returns x, or None
-    where the kernels cannot take it."""
-    layer = _layer(block, shift, wkv, shift_out, wkv_out)
-    return None if layer is None else kernels.rwkv5_blocks([layer], x)
+# Where the C decode block (aviary.cpu.blocks; src/aviary/csrc/blocks.c) finds its fields in a Block.
+CPU_BLOCK = BlockRecord(
+    version=5,
+    params={"ln1_w": "ln1.weight", "ln1_b": "ln1.bias", "ln2_w": "ln2.weight", "ln2_b": "ln2.bias",
+            **{f"mix_{n}": f"att.time_mix_{n}" for n in "kvrg"}, "decay": "att.time_decay",
+            "faaaa": "att.time_faaaa", "ln_x_w": "att.ln_x.weight", "ln_x_b": "att.ln_x.bias",
+            "ffn_mix_k": "ffn.time_mix_k", "ffn_mix_r": "ffn.time_mix_r"},
+    products={"receptance": "att.receptance", "key": "att.key", "value": "att.value", "gate": "att.gate",
+              "output": "att.output", "ffn_key": "ffn.key", "ffn_receptance": "ffn.receptance",
+              "ffn_value": "ffn.value"},
+    heads="faaaa", ln_x="att.ln_x")

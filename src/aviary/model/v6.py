@@ -18,14 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary import kernels
 from aviary.config import ModelConfig
-from aviary.kernels import Linear, matmul
+from aviary.cpu import Linear, matmul
+from aviary.cpu.blocks import BlockRecord
 from aviary.model.rwkv import group_norm
 from aviary.model.v5 import empty_wkv, wkv_shape
 from aviary.ops import gla
 
-__all__ = ["ChannelMix", "TimeMix", "decode_block", "decode_blocks", "empty_wkv", "wkv_shape"]
+__all__ = ["CPU_BLOCK", "ChannelMix", "TimeMix", "empty_wkv", "wkv_shape"]
 
 SUPPORTS_RESCALE = True
 
@@ -91,44 +91,16 @@ class ChannelMix(nn.Module):
         return torch.sigmoid(self.receptance(torch.addcmul(x, xx, self.time_maa_r))) * self.value(k)
 
 
-_ATT_VECTORS = ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g", "time_maa_w1",
-                "time_maa_w2", "time_decay", "time_decay_w1", "time_decay_w2", "time_faaaa")
-
-
-def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.BlockLayer | None:
-    """`block` as the C blocks take it (`aviary.kernels.BlockLayer`, fields in the order of
-    `_kernels.V6_BLOCK_FIELDS`), or None if a product has no kernel."""
-    # module._parameters / _modules rather than attribute access: this runs for every layer of every step
-    bm = block._modules
-    att, ffn = bm["att"], bm["ffn"]
-    ap, am, fp, fm = att._parameters, att._modules, ffn._parameters, ffn._modules
-    ln1, ln2, ln_x = bm["ln1"], bm["ln2"], am["ln_x"]
-    p1, p2, px = ln1._parameters, ln2._parameters, ln_x._parameters
-    params = [p1["weight"], p1["bias"], p2["weight"], p2["bias"], *(ap[n] for n in _ATT_VECTORS), px["weight"],
-              px["bias"]]
-    att_w = kernels.product_weights((am["receptance"], am["key"], am["value"], am["gate"], am["output"]))
-    ffn_w = kernels.product_weights((fm["key"], fm["receptance"], fm["value"]))
-    if att_w is None or ffn_w is None:
-        return None
-    params += [*att_w, fp["time_maa_k"], fp["time_maa_r"], *ffn_w]
-    return kernels.block_layer(block, params, ap["time_faaaa"].shape[0], (ln1.eps, ln2.eps, ln_x.eps),
-                               att.layer_id == 0, shift, wkv, shift_out, wkv_out)
-
-
-def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
-    """All of `blocks` for one token in one C call (`aviary.kernels.rwkv6_blocks`): `Block.forward`
-    (aviary/model/rwkv.py) with this file's mixers, ~70 torch ops and ~17 products a layer otherwise.
-
-    x [B, 1, C]; shift [B, L, 2, C] and wkv [B, L, H, N, N] the state's tensors; the new ones are written
-    into shift_out and wkv_out (which may be shift and wkv). Returns x after the last block, or None,
-    having done nothing, where the kernels cannot take these blocks (gradients, a weight type or device
-    they do not handle): the caller then runs each `block` itself, the reference."""
-    layers = kernels.block_layers(blocks, _layer, shift, wkv, shift_out, wkv_out)
-    return None if layers is None else kernels.rwkv6_blocks(layers, x)
-
-
-def decode_block(block: nn.Module, x, shift, wkv, shift_out, wkv_out):
-    """One block of `decode_blocks`: x [B, 1, C]; shift [B, 2, C]; wkv [B, H, N, N]. Returns x, or None
-    where the kernels cannot take it."""
-    layer = _layer(block, shift, wkv, shift_out, wkv_out)
-    return None if layer is None else kernels.rwkv6_blocks([layer], x)
+# Where the C decode block (aviary.cpu.blocks; src/aviary/csrc/blocks.c) finds its fields in a Block.
+CPU_BLOCK = BlockRecord(
+    version=6,
+    params={"ln1_w": "ln1.weight", "ln1_b": "ln1.bias", "ln2_w": "ln2.weight", "ln2_b": "ln2.bias",
+            **{f"maa_{n}": f"att.time_maa_{n}" for n in ("x", "w", "k", "v", "r", "g", "w1", "w2")},
+            "decay": "att.time_decay", "decay_w1": "att.time_decay_w1", "decay_w2": "att.time_decay_w2",
+            "faaaa": "att.time_faaaa", "ln_x_w": "att.ln_x.weight", "ln_x_b": "att.ln_x.bias",
+            "ffn_maa_k": "ffn.time_maa_k", "ffn_maa_r": "ffn.time_maa_r"},
+    products={"receptance": "att.receptance", "key": "att.key", "value": "att.value", "gate": "att.gate",
+              "output": "att.output", "ffn_key": "ffn.key", "ffn_receptance": "ffn.receptance",
+              "ffn_value": "ffn.value"},
+    lora_pairs=(("maa_w1", "maa_w2", 5), ("decay_w1", "decay_w2", 1)),
+    heads="faaaa", ln_x="att.ln_x")

@@ -23,14 +23,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary import kernels
 from aviary.config import ModelConfig
-from aviary.kernels import Linear, matmul
+from aviary.cpu import Linear, matmul, steps
+from aviary.cpu.blocks import BlockRecord
 from aviary.model.rwkv import group_norm
 from aviary.model.v5 import empty_wkv, wkv_shape
 from aviary.ops import delta_rule
 
-__all__ = ["ChannelMix", "TimeMix", "decode_block", "decode_blocks", "empty_wkv", "wkv_shape"]
+__all__ = ["CPU_BLOCK", "ChannelMix", "TimeMix", "empty_wkv", "wkv_shape"]
 
 SUPPORTS_RESCALE = False  # the reference runs v7 in fp16 without it
 DECAY_SCALE = math.exp(-0.5)  # the pip package writes 0.606531
@@ -77,8 +77,8 @@ class TimeMix(nn.Module):
             params = dict(w0=self.w0, a0=self.a0, v0=self.v0, k_k=self.k_k, k_a=self.k_a, r_k=self.r_k,
                           ln_w=self.ln_x.weight, ln_b=self.ln_x.bias)
             per_row = (r, k, v, w_lora, a_lora, g) + (() if v_lora is None else (v_lora, v_first))
-            if kernels.steps_available(wkv, *per_row, *params.values()):
-                y, wkv = kernels.rwkv7_tail(r, k, v, w_lora, a_lora, v_lora, v_first, g, wkv, out=wkv_out,
+            if steps.steps_available(wkv, *per_row, *params.values()):
+                y, wkv = steps.rwkv7_tail(r, k, v, w_lora, a_lora, v_lora, v_first, g, wkv, out=wkv_out,
                                             eps=self.ln_x.eps, decay_scale=DECAY_SCALE, **params)
                 return self.output(y), wkv, v_first
         logw = -DECAY_SCALE * torch.sigmoid((self.w0 + w_lora).float())  # log decay in (-0.607, 0)
@@ -112,46 +112,14 @@ class ChannelMix(nn.Module):
         return self.value(k)
 
 
-_ATT_PARAMS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a", "r_k")
-_LORAS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
-
-
-def _layer(block: nn.Module, shift, wkv, shift_out, wkv_out) -> kernels.BlockLayer | None:
-    """`block` as the C blocks take it (`aviary.kernels.BlockLayer`), or None if a product has no kernel."""
-    # module._parameters / _modules rather than attribute access: this runs for every layer of every step
-    bm = block._modules
-    att, ffn = bm["att"], bm["ffn"]
-    ap, am, fm = att._parameters, att._modules, ffn._modules
-    ln1, ln2, ln_x = bm["ln1"], bm["ln2"], am["ln_x"]
-    p1, p2, px = ln1._parameters, ln2._parameters, ln_x._parameters
-    att_w = kernels.product_weights((am["receptance"], am["key"], am["value"], am["output"]))
-    ffn_w = kernels.product_weights((fm["key"], fm["value"]))
-    if att_w is None or ffn_w is None:
-        return None
-    params = [p1["weight"], p1["bias"], p2["weight"], p2["bias"], *(ap[n] for n in _ATT_PARAMS), px["weight"],
-              px["bias"], *(ap[n] for n in _LORAS), *att_w, ffn._parameters["x_k"], *ffn_w]
-    return kernels.block_layer(block, params, ap["r_k"].shape[0], (ln1.eps, ln2.eps, ln_x.eps), att.layer_id == 0,
-                               shift, wkv, shift_out, wkv_out)
-
-
-def decode_blocks(blocks, x, shift, wkv, shift_out, wkv_out):
-    """All of `blocks` (the model's, from layer 0) for one token in one C call (`aviary.kernels.rwkv7_blocks`):
-    `Block.forward` (aviary/model/rwkv.py) with this file's mixers, ~100 torch ops and ~13 products a
-    layer otherwise.
-
-    x [B, 1, C]; shift [B, L, 2, C] and wkv [B, L, H, N, N] the state's tensors; the new ones are written
-    into shift_out and wkv_out (which may be shift and wkv). Returns x after the last block, or None,
-    having done nothing, where the kernels cannot take these blocks (gradients, a weight type or device
-    they do not handle): the caller then runs each `block` itself, the reference."""
-    layers = kernels.block_layers(blocks, _layer, shift, wkv, shift_out, wkv_out)
-    done = None if layers is None else kernels.rwkv7_blocks(layers, x, None, decay_scale=DECAY_SCALE)
-    return None if done is None else done[0]
-
-
-def decode_block(block: nn.Module, x, shift, wkv, v_first, shift_out, wkv_out):
-    """One block of `decode_blocks`: x [B, 1, C]; shift [B, 2, C]; wkv [B, H, N, N]; v_first [B, 1, C]
-    (None on layer 0). Returns (x, v_first), or None where the kernels cannot take it."""
-    layer = _layer(block, shift, wkv, shift_out, wkv_out)
-    if layer is None or (v_first is None) != layer.layer0:
-        return None
-    return kernels.rwkv7_blocks([layer], x, v_first, decay_scale=DECAY_SCALE)
+# Where the C decode block (aviary.cpu.blocks; src/aviary/csrc/blocks.c) finds its fields in a Block.
+CPU_BLOCK = BlockRecord(
+    version=7,
+    params={"ln1_w": "ln1.weight", "ln1_b": "ln1.bias", "ln2_w": "ln2.weight", "ln2_b": "ln2.bias",
+            **{n: f"att.{n}" for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a",
+                                       "r_k", "w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")},
+            "ln_x_w": "att.ln_x.weight", "ln_x_b": "att.ln_x.bias", "ffn_x_k": "ffn.x_k"},
+    products={"receptance": "att.receptance", "key": "att.key", "value": "att.value", "output": "att.output",
+              "ffn_key": "ffn.key", "ffn_value": "ffn.value"},
+    lora_pairs=(("w1", "w2", 1), ("a1", "a2", 1), ("v1", "v2", 1), ("g1", "g2", 1)),
+    heads="r_k", ln_x="att.ln_x", constant=DECAY_SCALE, v_first=True)

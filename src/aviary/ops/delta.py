@@ -15,14 +15,12 @@ Shapes: r, k, a, b, logw [B, T, H, K]; v [B, T, H, V]; state [B, H, K, V]; all f
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
-from aviary import kernels
-from aviary._threads import all_threads
-from aviary.ops._dispatch import PARALLEL_STATE_NUMEL, pick
+from aviary.cpu import steps
+from aviary.cpu.threads import state_update_threads
+from aviary.ops._dispatch import pick
 
 
 def delta_rule_recurrent(r, logw, k, v, a, b, state):
@@ -124,10 +122,10 @@ BACKENDS = {"recurrent": delta_rule_recurrent, "chunked": delta_rule_chunked}
 def delta_rule(r, logw, k, v, a, b, state, *, backend: str = "chunked", out=None):
     """Generalised delta rule. Returns (y [B, T, H, V], state [B, H, K, V]). One token takes the fused
     `delta_rule_step` whatever the backend (tests compare it with the reference loop), or its C version
-    (`aviary.kernels`) where that runs, which writes the new state into `out` when given."""
+    (`aviary.cpu.steps`) where that runs, which writes the new state into `out` when given."""
     if r.shape[1] == 1:
-        if kernels.steps_available(state, r, logw, k, v, a, b):
-            return kernels.delta_rule_step(r, logw, k, v, a, b, state, out=out)
-        with all_threads() if state.numel() >= PARALLEL_STATE_NUMEL else nullcontext():
+        if steps.steps_available(state, r, logw, k, v, a, b):
+            return steps.delta_rule_step(r, logw, k, v, a, b, state, out=out)
+        with state_update_threads(state.numel()):
             return delta_rule_step(r, logw, k, v, a, b, state)
     return pick("delta_rule", BACKENDS, backend)(r, logw, k, v, a, b, state)

@@ -14,14 +14,12 @@ Shapes: r, k, logw [B, T, H, K]; v [B, T, H, V]; u [H, K]; state [B, H, K, V]; a
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
-from aviary import kernels
-from aviary._threads import all_threads
-from aviary.ops._dispatch import PARALLEL_STATE_NUMEL, pick
+from aviary.cpu import steps
+from aviary.cpu.threads import state_update_threads
+from aviary.ops._dispatch import pick
 
 
 def gla_recurrent(r, k, v, logw, u, state):
@@ -100,10 +98,10 @@ BACKENDS = {"recurrent": gla_recurrent, "chunked": gla_chunked}
 def gla(r, k, v, logw, u, state, *, backend: str = "chunked", out=None):
     """Gated linear attention with bonus. Returns (y [B, T, H, V], state [B, H, K, V]). One token takes
     the fused `gla_step` whatever the backend (tests compare it with the reference loop), or its C
-    version (`aviary.kernels`) where that runs, which writes the new state into `out` when given."""
+    version (`aviary.cpu.steps`) where that runs, which writes the new state into `out` when given."""
     if r.shape[1] == 1:
-        if kernels.steps_available(state, r, k, v, logw, u):
-            return kernels.gla_step(r, k, v, logw, u, state, out=out)
-        with all_threads() if state.numel() >= PARALLEL_STATE_NUMEL else nullcontext():
+        if steps.steps_available(state, r, k, v, logw, u):
+            return steps.gla_step(r, k, v, logw, u, state, out=out)
+        with state_update_threads(state.numel()):
             return gla_step(r, k, v, logw, u, state)
     return pick("gla", BACKENDS, backend)(r, k, v, logw, u, state)

@@ -16,7 +16,7 @@ share these settings; Aviary's server runs every model step on one thread.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -61,3 +61,15 @@ class all_threads:  # noqa: N801 - used like a function: `with all_threads():`
     def __exit__(self, *exc) -> None:
         if self.n:
             torch.set_num_threads(1)
+
+
+# A one-token WKV step in torch over a state of at least this many numbers (1 MiB of float32; a batch of 2
+# for an L12-D768 model's 64x64 heads) runs on all threads inside a decode step's one-thread region: a
+# batch-16 RWKV-7 step moves ~18 MB of state per layer, memory-bound on one core.
+PARALLEL_STATE_NUMEL = 1 << 18
+
+
+def state_update_threads(numel: int):
+    """The threads for a torch one-token state update of `numel` numbers: all (`all_threads`) for a big
+    state, else the current ones."""
+    return all_threads() if numel >= PARALLEL_STATE_NUMEL else nullcontext()
