@@ -764,3 +764,21 @@ def test_fused_decodes_in_two_python_threads_match_one_at_a_time():
         assert len(a) == len(b) == 10
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_products_past_the_kernels_widen_where_torch_has_no_bf16_matmul(monkeypatch):
+    """Where torch's bf16 matmul has no bf16 instructions (AVX2 CPUs), products past the C kernels' rows
+    run in float32 and are rounded once: the exact product rounded to bf16, with gradients."""
+    monkeypatch.setattr(products, "TORCH_BF16_FAST", False)
+    torch.manual_seed(2)
+    layer = Linear(64, 96, bias=False).bfloat16()
+    w = torch.randn(32, 48).bfloat16()
+    x = torch.randn(200, 64).bfloat16().requires_grad_(True)
+    y = layer(x)
+    exact = (x.detach().double() @ layer.weight.detach().double().t()).bfloat16()
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.detach().float(), exact.float(), atol=1e-2 * float(exact.float().abs().max()), rtol=0)
+    y.float().sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    h = torch.randn(100, 32).bfloat16()
+    torch.testing.assert_close(cpu.matmul(h, w).float(), (h.double() @ w.double()).float(), atol=0.05, rtol=0.02)

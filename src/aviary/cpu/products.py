@@ -36,6 +36,29 @@ MATMUL_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 PARALLEL_MIN_BYTES = 1 << 20  # weight bytes x rows below which one thread is used (docs/benchmarks.md, item 6)
 
 
+def _torch_bf16_matmul_is_fast() -> bool:
+    """Whether torch's CPU bfloat16 matmul has bf16 instructions under it (oneDNN on AVX-512). Without them
+    (AVX2 CPUs, and ONEDNN_MAX_CPU_ISA=AVX2) a 512x768 by 768x3072 bf16 product took 138 ms against 52 ms
+    in float32 and 68 ms widened to float32 first (docs/benchmarks.md), so bf16 products past the C
+    kernels' rows are widened to float32 there."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch without the check
+        return True
+
+
+TORCH_BF16_FAST = _torch_bf16_matmul_is_fast()
+
+
+def _torch_product(x: torch.Tensor, w: torch.Tensor, op) -> torch.Tensor:
+    """op(x, w) with torch (the reference path), on all threads; bfloat16 on a CPU whose torch has no bf16
+    matmul instructions is computed in float32 and rounded back (also closer to the exact product)."""
+    with all_threads():
+        if w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and not TORCH_BF16_FAST and w.is_cpu:
+            return op(x.float(), w.float()).to(torch.bfloat16)
+        return op(x, w)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, in] -> x W^T [M, out] in x's dtype (times `scale` [out] per output, for int8 W), by the C kernel.
 
@@ -100,8 +123,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if _decode_sized(x, w, rows, MATMUL_MAX_ROWS):
         y = _run(x.reshape(batch * rows, n_in), w, None, input_major=True, batch=batch)
         return y.view(*x.shape[:-1], w.shape[-1])
-    with all_threads():
-        return x @ w
+    return _torch_product(x, w, torch.matmul)
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -124,8 +146,10 @@ class Linear(nn.Linear):
         rows = x.numel() // n_in if n_in else 0
         if self.bias is None and _decode_sized(x, w, rows):
             return _run(x.reshape(rows, n_in), w, None, float_out=float_out).view(*x.shape[:-1], w.shape[0])
-        with all_threads():
-            return F.linear(x, w, self.bias)
+        if self.bias is not None:
+            with all_threads():
+                return F.linear(x, w, self.bias)
+        return _torch_product(x, w, F.linear)
 
     def kernel_weight(self) -> tuple[torch.Tensor, None] | None:
         """(weight, None) when the C kernels can run this product (see `kernel_weight`), else None."""
