@@ -2,6 +2,10 @@
  * no intrinsics, 128-bit vectors (the width every 64-bit x86 and ARM CPU has). Every CPU runs it. */
 #define SFX generic
 #define VL 4
+#if defined(__aarch64__) /* 32 vector registers: a 4 x 4 tile of the batch products (16 + 4 + 1) */
+#define TW 4
+#define TX 4
+#endif
 #define TARGET
 #include "isa_vec.h"
 #include "wkv_impl.h"

@@ -29,10 +29,16 @@ INLINE vf ld_f32(const float *p) {
     memcpy(&v, p, sizeof v);
     return v;
 }
-INLINE vf ld_bf16(const uint16_t *p) { /* bfloat16 is the top half of a float32 */
+typedef uint16_t vh2 __attribute__((vector_size(4 * VL)));
+INLINE vf ld_bf16(const uint16_t *p) { /* bfloat16 is the top half of a float32: interleave with zeros */
     vh h;
+    const vh zero = {0};
     memcpy(&h, p, sizeof h);
-    return (vf)(__builtin_convertvector(h, vu) << 16);
+#if VL == 8
+    return (vf)(vh2)__builtin_shufflevector(zero, h, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+#else
+    return (vf)(vh2)__builtin_shufflevector(zero, h, 0, 4, 1, 5, 2, 6, 3, 7);
+#endif
 }
 INLINE vf ld_i8(const int8_t *p) {
     vb b;
@@ -58,13 +64,13 @@ static inline float sc_i8(int8_t v) { return (float)v; }
  * the same way once per call (`permute_x`), so the products pair the same (weight, input) as before.
  *
  * One row of x: each output's dot product with four independent accumulators, the weights streamed
- * once in order. Several rows (a batch): tiles of 4 weight rows x 2 rows of x (8 accumulators, 4 weight
- * vectors and 1 x vector: 13 of AVX2's 16 registers) over chunks of `in` sized so that the chunk of x
- * for all rows stays in L1 while every tile of the 4 weight rows uses it; bfloat16 and int8 weights of a
- * tile are widened once per chunk into a float32 buffer (not once per pair of rows). Outputs past the
- * last multiple of 4 and inputs past the last whole block are summed one at a time. */
+ * once in order. Several rows (a batch): register tiles of TW weight rows x TX rows of x (`tile`, below)
+ * over chunks of `in` sized so that the chunk of x for all rows stays in L1 while every tile of the TW
+ * weight rows uses it; bfloat16 and int8 weights of a tile are widened once per chunk into a float32
+ * buffer (not once per tile of x rows). Outputs past the last multiple of TW and inputs past the last
+ * whole block are summed one at a time. */
 #define X_CHUNK_BYTES 16384 /* x's share of L1 */
-#define CHUNK_MAX 512       /* floats of `in` per chunk at most (the widened tile: 4 x 512 floats) */
+#define CHUNK_MAX 512       /* floats of `in` per chunk at most (the widened tile: TW x 512 floats) */
 
 INLINE void widen_f32(const float *p, vf *o) { o[0] = ld_f32(p); }
 INLINE void widen_bf16(const uint16_t *p, vf *o) {
@@ -108,35 +114,31 @@ static float *F(x_buffer)(size_t floats) {
     return buf;
 }
 
-/* acc[r * 4 + j] += sum over [0, n) of w_j * x_r, for j < 4 weight rows (stride ws) and r < R rows of x
- * (stride xs); n a multiple of VL. */
-INLINE void tile4(const float *w, int64_t ws, const float *x, int64_t xs, int64_t n, float *acc, const int R) {
-    vf c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
+/* The register tile of the batch products: TW weight rows x TX rows of x, TW * TX accumulators, TW weight
+ * vectors and one x vector live at once. 3 x 4 fills AVX2's and SSE2's 16 registers (12 + 3 + 1) and
+ * makes 7 loads per 12 multiply-adds (a 4 x 2 tile: 6 per 8); NEON's 32 registers take 4 x 4. */
+#ifndef TW
+#define TW 3
+#define TX 4
+#endif
+
+/* acc[r * TW + j] += (lane-wise) sum over [0, n) of w_j * x_r, for j < TW weight rows (stride ws) and r < R <=
+ * TX rows of x (stride xs); n a multiple of VL. The lanes are summed once per output, at the end (summing
+ * 12 vectors per chunk of 256 inputs cost ~15 % of a batch product). R is a constant where this is inlined. */
+INLINE void tile(const float *w, int64_t ws, const float *x, int64_t xs, int64_t n, vf *acc, const int R) {
+    vf c[TX][TW];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < TW; j++) c[r][j] = (vf){0};
     for (int64_t i = 0; i < n; i += VL) {
-        const vf b0 = ld_f32(w + i), b1 = ld_f32(w + ws + i), b2 = ld_f32(w + 2 * ws + i), b3 = ld_f32(w + 3 * ws + i);
-        const vf a = ld_f32(x + i);
-        c0 += a * b0;
-        c1 += a * b1;
-        c2 += a * b2;
-        c3 += a * b3;
-        if (R == 2) {
-            const vf e = ld_f32(x + xs + i);
-            d0 += e * b0;
-            d1 += e * b1;
-            d2 += e * b2;
-            d3 += e * b3;
+        vf b[TW];
+        for (int j = 0; j < TW; j++) b[j] = ld_f32(w + j * ws + i);
+        for (int r = 0; r < R; r++) {
+            const vf a = ld_f32(x + r * xs + i);
+            for (int j = 0; j < TW; j++) c[r][j] += a * b[j];
         }
     }
-    acc[0] += hsum(c0);
-    acc[1] += hsum(c1);
-    acc[2] += hsum(c2);
-    acc[3] += hsum(c3);
-    if (R == 2) {
-        acc[4] += hsum(d0);
-        acc[5] += hsum(d1);
-        acc[6] += hsum(d2);
-        acc[7] += hsum(d3);
-    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < TW; j++) acc[r * TW + j] += c[r][j];
 }
 
 /* NAME: the rows_fn for weights of type WT, widened K vectors per block of K * VL by WIDEN. */
@@ -162,15 +164,15 @@ INLINE void tile4(const float *w, int64_t ws, const float *x, int64_t xs, int64_
     TARGET static void F(NAME##_blocked)(const WT *W, const float *scale, const float *xp, const float *x,      \
                                          float *y, int64_t o0, int64_t o1, int64_t in, int64_t out, int64_t M) { \
         const int64_t B = (int64_t)(K) * VL, inB = in / B * B;                                                \
-        float wbuf[(K) > 1 ? 4 * CHUNK_MAX : 1];                                                              \
+        float wbuf[(K) > 1 ? TW * CHUNK_MAX : 1];                                                             \
         for (int64_t mb = 0; mb < M; mb += 32) {                                                              \
             const int64_t Mb = M - mb < 32 ? M - mb : 32;                                                     \
             const float *xb = xp + mb * in;                                                                   \
             int64_t chunk = X_CHUNK_BYTES / (4 * Mb) / 32 * 32; /* whole blocks */                            \
             if (chunk < 64) chunk = 64;                                                                       \
             if (chunk > CHUNK_MAX) chunk = CHUNK_MAX;                                                         \
-            for (int64_t o = o0; o < o1; o += 4) {                                                            \
-                float acc[32 * 4];                                                                            \
+            for (int64_t o = o0; o < o1; o += TW) {                                                           \
+                vf acc[32 * TW];                                                                              \
                 memset(acc, 0, sizeof acc);                                                                   \
                 const WT *w = W + o * in;                                                                     \
                 for (int64_t k0 = 0; k0 < inB; k0 += chunk) {                                                 \
@@ -178,7 +180,7 @@ INLINE void tile4(const float *w, int64_t ws, const float *x, int64_t xs, int64_
                     const float *wt;                                                                          \
                     int64_t ws;                                                                               \
                     if ((K) > 1) { /* the tile's chunk widened to float32 once, for every row of x */        \
-                        for (int j = 0; j < 4; j++)                                                           \
+                        for (int j = 0; j < TW; j++)                                                          \
                             for (int64_t i = 0; i < n; i += B) {                                              \
                                 vf wv[4];                                                                     \
                                 WIDEN(w + j * in + k0 + i, wv);                                               \
@@ -191,14 +193,19 @@ INLINE void tile4(const float *w, int64_t ws, const float *x, int64_t xs, int64_
                         ws = in;                                                                              \
                     }                                                                                         \
                     int64_t m = 0;                                                                            \
-                    for (; m + 2 <= Mb; m += 2) tile4(wt, ws, xb + m * in + k0, in, n, acc + m * 4, 2);       \
-                    if (m < Mb) tile4(wt, ws, xb + m * in + k0, in, n, acc + m * 4, 1);                        \
+                    for (; m + TX <= Mb; m += TX) tile(wt, ws, xb + m * in + k0, in, n, acc + m * TW, TX);    \
+                    switch (Mb - m) { /* 0 to 3 rows left (TX is at most 4) */                                 \
+                    case 3: tile(wt, ws, xb + m * in + k0, in, n, acc + m * TW, 3); break;                    \
+                    case 2: tile(wt, ws, xb + m * in + k0, in, n, acc + m * TW, 2); break;                    \
+                    case 1: tile(wt, ws, xb + m * in + k0, in, n, acc + m * TW, 1); break;                    \
+                    default: break;                                                                           \
+                    }                                                                                         \
                 }                                                                                             \
                 for (int64_t m = 0; m < Mb; m++) {                                                            \
                     const float *xm = x + (mb + m) * in;                                                      \
                     float *ym = y + (mb + m) * out;                                                           \
-                    for (int j = 0; j < 4; j++) {                                                             \
-                        float s = acc[m * 4 + j];                                                             \
+                    for (int j = 0; j < TW; j++) {                                                            \
+                        float s = hsum(acc[m * TW + j]);                                                      \
                         const WT *wj = w + j * in;                                                            \
                         for (int64_t i = inB; i < in; i++) s += SCALAR(wj[i]) * xm[i];                        \
                         ym[o + j] = scale ? s * scale[o + j] : s;                                             \
@@ -228,7 +235,7 @@ INLINE void tile4(const float *w, int64_t ws, const float *x, int64_t xs, int64_
         }                                                                                                     \
         int64_t o = o0;                                                                                       \
         if (M > 1) {                                                                                          \
-            o = o0 + (o1 - o0) / 4 * 4;                                                                       \
+            o = o0 + (o1 - o0) / TW * TW;                                                                     \
             F(NAME##_blocked)(W, scale, xp, x, y, o0, o, in, out, M);                                         \
         }                                                                                                     \
         for (; o < o1; o++)                                                                                   \

@@ -1,6 +1,6 @@
 /* Aviary's CPU decode kernels: the numeric core, free of Python (module.c is the only file that
- * includes Python.h), so it also builds alone (scripts/check_aarch64.sh cross-compiles it with
- * selftest.c).
+ * includes Python.h), so it also builds alone (scripts/check_c_core.sh builds it with tests/c/selftest.c,
+ * natively and cross-compiled for aarch64 under qemu).
  *
  * Files, by concern:
  *   kernels.h        this header: weight types, the per-ISA table, the WKV jobs' arguments

@@ -48,7 +48,9 @@ typedef struct {
     int64_t n, chunk, nchunks;
 } task_t;
 
-static task_t pool_task;                 /* written by the pool's holder before it publishes a job */
+static task_t pool_task;                 /* written by the pool's holder before it publishes a job; read
+                                          * only by a thread that has claimed one of its chunks */
+static _Atomic int64_t pool_nchunks;     /* pool_task.nchunks, which threads with a stale job number read */
 static _Atomic uint64_t pool_claim;      /* (job number << 32) | next unclaimed chunk */
 static atomic_int pool_done;             /* chunks of the current job finished */
 static atomic_int pool_sleepers;         /* workers asleep on pool_cv */
@@ -66,7 +68,8 @@ static int64_t now_ns(void) {
 /* Claim and run chunks of job `job` until none is left. A claim made with a stale job number fails. */
 static void run_chunks(uint32_t job) {
     uint64_t v = atomic_load(&pool_claim);
-    while ((uint32_t)(v >> 32) == job && (int64_t)(v & 0xffffffffu) < pool_task.nchunks) {
+    while ((uint32_t)(v >> 32) == job &&
+           (int64_t)(v & 0xffffffffu) < atomic_load_explicit(&pool_nchunks, memory_order_relaxed)) {
         if (atomic_compare_exchange_weak(&pool_claim, &v, v + 1)) { /* chunk (v & mask) is ours */
             int64_t lo = (int64_t)(v & 0xffffffffu) * pool_task.chunk;
             int64_t hi = lo + pool_task.chunk < pool_task.n ? lo + pool_task.chunk : pool_task.n;
@@ -149,6 +152,7 @@ static void pool_run(void (*job)(const void *, int64_t, int64_t), const void *ct
     int64_t pieces = (int64_t)n_threads * CHUNKS_PER_THREAD;
     int64_t chunk = ((n + pieces - 1) / pieces + align - 1) / align * align;
     pool_task = (task_t){job, ctx, n, chunk, (n + chunk - 1) / chunk};
+    atomic_store_explicit(&pool_nchunks, pool_task.nchunks, memory_order_relaxed); /* ordered by the publish */
     atomic_store(&pool_done, 0);
     uint32_t id = (uint32_t)(atomic_load(&pool_claim) >> 32) + 1;
     atomic_store(&pool_claim, (uint64_t)id << 32); /* publishes the job (seq_cst) */
