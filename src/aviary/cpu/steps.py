@@ -17,13 +17,13 @@ from aviary.cpu.threads import kernel_threads
 __all__ = ["delta_rule_step", "gla_step", "rwkv7_tail", "steps_available"]
 
 
-STEP_MAX_HEAD = 1024  # the C step keeps one [V] row on the stack
+STEP_MAX_HEAD = 1024  # the C steps keep one [K] and one [V] row on the stack
 PARALLEL_STEP_NUMEL = 1 << 16  # state numbers below which one thread is faster (one L12-D768 layer: 49,152)
 
 
 def steps_available(state: torch.Tensor, *xs: torch.Tensor) -> bool:
     """Whether the C WKV step can run this one-token update: float32 CPU tensors that need no gradient."""
-    if not isa.BUILT or isa.switched_off() or state.shape[-1] > STEP_MAX_HEAD:
+    if not isa.BUILT or isa.switched_off() or max(state.shape[-2:]) > STEP_MAX_HEAD:
         return False
     grad = torch.is_grad_enabled()
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and _plain(t) and not (grad and t.requires_grad)

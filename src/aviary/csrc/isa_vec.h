@@ -177,6 +177,10 @@ INLINE void tile(const float *w, int64_t ws, const float *x, int64_t xs, int64_t
                 const WT *w = W + o * in;                                                                     \
                 for (int64_t k0 = 0; k0 < inB; k0 += chunk) {                                                 \
                     const int64_t n = k0 + chunk < inB ? chunk : inB - k0;                                    \
+                    if (o + 2 * TW <= o1) /* the next tile's chunk into L2 while this one computes */          \
+                        for (int j = 0; j < TW; j++)                                                          \
+                            for (int64_t b = 0; b < n * (int64_t)sizeof(WT); b += 64)                         \
+                                __builtin_prefetch((const char *)(w + (TW + j) * in + k0) + b, 0, 2);          \
                     const float *wt;                                                                          \
                     int64_t ws;                                                                               \
                     if ((K) > 1) { /* the tile's chunk widened to float32 once, for every row of x */        \

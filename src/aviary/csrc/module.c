@@ -68,7 +68,7 @@ static PyObject *wkv_step(PyObject *self, PyObject *args) {
                           &V, &threads)) {
         return NULL;
     }
-    if (kind < 0 || kind > 1 || BH < 0 || H <= 0 || K < 0 || V < 0 || V > 1024) {
+    if (kind < 0 || kind > 1 || BH < 0 || H <= 0 || K < 0 || V < 0 || K > AVIARY_MAX_HEAD || V > AVIARY_MAX_HEAD) {
         PyErr_SetString(PyExc_ValueError, "wkv_step: bad kind or size (head sizes up to 1024)");
         return NULL;
     }

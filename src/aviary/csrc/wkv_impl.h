@@ -6,26 +6,34 @@
  * and aviary/model/v5.py ... v7.py (tests/test_kernels.py compares). */
 #include <math.h>
 
+/* One (batch, head) item of the gla step, with its decays wd = exp(logw) given: y [V] and S' [K, V]. */
+static inline __attribute__((always_inline)) void F(gla_item)(const float *r, const float *k, const float *v,
+                                                             const float *wd, const float *u, const float *S,
+                                                             float *So, float *y, int64_t K, int64_t V) {
+    float bonus = 0.0f;
+    for (int64_t i = 0; i < K; i++) bonus += r[i] * u[i] * k[i];
+    for (int64_t j = 0; j < V; j++) y[j] = bonus * v[j];
+    for (int64_t i = 0; i < K; i++) {
+        const float ri = r[i], wi = wd[i], ki = k[i];
+        const float *row = S + i * V;
+        float *out = So + i * V;
+        for (int64_t j = 0; j < V; j++) {
+            const float sj = row[j];
+            y[j] += ri * sj;
+            out[j] = wi * sj + ki * v[j];
+        }
+    }
+}
+
 TARGET static void F(gla_job)(const void *ctx, int64_t lo, int64_t hi) {
     const wkv_args *p = ctx;
     const int64_t K = p->K, V = p->V;
+    float wd[AVIARY_MAX_HEAD];
     for (int64_t bh = lo; bh < hi; bh++) {
-        const float *r = p->r + bh * K, *k = p->k + bh * K, *lw = p->logw + bh * K, *u = p->u + (bh % p->H) * K;
-        const float *v = p->v + bh * V, *S = p->S_in + bh * K * V;
-        float *So = p->S_out + bh * K * V, *y = p->y + bh * V;
-        float bonus = 0.0f;
-        for (int64_t i = 0; i < K; i++) bonus += r[i] * u[i] * k[i];
-        for (int64_t j = 0; j < V; j++) y[j] = bonus * v[j];
-        for (int64_t i = 0; i < K; i++) {
-            const float ri = r[i], wi = expf(lw[i]), ki = k[i];
-            const float *row = S + i * V;
-            float *out = So + i * V;
-            for (int64_t j = 0; j < V; j++) {
-                const float sj = row[j];
-                y[j] += ri * sj;
-                out[j] = wi * sj + ki * v[j];
-            }
-        }
+        const float *lw = p->logw + bh * K;
+        for (int64_t i = 0; i < K; i++) wd[i] = expf(lw[i]);
+        F(gla_item)(p->r + bh * K, p->k + bh * K, p->v + bh * V, wd, p->u + (bh % p->H) * K, p->S_in + bh * K * V,
+                    p->S_out + bh * K * V, p->y + bh * V, K, V);
     }
 }
 
@@ -76,19 +84,7 @@ TARGET static void F(v6_tail_job)(const void *ctx, int64_t lo, int64_t hi) {
         F(decays)(p->decay + ch, p->w_lora + row, wd, N);
         const float *S = p->S_in + b * p->S_in_stride + h * N * N;
         float *So = p->S_out + b * p->S_out_stride + h * N * N, *out = p->out + row;
-        float bonus = 0.0f;
-        for (int64_t i = 0; i < N; i++) bonus += r[i] * u[i] * k[i];
-        for (int64_t j = 0; j < N; j++) y[j] = bonus * v[j];
-        for (int64_t i = 0; i < N; i++) {
-            const float ri = r[i], wi = wd[i], ki = k[i];
-            const float *srow = S + i * N;
-            float *orow = So + i * N;
-            for (int64_t j = 0; j < N; j++) {
-                const float sj = srow[j];
-                y[j] += ri * sj;
-                orow[j] = wi * sj + ki * v[j];
-            }
-        }
+        F(gla_item)(r, k, v, wd, u, S, So, y, N, N);
         float mean, rstd;
         F(head_norm)(y, N, p->eps, &mean, &rstd);
         for (int64_t j = 0; j < N; j++) out[j] = ((y[j] - mean) * rstd * p->ln_w[ch + j] + p->ln_b[ch + j]) * g[j];
