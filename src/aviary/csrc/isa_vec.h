@@ -67,8 +67,8 @@ static inline float sc_i8(int8_t v) { return (float)v; }
  * once in order. Several rows (a batch): register tiles of TW weight rows x TX rows of x (`tile`, below)
  * over chunks of `in` sized so that the chunk of x for all rows stays in L1 while every tile of the TW
  * weight rows uses it; bfloat16 and int8 weights of a tile are widened once per chunk into a float32
- * buffer (not once per tile of x rows). Outputs past the last multiple of TW and inputs past the last
- * whole block are summed one at a time. */
+ * buffer (not once per tile of x rows). The last outputs take a narrower tile; inputs past the last whole
+ * block are summed one at a time. */
 #define X_CHUNK_BYTES 16384 /* x's share of L1 */
 #define CHUNK_MAX 512       /* floats of `in` per chunk at most (the widened tile: TW x 512 floats) */
 
@@ -122,23 +122,39 @@ static float *F(x_buffer)(size_t floats) {
 #define TX 4
 #endif
 
-/* acc[r * TW + j] += (lane-wise) sum over [0, n) of w_j * x_r, for j < TW weight rows (stride ws) and r < R <=
- * TX rows of x (stride xs); n a multiple of VL. The lanes are summed once per output, at the end (summing
- * 12 vectors per chunk of 256 inputs cost ~15 % of a batch product). R is a constant where this is inlined. */
-INLINE void tile(const float *w, int64_t ws, const float *x, int64_t xs, int64_t n, vf *acc, const int R) {
+/* acc[r * TW + j] += (lane-wise) sum over [0, n) of w_j * x_r, for j < J <= TW weight rows (stride ws) and
+ * r < R <= TX rows of x (stride xs); n a multiple of VL. The lanes are summed once per output, at the end
+ * (summing 12 vectors per chunk of 256 inputs cost ~15 % of a batch product). R and J are constants where
+ * this is inlined. */
+INLINE void tile(const float *w, int64_t ws, const float *x, int64_t xs, int64_t n, vf *acc, const int R,
+                 const int J) {
     vf c[TX][TW];
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < TW; j++) c[r][j] = (vf){0};
+        for (int j = 0; j < J; j++) c[r][j] = (vf){0};
     for (int64_t i = 0; i < n; i += VL) {
         vf b[TW];
-        for (int j = 0; j < TW; j++) b[j] = ld_f32(w + j * ws + i);
+        for (int j = 0; j < J; j++) b[j] = ld_f32(w + j * ws + i);
         for (int r = 0; r < R; r++) {
             const vf a = ld_f32(x + r * xs + i);
-            for (int j = 0; j < TW; j++) c[r][j] += a * b[j];
+            for (int j = 0; j < J; j++) c[r][j] += a * b[j];
         }
     }
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < TW; j++) acc[r * TW + j] += c[r][j];
+        for (int j = 0; j < J; j++) acc[r * TW + j] += c[r][j];
+}
+
+/* tile() for R rows of x and J (a variable) weight rows */
+INLINE void tile_rows(const float *w, int64_t ws, const float *x, int64_t xs, int64_t n, vf *acc, const int R,
+                      int J) {
+    if (J == TW) {
+        tile(w, ws, x, xs, n, acc, R, TW);
+    } else if (J == 3) {
+        tile(w, ws, x, xs, n, acc, R, 3);
+    } else if (J == 2) {
+        tile(w, ws, x, xs, n, acc, R, 2);
+    } else {
+        tile(w, ws, x, xs, n, acc, R, 1);
+    }
 }
 
 /* NAME: the rows_fn for weights of type WT, widened K vectors per block of K * VL by WIDEN. */
@@ -172,6 +188,7 @@ INLINE void tile(const float *w, int64_t ws, const float *x, int64_t xs, int64_t
             if (chunk < 64) chunk = 64;                                                                       \
             if (chunk > CHUNK_MAX) chunk = CHUNK_MAX;                                                         \
             for (int64_t o = o0; o < o1; o += TW) {                                                           \
+                const int J = o1 - o < TW ? (int)(o1 - o) : TW; /* weight rows in this tile */                 \
                 vf acc[32 * TW];                                                                              \
                 memset(acc, 0, sizeof acc);                                                                   \
                 const WT *w = W + o * in;                                                                     \
@@ -184,7 +201,7 @@ INLINE void tile(const float *w, int64_t ws, const float *x, int64_t xs, int64_t
                     const float *wt;                                                                          \
                     int64_t ws;                                                                               \
                     if ((K) > 1) { /* the tile's chunk widened to float32 once, for every row of x */        \
-                        for (int j = 0; j < TW; j++)                                                          \
+                        for (int j = 0; j < J; j++)                                                           \
                             for (int64_t i = 0; i < n; i += B) {                                              \
                                 vf wv[4];                                                                     \
                                 WIDEN(w + j * in + k0 + i, wv);                                               \
@@ -197,18 +214,18 @@ INLINE void tile(const float *w, int64_t ws, const float *x, int64_t xs, int64_t
                         ws = in;                                                                              \
                     }                                                                                         \
                     int64_t m = 0;                                                                            \
-                    for (; m + TX <= Mb; m += TX) tile(wt, ws, xb + m * in + k0, in, n, acc + m * TW, TX);    \
+                    for (; m + TX <= Mb; m += TX) tile_rows(wt, ws, xb + m * in + k0, in, n, acc + m * TW, TX, J); \
                     switch (Mb - m) { /* 0 to 3 rows left (TX is at most 4) */                                 \
-                    case 3: tile(wt, ws, xb + m * in + k0, in, n, acc + m * TW, 3); break;                    \
-                    case 2: tile(wt, ws, xb + m * in + k0, in, n, acc + m * TW, 2); break;                    \
-                    case 1: tile(wt, ws, xb + m * in + k0, in, n, acc + m * TW, 1); break;                    \
+                    case 3: tile_rows(wt, ws, xb + m * in + k0, in, n, acc + m * TW, 3, J); break;            \
+                    case 2: tile_rows(wt, ws, xb + m * in + k0, in, n, acc + m * TW, 2, J); break;            \
+                    case 1: tile_rows(wt, ws, xb + m * in + k0, in, n, acc + m * TW, 1, J); break;            \
                     default: break;                                                                           \
                     }                                                                                         \
                 }                                                                                             \
                 for (int64_t m = 0; m < Mb; m++) {                                                            \
                     const float *xm = x + (mb + m) * in;                                                      \
                     float *ym = y + (mb + m) * out;                                                           \
-                    for (int j = 0; j < TW; j++) {                                                            \
+                    for (int j = 0; j < J; j++) {                                                             \
                         float s = hsum(acc[m * TW + j]);                                                      \
                         const WT *wj = w + j * in;                                                            \
                         for (int64_t i = inB; i < in; i++) s += SCALAR(wj[i]) * xm[i];                        \
@@ -237,12 +254,11 @@ INLINE void tile(const float *w, int64_t ws, const float *x, int64_t xs, int64_t
             F(permute_x)(x, buf, M, in, (K));                                                                 \
             xp = buf;                                                                                         \
         }                                                                                                     \
-        int64_t o = o0;                                                                                       \
         if (M > 1) {                                                                                          \
-            o = o0 + (o1 - o0) / TW * TW;                                                                     \
-            F(NAME##_blocked)(W, scale, xp, x, y, o0, o, in, out, M);                                         \
+            F(NAME##_blocked)(W, scale, xp, x, y, o0, o1, in, out, M);                                        \
+            return;                                                                                           \
         }                                                                                                     \
-        for (; o < o1; o++)                                                                                   \
+        for (int64_t o = o0; o < o1; o++)                                                                     \
             for (int64_t m = 0; m < M; m++) {                                                                 \
                 const float s = F(NAME##_dot1)(W + o * in, xp + m * in, x + m * in, in);                      \
                 y[m * out + o] = scale ? s * scale[o] : s;                                                    \
