@@ -10,7 +10,9 @@ with a "text" field, or plain text): the first `--segment` tokens of evenly spac
 from a fresh state, until `--tokens` tokens. Every engine sees the same tokens. Aviary's fp32 / bf16 / int8
 run in this process; the `rwkv` pip package (`cpu fp32`, `cpu bf16`, and `cpu fp32i8` for RWKV-4/5/6) runs in
 worker processes of bench_inference.py when it is installed (`--no-pip` skips it). Each engine is compared
-with its own implementation's fp32 on the same path. Writes JSON (benchmarks/results/precision.json).
+with its own implementation's fp32 on the same path. Writes JSON (benchmarks/results/precision.json), with
+`aviary.cpu.backend_info()` ("backend") and each Aviary model's decode path ("decode_path"); AVIARY_CPU_ISA
+picks the instruction set of the C kernels.
 
 Random-weight checkpoints (what bench_inference.py uses) exaggerate every precision's error, because a random
 deep network amplifies perturbations; this benchmark is for trained checkpoints.
@@ -31,6 +33,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import backend_info, decode_path  # noqa: E402
+
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "corpus" / "valid.jsonl.xz"
 
 
@@ -118,7 +122,7 @@ def pip_logits(pth: str, strategy: str, version: int, segments, tmp: str) -> tor
 
     w = Worker(strategy, {"kind": "pip", "path": pth, "strategy": strategy, "version": version}, pip_env(version))
     try:
-        w._read()
+        w.ready()
         out = []
         for i, ids in enumerate(segments):
             p = w.ask(task="logits", tokens=ids, out=os.path.join(tmp, f"pip-{strategy.replace(' ', '_')}-{i}.pt"))
@@ -172,11 +176,16 @@ def main() -> None:
     t0 = time.perf_counter()
     results: dict = {"model": Path(path).name, "version": config.version, "text": args.text.name,
                      "positions": int(targets.numel()), "segments": len(segments), "chunk": args.chunk,
-                     "aviary": {}, "pip": {}}
+                     "backend": backend_info(), "decode_path": {"fp32": decode_path(fp32)}, "aviary": {}, "pip": {}}
+    print(f"  decode path fp32: {results['decode_path']['fp32']['summary']}", flush=True)
     ref = aviary_logits(fp32, segments, args.chunk)
     del fp32
     for name, dtype, quant in (("bf16", "bfloat16", None), ("int8", "float32", "int8")):
-        logits = aviary_logits(aviary.load(path, dtype=dtype, quantize=quant), segments, args.chunk)
+        model = aviary.load(path, dtype=dtype, quantize=quant)
+        results["decode_path"][name] = decode_path(model)
+        print(f"  decode path {name}: {results['decode_path'][name]['summary']}", flush=True)
+        logits = aviary_logits(model, segments, args.chunk)
+        del model
         results["aviary"][name] = {p: compare(logits[p], ref[p], targets) for p in ("decode", "prefill")}
         print(f"  aviary {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
     results["aviary"]["fp32 decode vs prefill"] = compare(ref["decode"], ref["prefill"], targets)
@@ -223,6 +232,9 @@ def markdown(r: dict) -> str:
         for s, e in r["pip"].items():
             lines.append(row(f"pip {s}", "decode", e))
         lines.append(row("aviary fp32 vs pip fp32", "decode", ref))
+    if r.get("decode_path"):
+        lines += ["", "Decode path of each Aviary model (`model.decode_path`):", ""]
+        lines += [f"- {name}: {p['summary']}" for name, p in r["decode_path"].items()]
     return "\n".join(lines)
 
 

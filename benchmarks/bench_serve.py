@@ -11,6 +11,10 @@ early and is counted as it is), c at a time, and reports aggregate generated tok
 p50/p99, next to c = 1, which is serving the same requests one at a time. Then it keeps `--soak-streams`
 streams open for `--soak-s` seconds and samples the server's resident memory every few seconds.
 Everything is bounded: requests per level, a wall-clock cap per level, and the soak duration.
+
+The JSON records `aviary.cpu.backend_info()` ("backend", this process: the same environment as the server's,
+AVIARY_CPU_ISA included) and the server model's decode path ("decode_path"), taken by loading the model once
+in a short-lived process with the server's threads before the server starts.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import backend_info, probe_decode_path  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -43,8 +51,14 @@ def free_port() -> int:
 
 
 def rss_mb(pid: int) -> float:
-    import psutil
-
+    """Resident memory of process `pid` in MiB (psutil, or /proc/PID/status where psutil is not installed)."""
+    try:
+        import psutil
+    except ImportError:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024  # kB
+        raise RuntimeError(f"no VmRSS for process {pid}; pip install psutil") from None
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
@@ -184,6 +198,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or write_model(tmp, args)
+        path_info = probe_decode_path(model, threads=args.threads)
+        print(f"decode path: {path_info.get('summary') or path_info.get('error')}", flush=True)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "aviary", "serve", model, "--port", str(port), "--model-name", "bench",
@@ -209,7 +225,8 @@ def main() -> int:
                        "model": os.path.basename(model) if args.model else
                        f"random RWKV-7 L{args.layers} D{args.width} vocab 65536",
                        "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
-                       "temperature": args.temperature, "rss_mb_idle": round(idle_mb, 1), "levels": []}
+                       "temperature": args.temperature, "rss_mb_idle": round(idle_mb, 1),
+                       "backend": backend_info(), "decode_path": path_info, "levels": []}
             asyncio.run(run_level(args, base, 4))  # warm-up (allocations, caches), not reported
             print(f"{'conc':>5} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'vs 1-at-a-time':>14} "
                   f"{'TTFT p50':>9} {'TTFT p99':>9} {'errors':>6}")

@@ -12,7 +12,8 @@ Peers (each skipped, with a note, when not installed; `pip install -e ".[bench]"
 
 Every peer's ids are checked against Aviary's. MB/s counts UTF-8 input bytes for encoding and output bytes
 for decoding (decoding Aviary's ids back to str); each figure is the best of --repeat passes, the peers
-interleaved within each pass so that a busy machine slows them alike. Prints a table, writes JSON.
+interleaved within each pass so that a busy machine slows them alike. Prints a table, writes JSON (with
+`aviary.cpu.backend_info()` under "backend", like every benchmark; no model is loaded, so no decode path).
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ import json
 import lzma
 import os
 import platform
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import backend_info  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -150,6 +155,7 @@ def main() -> None:
     size = {r[0]: (slice_bytes if r[2] is slice_ else n_bytes) for r in rows}
     result = {"machine": {"cpu": cpu_name(), "cores": cores,
                           "python": platform.python_version(), "load_avg": os.getloadavg()},
+              "backend": backend_info(),
               "documents": len(texts), "bytes": n_bytes, "tokens": n_tokens, "slice_bytes": slice_bytes,
               "repeat": args.repeat, "encode": {}, "encode_cpu": {}, "decode": {}, "batch": {}}
     base_enc = n_bytes / min(encode_times["aviary (c)"]) / 1e6

@@ -8,6 +8,9 @@ actually delivers, not to a datasheet.
 
     python benchmarks/bench_train.py                       # defaults: v7 L4 C256, ctx 256, batch 4
     python benchmarks/bench_train.py --threads 2 --precision bf16 --json out.json
+
+The JSON also records `aviary.cpu.backend_info()` ("backend") and the model's decode path ("decode_path", what
+a one-token step of this model would run on; training's forward and backward are torch's).
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import backend_info, decode_path  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
@@ -88,7 +96,7 @@ def main() -> None:
         "torch": torch.__version__, "config": vars(args), "parameters": model.num_parameters,
         "step_s": step_s, "tokens_per_s": tok_s, "model_gflop_per_token": flops_tok / 1e9,
         "achieved_gflops": achieved / 1e9, "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
-        "mfu": achieved / peak,
+        "mfu": achieved / peak, "backend": backend_info(), "decode_path": decode_path(model),
     }
     print(f"RWKV-{args.version} L{args.n_layer} C{args.n_embd} V{args.vocab}, ctx {args.ctx} x batch {args.batch}, "
           f"{args.precision}, {torch.get_num_threads()} threads, {model.num_parameters / 1e6:.2f}M parameters")
