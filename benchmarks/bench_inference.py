@@ -339,6 +339,12 @@ def pip_env(version: int) -> dict:
     return {"RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0", "RWKV_V7_ON": "1" if version == 7 else "0"}
 
 
+# --torch-isa avx2: torch's own kernels (oneDNN, ATen) limited to AVX2 in every torch worker (Aviary, the pip
+# package, GPT-2), so that on an AVX-512 machine the peers run as they would on an AVX2 CPU too (torch's bf16
+# matmul, for one, has no bf16 instructions there). Set by main().
+TORCH_ISA_ENV: dict = {}
+
+
 def worker_env(spec: dict, extra: dict | None = None, base: dict | None = None) -> dict:
     """The environment of a worker: this one's, 2 OpenMP threads, the pip package's switches, and for an
     Aviary worker AVIARY_CPU_ISA=spec["isa"] (removed when the spec has none: the best the CPU runs)."""
@@ -353,6 +359,8 @@ def worker_env(spec: dict, extra: dict | None = None, base: dict | None = None) 
             env[ISA_ENV] = spec["isa"]
     elif spec.get("kind") == "pip":
         env.update(pip_env(spec["version"]))
+    if spec.get("kind") != "llama.cpp":
+        env.update(TORCH_ISA_ENV)
     env.update(extra or {})
     return env
 
@@ -885,6 +893,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--isa", choices=ISAS, type=str.lower, default=None,
                     help=f"run every Aviary worker with {ISA_ENV}=ISA (default: this environment's {ISA_ENV}; "
                          "unset, the best this CPU runs)")
+    ap.add_argument("--torch-isa", choices=("avx2",), default=None,
+                    help="limit torch's own kernels to AVX2 in every torch worker (ONEDNN_MAX_CPU_ISA=AVX2, "
+                         "ATEN_CPU_CAPABILITY=avx2): with --isa avx2, an AVX-512 machine runs Aviary and its torch "
+                         "peers as an AVX2 CPU would")
     ap.add_argument("--extra-isas", default="generic",
                     help="comma-separated instruction sets of extra 'aviary fp32 ISA' engines, single-stream "
                          "decode only (default: generic, the portable C path; '' for none)")
@@ -927,6 +939,8 @@ def set_isa(args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     set_isa(args)
+    if args.torch_isa == "avx2":
+        TORCH_ISA_ENV.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
 
     import torch
     from _common import backend_info
@@ -960,7 +974,8 @@ def main(argv=None) -> None:
                                                          "cores": os.cpu_count(), "omp_wait_policy": OMP_WAIT_POLICY},
                          "backend": backend_info(),
                          "isa": {"workers": args.isa or f"{args.best_isa} (best; {ISA_ENV} unset)",
-                                 "forced": args.isa, "extra": [x for x in args.extra_isas.split(",") if x]},
+                                 "forced": args.isa, "extra": [x for x in args.extra_isas.split(",") if x],
+                                 "torch_workers": dict(TORCH_ISA_ENV) or None},
                          "skipped": skipped}
 
         def save() -> None:
