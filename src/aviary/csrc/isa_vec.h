@@ -29,15 +29,22 @@ INLINE vf ld_f32(const float *p) {
     memcpy(&v, p, sizeof v);
     return v;
 }
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define HAVE_SHUFFLEVECTOR 1 /* GCC 11 and older have only __builtin_shuffle, for same-length vectors */
+#endif
 typedef uint16_t vh2 __attribute__((vector_size(4 * VL)));
-INLINE vf ld_bf16(const uint16_t *p) { /* bfloat16 is the top half of a float32: interleave with zeros */
+INLINE vf ld_bf16(const uint16_t *p) { /* bfloat16 is the top half of a float32 */
     vh h;
-    const vh zero = {0};
     memcpy(&h, p, sizeof h);
+#if defined(HAVE_SHUFFLEVECTOR) /* interleaved with zeros: one zip / punpck */
+    const vh zero = {0};
 #if VL == 8
     return (vf)(vh2)__builtin_shufflevector(zero, h, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
 #else
     return (vf)(vh2)__builtin_shufflevector(zero, h, 0, 4, 1, 5, 2, 6, 3, 7);
+#endif
+#else
+    return (vf)(__builtin_convertvector(h, vu) << 16);
 #endif
 }
 INLINE vf ld_i8(const int8_t *p) {
@@ -47,8 +54,10 @@ INLINE vf ld_i8(const int8_t *p) {
 }
 INLINE void st_f32(float *p, vf v) { memcpy(p, &v, sizeof v); }
 INLINE float hsum(vf v) {
-#if VL == 8
+#if VL == 8 && defined(HAVE_SHUFFLEVECTOR)
     v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+#elif VL == 8
+    v = v + __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3});
 #endif
     return (v[0] + v[2]) + (v[1] + v[3]);
 }
@@ -148,7 +157,7 @@ INLINE void tile_rows(const float *w, int64_t ws, const float *x, int64_t xs, in
                       int J) {
     if (J == TW) {
         tile(w, ws, x, xs, n, acc, R, TW);
-    } else if (J == 3) {
+    } else if (TW > 3 && J == 3) {
         tile(w, ws, x, xs, n, acc, R, 3);
     } else if (J == 2) {
         tile(w, ws, x, xs, n, acc, R, 2);
