@@ -5,6 +5,7 @@
 #define SFX avx2
 #define VL 8
 #define TARGET __attribute__((target("avx2,fma")))
+#define AVX2_I8_INSTRUCTIONS /* int8 widened by vpmovsxbd (measured faster than isa_vec.h's shifts, docs/cpu.md) */
 #include "isa_vec.h"
 #include "wkv_impl.h"
 

@@ -98,6 +98,14 @@ INLINE void widen_i8(const int8_t *p, vf *o) {
     o[3] = lane_i8(v, 0);
 }
 
+#ifdef AVX2_I8_INSTRUCTIONS /* isa_avx2.c: 8 bytes sign-extended by one instruction (vpmovsxbd), in order */
+#include <immintrin.h>
+INLINE void widen_i8_in_order(const int8_t *p, vf *o) {
+    for (int k = 0; k < 4; k++)
+        o[k] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(p + 8 * k))));
+}
+#endif
+
 /* xp[m, i + k VL + j] = x[m, i + j K + k] for every whole block [i, i + K VL) of a row; the rest as it is. */
 static void F(permute_x)(const float *x, float *xp, int64_t M, int64_t in, int K) {
     const int64_t B = (int64_t)K * VL, inB = in / B * B;
@@ -166,8 +174,9 @@ INLINE void tile_rows(const float *w, int64_t ws, const float *x, int64_t xs, in
     }
 }
 
-/* NAME: the rows_fn for weights of type WT, widened K vectors per block of K * VL by WIDEN. */
-#define DEFINE_ROWS(NAME, WT, K, WIDEN, SCALAR)                                                               \
+/* NAME: the rows_fn for weights of type WT, widened K vectors per block of K * VL by WIDEN, in the
+ * permuted order when PERMUTED (x is then permuted to match), else in the weights' own order. */
+#define DEFINE_ROWS(NAME, WT, K, WIDEN, SCALAR, PERMUTED)                                                               \
     /* w . x over [0, inB) (xp: x permuted) plus the rest [inB, in) one at a time (x as it is) */             \
     TARGET static float F(NAME##_dot1)(const WT *w, const float *xp, const float *x, int64_t in) {             \
         const int64_t B = (int64_t)(K) * VL, inB = in / B * B;                                                \
@@ -249,7 +258,7 @@ INLINE void tile_rows(const float *w, int64_t ws, const float *x, int64_t xs, in
                                int64_t o1, int64_t in, int64_t out, int64_t M) {                              \
         const WT *W = (const WT *)wp;                                                                         \
         const float *xp = x;                                                                                  \
-        if ((K) > 1) {                                                                                        \
+        if (PERMUTED) {                                                                                       \
             float *buf = F(x_buffer)((size_t)(M * in));                                                       \
             if (buf == NULL) { /* no memory for the permuted copy: one weight at a time */                   \
                 for (int64_t o = o0; o < o1; o++)                                                             \
@@ -274,9 +283,13 @@ INLINE void tile_rows(const float *w, int64_t ws, const float *x, int64_t xs, in
             }                                                                                                 \
     }
 
-DEFINE_ROWS(rows_f32, float, 1, widen_f32, sc_f32)
-DEFINE_ROWS(rows_bf16, uint16_t, 2, widen_bf16, aviary_bf16_to_f32)
-DEFINE_ROWS(rows_i8, int8_t, 4, widen_i8, sc_i8)
+DEFINE_ROWS(rows_f32, float, 1, widen_f32, sc_f32, 0)
+DEFINE_ROWS(rows_bf16, uint16_t, 2, widen_bf16, aviary_bf16_to_f32, 1)
+#ifdef AVX2_I8_INSTRUCTIONS
+DEFINE_ROWS(rows_i8, int8_t, 4, widen_i8_in_order, sc_i8, 0)
+#else
+DEFINE_ROWS(rows_i8, int8_t, 4, widen_i8, sc_i8, 1)
+#endif
 
 /* ---- W [in, out] ----------------------------------------------------------------------------------------
  * Tiles of 32 outputs (4 vectors) x 2 rows of x: each step of i widens 4 weight vectors once and
