@@ -782,3 +782,28 @@ def test_bf16_products_past_the_kernels_widen_where_torch_has_no_bf16_matmul(mon
     assert x.grad is not None and layer.weight.grad is not None
     h = torch.randn(100, 32).bfloat16()
     torch.testing.assert_close(cpu.matmul(h, w).float(), (h.double() @ w.double()).float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
+def test_bf16_prefill_runs_in_float32_where_torch_has_no_bf16_matmul(version, monkeypatch):
+    """Without torch bf16 instructions (AVX2 CPUs) a bf16 model's prefill runs in float32 activations: close
+    to a float32 model holding the same bf16-rounded weights (RWKV-6/7 to float32 rounding; RWKV-4/5 compute
+    a few parameter-only terms such as exp(time_decay) in bf16, measured up to 0.014), and a state the
+    decode continues."""
+    monkeypatch.setattr(products, "TORCH_BF16_FAST", False)
+    sd = random_state_dict(random_config(version, n_layer=2, n_embd=128, vocab_size=300))
+    rounded = {k: t.bfloat16().float() for k, t in sd.items()}
+    ref_model = model_from_state_dict(rounded)
+    model = model_from_state_dict(rounded).bfloat16()
+    toks = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, ref_state = ref_model(toks)
+        out, state = model(toks)
+        tol = 2e-4 if version >= 6 else 3e-2
+        torch.testing.assert_close(out, ref, atol=tol, rtol=1e-4)
+        torch.testing.assert_close(state.wkv, ref_state.wkv, atol=tol, rtol=1e-4)
+        torch.testing.assert_close(state.shift, ref_state.shift, atol=tol, rtol=1e-4)
+        step, _ = model(toks[:, :1], state)  # the decode goes on from it (C blocks or torch)
+        ref_step, _ = ref_model(toks[:, :1], ref_state)
+    assert out.dtype == torch.float32 and bool(torch.isfinite(step).all())
+    torch.testing.assert_close(step, ref_step, atol=0.1, rtol=0.05)  # the step itself computes in bf16 products

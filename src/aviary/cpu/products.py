@@ -51,11 +51,14 @@ TORCH_BF16_FAST = _torch_bf16_matmul_is_fast()
 
 
 def _torch_product(x: torch.Tensor, w: torch.Tensor, op) -> torch.Tensor:
-    """op(x, w) with torch (the reference path), on all threads; bfloat16 on a CPU whose torch has no bf16
-    matmul instructions is computed in float32 and rounded back (also closer to the exact product)."""
+    """op(x, w) with torch (the reference path), on all threads. bfloat16 weights on a CPU whose torch has
+    no bf16 matmul instructions are widened to float32 for the product, which is rounded back to x's dtype
+    (bfloat16 x: also closer to the exact product; float32 x: a bf16 model's prefill in float32
+    activations, RWKV._run)."""
     with all_threads():
-        if w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and not TORCH_BF16_FAST and w.is_cpu:
-            return op(x.float(), w.float()).to(torch.bfloat16)
+        if w.dtype == torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and not TORCH_BF16_FAST \
+                and w.is_cpu:
+            return op(x.float(), w.float()).to(x.dtype)
         return op(x, w)
 
 

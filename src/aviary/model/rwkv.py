@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aviary.config import ModelConfig
-from aviary.cpu import DecodePath, Linear, decode_path, isa
+from aviary.cpu import DecodePath, Linear, decode_path, isa, products
 from aviary.cpu.blocks import decode_blocks
 from aviary.cpu.threads import small_ops_on_one_thread
 from aviary.ops import BACKENDS
@@ -45,6 +45,18 @@ def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return torch.cat([prev[:, None].to(x.dtype), x[:, :-1]], dim=1)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state dict) that also normalises an input of another float dtype
+    than its parameters, which it then casts: a bfloat16 model's prefill runs in float32 activations where
+    torch has no bf16 instructions (see RWKV._run)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype:
+            w, b = w.to(x.dtype), b.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
 class Block(nn.Module):
     """Pre-LayerNorm residual block: time-mix then channel-mix."""
 
@@ -52,9 +64,9 @@ class Block(nn.Module):
         super().__init__()
         C = config.n_embd
         if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C)
-        self.ln1 = nn.LayerNorm(C)
-        self.ln2 = nn.LayerNorm(C)
+            self.ln0 = LayerNorm(C)
+        self.ln1 = LayerNorm(C)
+        self.ln2 = LayerNorm(C)
         self.att = arch.TimeMix(config, layer_id)
         self.ffn = arch.ChannelMix(config, layer_id)
 
@@ -88,7 +100,7 @@ class RWKV(nn.Module):
         C, V = config.n_embd, config.vocab_size
         self.emb = nn.Embedding(V, C)
         self.blocks = nn.ModuleList(Block(config, i, self.arch) for i in range(config.n_layer))
-        self.ln_out = nn.LayerNorm(C)
+        self.ln_out = LayerNorm(C)
         self.head = Linear(C, V, bias=False)
         self.backend = backend
         self.rescale_every = 0  # fp16 trick for v4-v6: halve x every N layers (see apply_rescale)
@@ -174,8 +186,14 @@ class RWKV(nn.Module):
 
     def _run(self, tokens, state, backend, last_only, inplace):
         x = self.emb(tokens.to(self.emb.weight.device))  # [B, T, C]
-        x = self.blocks[0].ln0(x)
         training = torch.is_grad_enabled()
+        if x.dtype == torch.bfloat16 and tokens.shape[1] > 1 and not training and x.is_cpu \
+                and not products.TORCH_BF16_FAST:
+            # torch has no bf16 instructions on this CPU (AVX2): every bf16 op would convert on the fly, and
+            # the conversions made a 512-token prefill 1.2x the float32 one. Activations run in float32 (the
+            # bf16 weights are widened per product); the logits are float32 anyway (docs/benchmarks.md)
+            x = x.float()
+        x = self.blocks[0].ln0(x)
         if inplace:  # layer i's slice is read (inside block) before it is overwritten
             shift_out, wkv_out = state.shift, state.wkv
         elif training:  # plain tensors (FSDP warns about returning views)
