@@ -30,6 +30,12 @@ def bench():
     return _load("bench_inference")
 
 
+@pytest.fixture(autouse=True)
+def no_forced_isa(monkeypatch):
+    """The tests set AVIARY_CPU_ISA themselves where they need it (the benchmark reads it as its default)."""
+    monkeypatch.delenv("AVIARY_CPU_ISA", raising=False)
+
+
 @pytest.fixture(scope="module")
 def peer():
     return _load("llamacpp_peer")
