@@ -225,19 +225,6 @@ static void test_rows(const isa_table *t, int wt, int transposed, int64_t out, i
 
 /* A product split the way the Python module splits it: [o0, o1) in multiples of 16 outputs, on 2 threads
  * (aviary_parallel), or serially in uneven pieces (threads = 0). */
-typedef struct {
-    rows_fn fn;
-    const void *w;
-    const float *scale, *x;
-    float *y;
-    int64_t in, out, M;
-} linear_args;
-
-static void linear_job(const void *ctx, int64_t lo, int64_t hi) {
-    const linear_args *a = ctx;
-    a->fn(a->w, a->scale, a->x, a->y, lo, hi, a->in, a->out, a->M);
-}
-
 static void test_split(const isa_table *t, int wt, int transposed, int64_t out, int64_t in, int64_t M, int threads) {
     const rows_fn fn = transposed ? t->rows_t[wt] : t->rows[wt];
     if (fn == NULL) return;
@@ -249,11 +236,11 @@ static void test_split(const isa_table *t, int wt, int transposed, int64_t out, 
     obuf y = obuf_new(M * out, 0);
     linear_args a = {fn, c.w, c.scale, c.x, y.p, in, out, M};
     if (threads) {
-        aviary_parallel(linear_job, &a, out, 16, threads);
+        aviary_parallel(aviary_linear_job, &a, out, 16, threads);
     } else { /* pieces [0, 16), [16, 48), [48, ...) in reverse order */
         const int64_t cut[] = {0, 16 < out ? 16 : out, 48 < out ? 48 : out, out};
         for (int i = 2; i >= 0; i--)
-            if (cut[i] < cut[i + 1]) linear_job(&a, cut[i], cut[i + 1]);
+            if (cut[i] < cut[i + 1]) aviary_linear_job(&a, cut[i], cut[i + 1]);
     }
     check(what, y.p, c.ref, M * out, RTOL);
     check_guards(what, &y);

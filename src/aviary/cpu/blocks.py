@@ -110,6 +110,12 @@ def _gather_plan(record: BlockRecord) -> tuple:
     return tuple(plan)
 
 
+@cache
+def _heads_index(record: BlockRecord) -> int:
+    """The position of `record.heads` among the gathered tensors (the C field order)."""
+    return _kernels.BLOCK_FIELDS[record.version].index(record.heads)
+
+
 def _gather(record: BlockRecord, block: nn.Module) -> list | None:
     """The block's tensors in the C field order up to x_in, or None if a product has no kernel. Reads
     module._modules / _parameters directly: this runs for every layer of every step."""
@@ -221,7 +227,7 @@ def _run(record: BlockRecord, blocks, x: torch.Tensor, v_first: torch.Tensor | N
             return None
         plans.append(plan)
         (_, F_, ranks, wtypes), ptrs, _ = plan
-        H = C if record.heads is None else params[_kernels.BLOCK_FIELDS[record.version].index(record.heads)].shape[0]
+        H = C if record.heads is None else params[_heads_index(record)].shape[0]
         if C % H or C // H > STEP_MAX_HEAD:
             return None
         row = record.state_row(C, H)
@@ -288,6 +294,6 @@ def why_not(record: BlockRecord, blocks) -> str | None:
         params = _gather(record, block)
         if params is None:
             return "a product has no C kernel (a plain nn.Linear, a bias, or int8 set to torch's kernel)"
-        if _block_plan(dict(zip(_kernels.BLOCK_FIELDS[record.version], params, strict=False)), record) is None:
+        if _plan(record, params, block.__dict__.setdefault("_decode_cache", {})) is None:  # the decode's own cache
             return "parameters the C blocks do not take (dtype, layout or sizes)"
     return None

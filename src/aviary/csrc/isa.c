@@ -27,3 +27,8 @@ void aviary_isa_init(void) {
             return;
         }
 }
+
+void aviary_linear_job(const void *ctx, int64_t o0, int64_t o1) {
+    const linear_args *a = ctx;
+    a->fn(a->w, a->scale, a->x, a->y, o0, o1, a->in, a->out, a->M);
+}

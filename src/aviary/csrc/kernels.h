@@ -102,6 +102,16 @@ typedef struct {
     float eps, decay_scale;
 } v7_args;
 
+/* One product as a parallel job: aviary_linear_job(ctx, o0, o1) computes outputs [o0, o1) (isa.c). */
+typedef struct {
+    rows_fn fn;
+    const void *w;
+    const float *scale, *x;
+    float *y;
+    int64_t in, out, M;
+} linear_args;
+void aviary_linear_job(const void *ctx, int64_t o0, int64_t o1);
+
 /* ---- threads (threads.c) ---------------------------------------------------------------------------- */
 /* Run job(ctx, 0, n) on up to `threads` threads, in chunks that are multiples of `align`. */
 void aviary_parallel(job_fn job, const void *ctx, int64_t n, int64_t align, int threads);

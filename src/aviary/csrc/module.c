@@ -1,24 +1,11 @@
 /* The Python module `aviary._kernels`: argument parsing and the GIL around the numeric core (the other
- * files of csrc/, which never include Python.h). Called from `aviary.kernels` with raw data pointers of
+ * files of csrc/, which never include Python.h). Called from `aviary.cpu` with raw data pointers of
  * contiguous CPU tensors whose dtypes and shapes the Python side has checked: this module trusts them. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdlib.h>
 
 #include "kernels.h"
-
-typedef struct {
-    rows_fn fn;
-    const void *w;
-    const float *scale, *x;
-    float *y;
-    int64_t in, out, M;
-} linear_args;
-
-static void linear_job(const void *ctx, int64_t o0, int64_t o1) {
-    const linear_args *a = ctx;
-    a->fn(a->w, a->scale, a->x, a->y, o0, o1, a->in, a->out, a->M);
-}
 
 static PyObject *linear(PyObject *self, PyObject *args) {
     unsigned long long pw, ps, px, py;
@@ -49,7 +36,7 @@ static PyObject *linear(PyObject *self, PyObject *args) {
         const float *xb = x + b * M * in, *sb = scale ? scale + b * out : NULL;
         float *yb = y + b * M * out;
         linear_args a = {fn, wb, sb, xb, yb, in, out, M};
-        aviary_parallel(linear_job, &a, out, 16, out >= 64 ? threads : 1); /* whole 16-row blocks per thread */
+        aviary_parallel(aviary_linear_job, &a, out, 16, out >= 64 ? threads : 1); /* whole 16-row blocks per thread */
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
