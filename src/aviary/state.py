@@ -114,25 +114,63 @@ class RWKVState:
         return RWKVState(first.version, cat([s.shift for s in states]), cat([s.wkv for s in states]))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write to a safetensors file (atomically: a temporary file, then a rename)."""
+        """Write to a safetensors file (atomically: a temporary file, then a rename). Errors are OSErrors
+        naming the path, and nothing is left behind; an existing path that is not a regular file (a device,
+        a FIFO, a directory) is refused rather than replaced by the rename."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"cannot save the state to {path}: it is a directory; name a file")
+        if path.exists() and not path.is_file():
+            raise OSError(f"cannot save the state to {path}: not a regular file (a device or a pipe?)")
         tmp = path.with_name(path.name + ".tmp")
         meta = {"format": "aviary-state", "version": str(self.version)}
-        save_file({"shift": self.shift.contiguous().cpu(), "wkv": self.wkv.contiguous().cpu()}, str(tmp),
-                  metadata=meta)
-        os.replace(tmp, path)
+        try:
+            save_file({"shift": self.shift.contiguous().cpu(), "wkv": self.wkv.contiguous().cpu()}, str(tmp),
+                      metadata=meta)
+            os.replace(tmp, path)
+        except SafetensorError as e:  # safetensors reports I/O errors as its own type, which is no OSError
+            tmp.unlink(missing_ok=True)
+            why = "no such directory" if not path.parent.is_dir() else str(e)
+            raise OSError(f"cannot save the state to {path}: {why}") from e
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"cannot save the state to {path}: {e.strerror or e}") from e
 
     @staticmethod
     def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> RWKVState:
+        """Read a file written by `save`. Every way a file can be wrong is a StateError naming it: not an
+        Aviary state, no or a bad `version`, missing tensors, tensors that are not floating point, or
+        values that are not finite (a NaN state makes every later logit NaN). Floating tensors of
+        another precision are converted to float32, the precision of every state."""
         from safetensors import SafetensorError, safe_open
 
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != "aviary-state":
                     raise StateError(f"{path}: not an Aviary state file (metadata {json.dumps(meta)})")
-                return RWKVState(int(meta["version"]), f.get_tensor("shift"), f.get_tensor("wkv"))
+                try:
+                    version = int(meta["version"])
+                except KeyError:
+                    raise StateError(f"{path}: the state file's metadata has no 'version'") from None
+                except ValueError:
+                    raise StateError(f"{path}: the state file's 'version' {meta['version']!r} is not a "
+                                     "number") from None
+                missing = {"shift", "wkv"} - set(f.keys())
+                if missing:
+                    raise StateError(f"{path}: the state file has no {', '.join(sorted(missing))} tensor")
+                tensors = {name: f.get_tensor(name) for name in ("shift", "wkv")}
         except (SafetensorError, OSError) as e:
             raise StateError(f"{path}: cannot read state file: {e}") from e
+        for name, t in tensors.items():
+            if not t.is_floating_point():
+                raise StateError(f"{path}: the state's {name} tensor is {t.dtype}; a state is float32")
+            if not bool(torch.isfinite(t).all()):
+                raise StateError(f"{path}: the state's {name} tensor holds NaN or Inf values")
+        try:
+            return RWKVState(version, tensors["shift"].float().to(device), tensors["wkv"].float().to(device))
+        except StateError as e:
+            raise StateError(f"{path}: {e}") from None

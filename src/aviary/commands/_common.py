@@ -82,6 +82,8 @@ def load_model(args: argparse.Namespace, model: str | None):
 def load_start_state(model, path: str, device: str = "cpu"):
     """An Aviary state file -> that state; a state-tuning file -> None, after making its time_state the
     model's initial state (so every new sequence starts from it)."""
+    import torch
+
     from aviary.io import CheckpointError, read_time_state
     from aviary.state import RWKVState, StateError
 
@@ -93,6 +95,9 @@ def load_start_state(model, path: str, device: str = "cpu"):
         except CheckpointError as not_official:
             raise StateError(f"{path}: neither an Aviary state file ({not_ours}) nor a state-tuning file "
                              f"({not_official})") from None
+        if not wkv.is_floating_point() or not bool(torch.isfinite(wkv).all()):
+            why = f"is {wkv.dtype}" if not wkv.is_floating_point() else "holds NaN or Inf values"
+            raise StateError(f"{path}: the state-tuning file's time_state {why}") from None
         try:
             model.set_initial_state(wkv.float().transpose(-1, -2).to(device))  # official [H, V, K] -> [H, K, V]
         except StateError as e:

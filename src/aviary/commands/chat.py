@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import traceback
 
 from aviary.commands._common import (
     add_model_arguments,
@@ -67,10 +68,15 @@ class Chat:
         message = " ".join(message.strip().split("\n\n"))  # a blank line would end the user's turn early
         text = ("\n\n" if self.needs_separator else "") + f"{self.user}: {message}\n\n{self.assistant}:"
         seq = self.engine.add(text, self.params, state=self.state)
-        while self.engine.has_work:
-            for _, piece in self.engine.step():
-                out.write(piece)
-                out.flush()
+        try:
+            while self.engine.has_work:
+                for _, piece in self.engine.step():
+                    out.write(piece)
+                    out.flush()
+        except BaseException:  # Ctrl-C or an error mid-reply: drop the reply, keep the state from before it
+            self.engine.cancel(seq)
+            out.write("\n")
+            raise
         out.write("\n")
         # the state after every token that was fed back; a reply cut by the "\n\n" stop string already
         # ends with that blank line, anything else needs one before the next turn
@@ -96,7 +102,9 @@ class Chat:
             parsed = int(value)
         else:
             parsed = float(value)
-        self.params = dataclasses.replace(self.params, **{name: parsed})
+        params = dataclasses.replace(self.params, **{name: parsed})  # validates the values
+        params.check_vocab(self.engine.vocab_size)  # ids the model has: caught now, not at the next message
+        self.params = params
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
                 elif command == "/reset":
                     chat.reset()
                     print("(conversation reset)")
+                elif command in ("/save", "/load") and not rest:
+                    raise ValueError(f"use {command} FILE")
                 elif command == "/save":
                     (chat.state or model.init_state(1)).save(rest)
                     print(f"(state saved to {rest})")
@@ -146,6 +156,20 @@ def run(args: argparse.Namespace) -> int:
                     raise ValueError(f"unknown command {command}; /help lists them")
             except (ValueError, OSError) as e:
                 print(f"error: {e}", file=sys.stderr)
+            except Exception:  # a bug: reported in full, and the conversation goes on
+                traceback.print_exc()
+                print(f"error: {command} failed (the traceback above is a bug; please report it)", file=sys.stderr)
             continue
         print(f"{args.assistant}:", end="", flush=True)
-        chat.turn(line)
+        # Whatever goes wrong in one reply, the conversation (its state) survives: the turn either completes
+        # or leaves chat.state as it was, and the user can go on, /save it, or /quit.
+        try:
+            chat.turn(line)
+        except KeyboardInterrupt:
+            print("(reply interrupted; the conversation continues from before your message)", file=sys.stderr)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+        except Exception:  # a bug, reported in full, but not at the price of the conversation
+            traceback.print_exc()
+            print("error: the reply failed (the traceback above is a bug; please report it); the conversation "
+                  "continues from before your message, /save keeps it", file=sys.stderr)

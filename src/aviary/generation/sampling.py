@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 __all__ = ["Penalties", "SamplingParams", "sample", "sample_batch"]
+
+NONFINITE_LOGITS = ("the model's logits are NaN or +Inf, so what it generates is meaningless (often nothing): "
+                    "its weights or its starting state hold NaN/Inf values or overflow in this precision")
 
 # a generated token whose text is one of these (or a run of them, the reference's `in` test on a
 # string) does not add to its frequency count
@@ -154,6 +158,8 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
     other rows (a batch gives the same tokens as its rows one by one).
     """
     B, V = logits.shape
+    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):  # -inf is a banned token, not a fault
+        warnings.warn(NONFINITE_LOGITS, RuntimeWarning, stacklevel=2)
     picks = [0] * B
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:

@@ -143,6 +143,9 @@ class RWKV(nn.Module):
         cfg = self.config
         if state.version != cfg.version:
             raise StateError(f"state is for RWKV-{state.version}, this model is RWKV-{cfg.version}")
+        if state.shift.dtype != torch.float32 or state.wkv.dtype != torch.float32:
+            raise StateError(f"state tensors are {state.shift.dtype} / {state.wkv.dtype}; a state is float32 "
+                             "(RWKVState.load converts a file's floating tensors)")
         want_shift = (batch_size, cfg.n_layer, 2, cfg.n_embd)
         want_wkv = (batch_size, cfg.n_layer, *self.arch.wkv_shape(cfg))
         if tuple(state.shift.shape) != want_shift or tuple(state.wkv.shape) != want_wkv:
