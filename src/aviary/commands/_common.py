@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +41,21 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 20
     group.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
 
 
+_ESCAPE = re.compile(r"\\(?:([\\nrt0])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
+_SIMPLE = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t", "0": "\0"}
+
+
 def unescape(text: str) -> str:
-    """`\\n` typed on a command line -> a newline (and the other Python escapes)."""
-    return text.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+    """`\\n` typed on a command line -> a newline. Understood: \\n \\r \\t \\0 \\\\ \\xHH \\uHHHH
+    \\UHHHHHHHH; anything else (an unknown escape, a surrogate) stays as typed, so `C:\\xfiles` is no error."""
+    def one(m: re.Match) -> str:
+        simple, *hexes = m.groups()
+        if simple:
+            return _SIMPLE[simple]
+        code = int(next(h for h in hexes if h), 16)
+        return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else m.group(0)  # no surrogates
+
+    return _ESCAPE.sub(one, text)
 
 
 def sampling_params(args: argparse.Namespace, **fixed):
