@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import json
+import lzma
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +97,77 @@ def test_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["tokenize", "encode", str(tmp_path / "missing.txt")]) == 2
     assert main(["tokenize", "encode", "--tokenizer", "gpt2", str(bad)]) == 2
     assert "unknown tokenizer" in capsys.readouterr().err
+
+
+# --- hostile and malformed input (issue 14): one line naming the file, exit 2, no partial output -------------
+
+
+def _jsonl_bytes(n: int = 3000) -> bytes:
+    return "".join(json.dumps({"text": f"document {i} " + "x" * (i % 97)}) + "\n" for i in range(n)).encode()
+
+
+@pytest.mark.parametrize("suffix, compress", [(".gz", gzip.compress), (".xz", lzma.compress), (".bz2", bz2.compress)])
+def test_truncated_or_corrupt_compressed_input(tmp_path, capsys, suffix, compress):
+    full = compress(_jsonl_bytes())
+    for name, data in (("cut", full[: len(full) // 2]), ("junk", full[:4] + b"\x00" * 64 + full[68:])):
+        path = tmp_path / f"{name}.jsonl{suffix}"
+        path.write_bytes(data)
+        assert main(["tokenize", "encode", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: not a readable {suffix} file (truncated or corrupt?)" in err and len(err.splitlines()) == 1
+
+
+def test_binary_ids_file_names_file_and_line(tmp_path, capsys):
+    path = tmp_path / "ids.txt"
+    path.write_bytes(b"1 2 3\n\xff\xfe\x00\x01 7\n")
+    assert main(["tokenize", "decode", str(path)]) == 2
+    assert f"{path}:2: cannot read token ids" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line", ["[true, 5]", "[1.0]", "[" * 100_000, "5 x"])
+def test_bad_id_lines_are_one_line_errors(tmp_path, capsys, line):
+    path = tmp_path / "ids.txt"
+    path.write_text("33 34\n" + line + "\n", encoding="utf-8")
+    assert main(["tokenize", "decode", str(path)]) == 2
+    assert f"{path}:2: cannot read token ids" in capsys.readouterr().err
+
+
+def test_binary_vocabulary_file_is_named(tmp_path, text_file, capsys):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_bytes(b"\xff\xfe1 'a' 1\n")
+    assert main(["tokenize", "encode", "--tokenizer", str(vocab), str(text_file)]) == 2
+    assert f"{vocab}:1: not a UTF-8 text file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokenizer", ["world", "20b"])
+def test_jsonl_with_a_lone_surrogate_names_file_and_line(tmp_path, capsys, tokenizer):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "a\\ud800b"}\n', encoding="utf-8")
+    assert main(["tokenize", "encode", "--tokenizer", tokenizer, str(path)]) == 2
+    assert f"{path}:2: field 'text' has a lone surrogate '\\ud800' at character 1" in capsys.readouterr().err
+
+
+def test_decode_output_appears_only_when_complete(tmp_path, capsys):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("33 34 35\n1 2 70000\n", encoding="utf-8")
+    out = tmp_path / "out.bin"
+    assert main(["tokenize", "decode", str(ids), "-o", str(out)]) == 2
+    assert "ids.txt:2: token id 70000" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt"]  # no partial out.bin, no .tmp left
+    out.write_bytes(b"previous")
+    assert main(["tokenize", "decode", str(ids), "-o", str(out)]) == 2
+    assert out.read_bytes() == b"previous"  # an existing file is left as it was
+    ids.write_text("33 34 35\n", encoding="utf-8")
+    assert main(["tokenize", "decode", str(ids), "-o", str(ids)]) == 0  # output over its own input: read first
+    assert ids.read_bytes() == b" !\""
+    assert main(["tokenize", "decode", str(out.with_name("missing.txt")), "-o", str(out)]) == 2
+    assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt", "out.bin"]
+
+
+def test_output_to_a_device_or_a_link_is_written_in_place(tmp_path, text_file):
+    assert main(["tokenize", "encode", str(text_file), "-o", "/dev/null"]) == 0  # not replaced by a file
+    assert not Path("/dev/null").is_file()
+    link, real = tmp_path / "link.txt", tmp_path / "real.txt"
+    link.symlink_to(real)
+    assert main(["tokenize", "encode", str(text_file), "-o", str(link)]) == 0
+    assert link.is_symlink() and real.read_text() == " ".join(map(str, load_tokenizer("world").encode(TEXT))) + "\n"

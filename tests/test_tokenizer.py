@@ -358,6 +358,7 @@ def test_neox_matches_tokenizers(neox, multilingual):
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = HFTokenizer.from_file(str(neox.path))
+    hf.encode_special_tokens = True  # Aviary's one deviation: "<|endoftext|>" in text is text (finding 15)
     assert neox.vocab_size == len(neox) == 50277 and neox.eot_id == 0
     texts = [t[:20_000] for t in multilingual[::3]] + ["Hello world  \n\n   x<|endoftext|>é 😀"]
     for text in texts:

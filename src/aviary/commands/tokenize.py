@@ -6,7 +6,8 @@ document. --input lines makes every line a document. Documents are encoded on al
 
 encode prints one line per document: its ids separated by spaces (--json: a JSON list). decode reads the
 same (one document per line, ids separated by spaces or commas, or a JSON list) and writes the documents'
-bytes exactly, one newline between documents (--json: one JSON string per document).
+bytes exactly, one newline between documents (--json: one JSON string per document). With -o the output
+appears only when complete: after an error no partial file is left.
 
 examples:
   aviary tokenize encode notes.txt                       # ids of the whole file, one line
@@ -24,9 +25,12 @@ import contextlib
 import gzip
 import json
 import lzma
+import os
 import sys
 import time
+import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 HELP = "encode/decode text with the World (or 20B) tokenizer; --stats: bytes per token"
@@ -59,12 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _read(name: str) -> bytes:
     if name == "-":
         return sys.stdin.buffer.read()
-    for suffix, opener in OPENERS.items():
-        if name.endswith(suffix):
-            with opener(name, "rb") as f:
-                return f.read()
+    suffix = next((s for s in OPENERS if name.endswith(s)), None)
     with open(name, "rb") as f:
-        return f.read()
+        if suffix is None:
+            return f.read()
+        try:
+            with OPENERS[suffix](f) as decompressed:
+                return decompressed.read()
+        except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+            raise ValueError(f"{name}: not a readable {suffix} file (truncated or corrupt?): {e}") from None
 
 
 def _documents(name: str, data: bytes, mode: str, field: str) -> list[bytes | str]:
@@ -85,24 +92,30 @@ def _documents(name: str, data: bytes, mode: str, field: str) -> list[bytes | st
         try:
             obj = json.loads(line)
             text = obj[field]
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"{name}:{lineno}: not a JSON object with a {field!r} field ({e})") from None
         if not isinstance(text, str):
             raise ValueError(f"{name}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
+        if not text.isascii():  # a "\ud800" escape gives a str that has no UTF-8, and so no tokens
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{name}:{lineno}: field {field!r} has a lone surrogate "
+                                 f"{text[e.start]!r} at character {e.start}, which is not text") from None
         docs.append(text)
     return docs
 
 
-def _parse_ids(line: str, where: str) -> list[int]:
-    line = line.strip()
+def _parse_ids(line: bytes, where: str) -> list[int]:
     try:
+        line = line.decode("utf-8").strip()
         if line.startswith("["):
             ids = json.loads(line)
-            if not all(isinstance(i, int) for i in ids):
+            if not all(type(i) is int for i in ids):  # not bool: true is not token 1
                 raise ValueError("not a list of integers")
             return ids
         return [int(tok) for tok in line.replace(",", " ").split()]
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ValueError(f"{where}: cannot read token ids ({e})") from None
 
 
@@ -150,7 +163,7 @@ def _write_report(report: list[dict], as_json: bool, out: IO[bytes]) -> None:
 def _decode(args: argparse.Namespace, tok: Any, names: list[str], out: IO[bytes]) -> None:
     first = True
     for name in names:
-        for lineno, line in enumerate(_read(name).decode("utf-8").splitlines(), 1):
+        for lineno, line in enumerate(_read(name).splitlines(), 1):
             where = f"{'stdin' if name == '-' else name}:{lineno}"
             ids = _parse_ids(line, where)
             try:
@@ -170,9 +183,23 @@ def _open_output(path: str | None) -> Iterator[IO[bytes]]:
         sys.stdout.flush()  # ids and text go to the binary stream: exact bytes, whatever the locale
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
-    else:
-        with open(path, "wb") as f:
+        return
+    target = Path(path)
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        with open(target, "wb") as f:  # /dev/stdout, a pipe, a link: write through it; a rename would replace it
             yield f
+        return
+    tmp = target.with_name(target.name + ".tmp")  # the output appears whole, or not at all
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, target)
+    except OSError as e:
+        if e.filename != str(tmp):
+            raise
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None  # the user's name, not ours
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:

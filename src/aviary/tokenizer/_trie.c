@@ -41,7 +41,7 @@ typedef struct {
     int64_t *tok_off;        /* byte offset of each id's bytes in blob */
     int32_t *tok_len;        /* byte length of each id, -1 if the id is not in the vocabulary */
     char *blob;
-    PyObject **ints;         /* a Python int for every id, to build lists without allocating */
+    PyObject **ints;         /* a Python int for every token's id (NULL for gaps): lists without allocating */
     Py_ssize_t max_id;       /* largest id present */
     int max_token_len;
 } TrieObject;
@@ -198,9 +198,9 @@ static int trie_fill(TrieObject *self, PyObject *tokens)
     self->max_token_len = 0;
     for (Py_ssize_t i = 0; i < n_ids; i++) {
         PyObject *t = PyTuple_GET_ITEM(tokens, i);
+        if (t == Py_None) { self->tok_len[i] = -1; self->tok_off[i] = 0; continue; }  /* a gap: no int */
         self->ints[i] = PyLong_FromSsize_t(i);
         if (!self->ints[i]) { PyMem_Free(keys); return -1; }
-        if (t == Py_None) { self->tok_len[i] = -1; self->tok_off[i] = 0; continue; }
         Py_ssize_t len = PyBytes_GET_SIZE(t);
         memcpy(self->blob + off, PyBytes_AS_STRING(t), (size_t)len);
         self->tok_off[i] = off;
@@ -307,11 +307,14 @@ static int encode_span(const TrieObject *trie, const unsigned char *p, Py_ssize_
     return 0;
 }
 
-/* The UTF-8 bytes of a str, or the buffer of a bytes-like object. */
+/* The UTF-8 bytes of a str, or the buffer of a bytes-like object. `p` is read without the GIL, so the
+ * Source owns what it points into: a reference to the str (an ASCII str's own storage), a UTF-8 copy, or
+ * a buffer view (which also keeps a bytearray from being resized). Nothing another thread does to the
+ * caller's list can free it meanwhile. */
 typedef struct {
     const unsigned char *p;
     Py_ssize_t n;
-    PyObject *owned;   /* a temporary UTF-8 copy of a non-ASCII str */
+    PyObject *owned;   /* the ASCII str itself, or a temporary UTF-8 copy of a non-ASCII str */
     Py_buffer view;
     int has_view;
 } Source;
@@ -323,6 +326,8 @@ static int source_open(PyObject *obj, Source *src)
         if (PyUnicode_IS_ASCII(obj)) {  /* the str's own storage is its UTF-8: no copy */
             const char *s = PyUnicode_AsUTF8AndSize(obj, &src->n);
             if (!s) return -1;
+            Py_INCREF(obj);
+            src->owned = obj;
             src->p = (const unsigned char *)s;
             return 0;
         }
@@ -389,15 +394,16 @@ static PyObject *Trie_encode(TrieObject *self, PyObject *obj)
 static PyObject *Trie_encode_many(TrieObject *self, PyObject *texts)
 {
     if (check_ready(self) < 0) return NULL;
-    PyObject *seq = PySequence_Fast(texts, "encode_many expects a sequence of str or bytes");
+    /* a snapshot: a list could change (another thread, a finalizer run by an allocation) while we read it */
+    PyObject *seq = PySequence_Tuple(texts);
     if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), opened = 0;
+    Py_ssize_t n = PyTuple_GET_SIZE(seq), opened = 0;
     PyObject *result = NULL;
     Source *src = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Source));
     IdBuf *bufs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(IdBuf));
     if (!src || !bufs) { PyErr_NoMemory(); goto done; }
     for (; opened < n; opened++)
-        if (source_open(PySequence_Fast_GET_ITEM(seq, opened), &src[opened]) < 0) goto done;
+        if (source_open(PyTuple_GET_ITEM(seq, opened), &src[opened]) < 0) goto done;
     int rc = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n && rc == 0; i++) rc = encode_span(self, src[i].p, src[i].n, &bufs[i]);
@@ -424,33 +430,82 @@ done:
 /* ---------------------------------------------------------------------------------------------- */
 /* Decoding                                                                                        */
 
-/* Check every id and return the total byte length, or -1 with ValueError naming the first bad id. */
-static Py_ssize_t decode_length(TrieObject *self, PyObject *seq, int32_t *ids)
+static void bad_id(const TrieObject *self, PyObject *value, Py_ssize_t i)
 {
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), total = 0;
+    PyErr_Format(PyExc_ValueError, "token id %R at position %zd is not in the vocabulary (ids 0..%zd)",
+                 value, i, self->max_id);
+}
+
+static int in_vocab(const TrieObject *self, long long id, int overflow)
+{
+    return !overflow && id >= 0 && id < self->n_ids && self->tok_len[id] >= 0;
+}
+
+/* The id of an item that is not an int, through __index__ (numpy ints), which can run any Python code; -1
+ * with an exception set. bool is refused: True is not token 1. */
+static long long index_id(TrieObject *self, PyObject *item, Py_ssize_t i)
+{
+    if (PyBool_Check(item)) {
+        PyErr_Format(PyExc_TypeError, "token ids must be integers, not bool (item %zd)", i);
+        return -1;
+    }
+    PyObject *index = PyNumber_Index(item);
+    if (!index) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "token ids must be integers; item %zd is %.100s", i,
+                         Py_TYPE(item)->tp_name);
+        }
+        return -1;
+    }
+    int overflow = 0;
+    long long id = PyLong_AsLongLongAndOverflow(index, &overflow);
+    if (!(id == -1 && PyErr_Occurred()) && !in_vocab(self, id, overflow)) {
+        bad_id(self, index, i);
+        id = -1;
+    }
+    Py_DECREF(index);
+    return id;
+}
+
+/* Check every id, store it in *ids (grown as needed), and return the total byte length; -1 with ValueError
+ * naming the first bad id, or TypeError for an item that is not an integer.
+ *
+ * `seq` is a list or a tuple, read through its borrowed item array. Reading an int runs no Python code, but
+ * another item's __index__ can change the list (shrink it, free its items) and so invalidate that array: each
+ * item is converted to a C integer before the next is read, under a reference of our own, and the array and
+ * size are read afresh after every such call. A changing list is read as a Python `for` loop would read it. */
+static Py_ssize_t decode_ids(TrieObject *self, PyObject *seq, int32_t **ids, Py_ssize_t *n_ids)
+{
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), cap = n, total = 0, i = 0;
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; i++) {
+    *ids = PyMem_Malloc((size_t)(cap ? cap : 1) * sizeof(int32_t));
+    if (!*ids) { PyErr_NoMemory(); return -1; }
+    for (; i < n; i++) {
+        PyObject *item = items[i];
         int overflow = 0;
-        long long id = PyLong_Check(items[i]) ? PyLong_AsLongLongAndOverflow(items[i], &overflow) : -1;
-        if (!PyLong_Check(items[i])) {  /* numpy ints and other __index__ objects */
-            PyObject *index = PyNumber_Index(items[i]);
-            if (!index) {
-                PyErr_Format(PyExc_TypeError, "token ids must be integers; item %zd is %.100s", i,
-                             Py_TYPE(items[i])->tp_name);
-                return -1;
+        long long id;
+        if (PyLong_CheckExact(item)) {  /* the common case */
+            id = PyLong_AsLongLongAndOverflow(item, &overflow);
+            if (!in_vocab(self, id, overflow)) { bad_id(self, item, i); return -1; }
+        } else {
+            Py_INCREF(item);
+            id = index_id(self, item, i);
+            Py_DECREF(item);
+            if (id < 0) return -1;
+            n = PySequence_Fast_GET_SIZE(seq);  /* Python code ran: the list may have changed */
+            items = PySequence_Fast_ITEMS(seq);
+            if (n > cap) {
+                cap = n + n / 2;
+                int32_t *grown = PyMem_Realloc(*ids, (size_t)cap * sizeof(int32_t));
+                if (!grown) { PyErr_NoMemory(); return -1; }
+                *ids = grown;
             }
-            id = PyLong_AsLongLongAndOverflow(index, &overflow);
-            Py_DECREF(index);
         }
-        if (id == -1 && PyErr_Occurred()) return -1;
-        if (overflow || id < 0 || id >= self->n_ids || self->tok_len[id] < 0) {
-            PyErr_Format(PyExc_ValueError, "token id %R at position %zd is not in the vocabulary (ids 0..%zd)",
-                         items[i], i, self->max_id);
-            return -1;
-        }
-        ids[i] = (int32_t)id;
+        (*ids)[i] = (int32_t)id;
         total += self->tok_len[id];
     }
+    *n_ids = i;
     return total;
 }
 
@@ -467,13 +522,16 @@ static void decode_into(TrieObject *self, const int32_t *ids, Py_ssize_t n, char
 static PyObject *decode_impl(TrieObject *self, PyObject *obj, int as_str)
 {
     if (check_ready(self) < 0) return NULL;
+    if (PyUnicode_Check(obj) || PyBytes_Check(obj) || PyByteArray_Check(obj) || PyMemoryView_Check(obj)) {
+        /* b"\x05\x06" is not the ids [5, 6] */
+        PyErr_Format(PyExc_TypeError, "token ids must be a sequence of integers, not %.100s", Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
     PyObject *seq = PySequence_Fast(obj, "token ids must be a sequence of integers");
     if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject *result = NULL;
-    int32_t *ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int32_t));
-    if (!ids) { Py_DECREF(seq); return PyErr_NoMemory(); }
-    Py_ssize_t total = decode_length(self, seq, ids);
+    int32_t *ids = NULL;
+    Py_ssize_t n = 0, total = decode_ids(self, seq, &ids, &n);
     if (total >= 0) {
         if (as_str) {
             char *buf = PyMem_Malloc((size_t)(total ? total : 1));

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -24,13 +25,29 @@ class Tokenizer(Protocol):
 
 
 def id_list(ids: Iterable[int]) -> Sequence[int]:
-    """ids as a list or tuple: also takes one int, any iterable, numpy arrays and torch tensors."""
+    """ids as a list or tuple: also takes one int, any iterable, numpy arrays and torch tensors.
+
+    Text and bytes are refused (TypeError): b"\\x05\\x06" iterates as the ints 5, 6, but it is not a list of ids.
+    """
+    if isinstance(ids, str | bytes | bytearray | memoryview | bool):
+        raise TypeError(f"token ids must be a sequence of integers, not {type(ids).__name__}")
     if isinstance(ids, int):
         return [ids]
     if hasattr(ids, "tolist"):  # numpy arrays and torch tensors
         ids = ids.tolist()
         return [ids] if isinstance(ids, int) else ids
     return ids if isinstance(ids, list | tuple) else list(ids)
+
+
+def as_id(item: object, position: int) -> int:
+    """One token id as an int (numpy ints through __index__); TypeError for bools and non-integers, with the
+    same messages as the compiled decoder."""
+    if isinstance(item, bool):
+        raise TypeError(f"token ids must be integers, not bool (item {position})")
+    try:
+        return operator.index(item)
+    except TypeError:
+        raise TypeError(f"token ids must be integers; item {position} is {type(item).__name__}") from None
 
 
 class StreamDecoder:

@@ -6,6 +6,10 @@ Byte-level BPE with an NFC normaliser and no prefix space: 50,254 BPE tokens and
 encodes with `Tokenizer.from_file(path).encode(text).ids` and so does this class.
 
 Text is NFC-normalised before encoding, so `decode(encode(s)) == s` only for NFC text.
+
+Deviation from the reference: text that spells a special token ("<|endoftext|>", "<|padding|>") is encoded
+as plain text (`tokenizers`' encode_special_tokens), not as the control ids 0 and 1, so that user text can
+neither end a document nor lose those characters on a round trip. Put `eot_id` in the id list to end one.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from aviary.tokenizer.base import StreamDecoder, id_list
+from aviary.tokenizer.base import StreamDecoder, as_id, id_list
 from aviary.tokenizer.world import DATA
 
 NEOX_TOKENIZER = DATA / "20B_tokenizer.json"
@@ -54,6 +58,10 @@ class NeoXTokenizer:
             self._tok = HFTokenizer.from_file(str(self.path))
         except Exception as e:  # the library raises its own Exception type for a missing or bad file
             raise ValueError(f"{self.path}: cannot read a tokenizers JSON file: {e}") from None
+        try:
+            self._tok.encode_special_tokens = True  # "<|endoftext|>" in text is text (see the module docstring)
+        except AttributeError:
+            raise ImportError("the 20B tokenizer needs tokenizers>=0.15.1 (for encode_special_tokens)") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         # id -> bytes: BPE tokens through the byte-level alphabet, added tokens as their text, specials as b""
         alphabet = _byte_level_alphabet()
@@ -71,9 +79,14 @@ class NeoXTokenizer:
         return f"NeoXTokenizer({str(self.path)!r})"
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of a str. A str with lone surrogates raises UnicodeEncodeError (as WorldTokenizer does)."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, not {type(text).__name__}; use encode_bytes for bytes")
-        return self._tok.encode(text).ids
+        try:
+            return self._tok.encode(text).ids
+        except TypeError:  # the library's error for a str it cannot convert to UTF-8: a lone surrogate
+            text.encode("utf-8")  # raises UnicodeEncodeError
+            raise
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """The 20B tokenizer encodes text: `data` must be UTF-8 (ValueError otherwise)."""
@@ -85,12 +98,18 @@ class NeoXTokenizer:
         texts = [t if isinstance(t, str) else _utf8_text(t) for t in texts]
         if num_threads == 1:
             return [self.encode(t) for t in texts]
-        return [e.ids for e in self._tok.encode_batch(texts)]
+        try:
+            return [e.ids for e in self._tok.encode_batch(texts)]
+        except TypeError:  # as in encode: find the text with a lone surrogate
+            for t in texts:
+                t.encode("utf-8")
+            raise
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         table, parts = self._bytes, []
-        for position, token_id in enumerate(id_list(ids)):
-            token = table[token_id] if isinstance(token_id, int) and 0 <= token_id < len(table) else None
+        for position, item in enumerate(id_list(ids)):
+            token_id = item if type(item) is int else as_id(item, position)
+            token = table[token_id] if 0 <= token_id < len(table) else None
             if token is None:
                 raise ValueError(f"token id {token_id!r} at position {position} is not in the vocabulary "
                                  f"(ids 0..{self._max_id})")

@@ -22,11 +22,15 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from aviary.tokenizer.base import StreamDecoder, id_list
+from aviary.tokenizer.base import StreamDecoder, as_id, id_list
 
 DATA = Path(__file__).resolve().parent / "data"
 WORLD_VOCAB = DATA / "rwkv_vocab_v20230424.txt"
 BACKENDS = ("c", "python")
+# Ids index arrays of the whole id range, so a file that names id 10**12 must be refused, not allocated; 2**24
+# ids is 256 times the World vocabulary and costs at most about 0.5 GB. 4096 bytes is the compiled trie's limit.
+MAX_TOKEN_ID = 2**24 - 1
+MAX_TOKEN_BYTES = 4096
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -61,7 +65,13 @@ def load_vocab(path: str | os.PathLike) -> list[bytes | None]:
     the file and line.
     """
     path = Path(path)
-    text = path.read_bytes().decode("utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{lineno}: not a UTF-8 text file (byte 0x{data[e.start]:02x}); "
+                         "a World vocabulary is text, one token per line") from None
     by_id: dict[int, bytes] = {}
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -74,9 +84,12 @@ def load_vocab(path: str | os.PathLike) -> list[bytes | None]:
             raise ValueError(f"{path}:{lineno}: cannot parse vocabulary line {line[:80]!r}: {e}") from None
         if len(token) != length:
             raise ValueError(f"{path}:{lineno}: token {token_id} has {len(token)} bytes, the line says {length}")
-        if token_id < 1 or token_id in by_id:
-            why = "id 0 is reserved for end-of-document" if token_id == 0 else "duplicate or negative id"
+        if token_id in by_id or not 1 <= token_id <= MAX_TOKEN_ID:
+            why = ("a duplicate" if token_id in by_id else "id 0 is reserved for end-of-document" if token_id == 0
+                   else "negative" if token_id < 0 else f"larger than {MAX_TOKEN_ID:,}")
             raise ValueError(f"{path}:{lineno}: bad token id {token_id} ({why})")
+        if length > MAX_TOKEN_BYTES:
+            raise ValueError(f"{path}:{lineno}: token {token_id} is {length} bytes long (at most {MAX_TOKEN_BYTES})")
         by_id[token_id] = token
     if not by_id:
         raise ValueError(f"{path}: no tokens")
@@ -144,7 +157,8 @@ class PythonTrie:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         tokens, parts = self.tokens, []
-        for position, token_id in enumerate(ids):
+        for position, item in enumerate(id_list(ids)):
+            token_id = item if type(item) is int else as_id(item, position)
             token = tokens[token_id] if 0 <= token_id < len(tokens) else None
             if token is None:
                 raise ValueError(f"token id {token_id!r} at position {position} is not in the vocabulary "
@@ -194,7 +208,11 @@ class WorldTokenizer:
         tokens = load_vocab(self.vocab_path)
         # embedding rows: ids rounded up to a multiple of 64, as RWKV models are trained (65530 -> 65536)
         self.vocab_size = -(-len(tokens) // 64) * 64
-        self._core = _compiled_trie()(tokens) if backend == "c" else PythonTrie(tokens)
+        trie = _compiled_trie() if backend == "c" else PythonTrie
+        try:
+            self._core = trie(tokens)
+        except ValueError as e:  # a vocabulary without every single byte
+            raise ValueError(f"{self.vocab_path}: {e}") from None
 
     def __len__(self) -> int:
         return self.vocab_size
