@@ -87,3 +87,33 @@ def test_inconsistent_shapes_are_refused():
     del sd["blocks.0.ffn.key.weight"]
     with pytest.raises(ConfigError, match="missing tensor 'blocks.0.ffn.key.weight'"):
         infer_config(sd)
+
+
+def test_block_indices_must_run_from_zero_without_gaps():
+    # the layer count once came from the largest index: one stray key claimed 100,000,001 layers
+    sd = random_state_dict(random_config(7))
+    with pytest.raises(ConfigError, match=r"without gaps; found blocks 0, 1, 100000000$"):
+        infer_config({**sd, "blocks.100000000.att.r_k": torch.zeros(2, 64)})
+    gap = {k.replace("blocks.1.", "blocks.2."): v for k, v in sd.items()}
+    with pytest.raises(ConfigError, match="found blocks 0, 2$"):
+        infer_config(gap)
+    # "blocks.01." and absurdly long indices are not block keys (they are refused later as unexpected)
+    odd = {**sd, "blocks.01.att.r_k": torch.zeros(2, 64), "blocks.12345678901.att.r_k": torch.zeros(2, 64)}
+    assert infer_config(odd).n_layer == 2
+
+
+@pytest.mark.parametrize("key,shape", [("emb.weight", (128,)), ("emb.weight", (1, 300, 128)),
+                                       ("blocks.0.att.r_k", (128,)), ("blocks.0.ffn.key.weight", (512,)),
+                                       ("blocks.0.att.w1", (128, 64, 1))])
+def test_tensors_with_the_wrong_number_of_dimensions_are_named(key, shape):
+    sd = random_state_dict(random_config(7))
+    sd[key] = torch.zeros(shape)
+    with pytest.raises(ConfigError, match=rf"tensor '{key}' has shape \(.*\): expected 2 dimensions"):
+        infer_config(sd)
+
+
+def test_rwkv6_mix_lora_is_three_dimensional():
+    sd = random_state_dict(random_config(6))
+    sd["blocks.0.att.time_maa_w2"] = sd["blocks.0.att.time_maa_w2"].flatten(0, 1)
+    with pytest.raises(ConfigError, match="'blocks.0.att.time_maa_w2' .* expected 3 dimensions"):
+        infer_config(sd)

@@ -104,3 +104,12 @@ def test_load_on_huge_pages_gives_the_same_model(tmp_path, version):
     write_state_dict(huge.state_dict(), out)  # saving works (each tensor owns its storage)
     sd, _ = read_state_dict(out)
     assert all(torch.equal(sd[k], v) for k, v in plain.state_dict().items())
+
+
+@needs_thp
+def test_move_leaves_views_that_claim_more_than_their_memory():
+    # an expanded (stride-0) view claims 2 GiB of 4 KiB: copying it would allocate all of it
+    lin = nn.Linear(1024, 1, bias=False)
+    lin.weight = nn.Parameter(torch.randn(1, 1024).expand(2**19, 1024), requires_grad=False)
+    ptr = lin.weight.data_ptr()
+    assert move_to_huge_pages(lin) == 0 and lin.weight.data_ptr() == ptr

@@ -66,13 +66,27 @@ class ModelConfig:
         return asdict(self)
 
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+# a block index as official files write it: no leading zeros, and never absurdly long
+_BLOCK = re.compile(r"^blocks\.(0|[1-9]\d{0,8})\.")
 
 
-def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+def _shape(sd: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
     if key not in sd:
         raise ConfigError(f"missing tensor '{key}'")
-    return tuple(sd[key].shape)
+    shape = tuple(sd[key].shape)
+    if len(shape) != ndim:
+        raise ConfigError(f"tensor '{key}' has shape {shape}: expected {ndim} dimensions")
+    return shape
+
+
+def block_count(sd: Mapping[str, torch.Tensor]) -> int:
+    """The number of blocks: their indices must run 0, 1, ..., n-1 without a gap. (Taking the largest
+    index instead would let one stray key claim a hundred million layers.)"""
+    indices = sorted({int(m.group(1)) for k in sd if (m := _BLOCK.match(k))})
+    if indices != list(range(len(indices))):
+        shown = ", ".join(map(str, indices[:4])) + (f", ..., {indices[-1]}" if len(indices) > 4 else "")
+        raise ConfigError(f"block indices must run 0, 1, 2, ... without gaps; found blocks {shown}")
+    return len(indices)
 
 
 def detect_version(sd: Mapping[str, torch.Tensor]) -> int:
@@ -97,33 +111,36 @@ def detect_version(sd: Mapping[str, torch.Tensor]) -> int:
 
 
 def infer_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
-    """Read version and every size from an official-named state dict. Raises ConfigError."""
+    """Read version and every size from an official-named state dict. Raises ConfigError.
+
+    Only the shapes are read, so `sd` may hold meta tensors. Whether every tensor is there with the
+    shape these sizes imply is for `aviary.loading.check_state_dict` to say."""
     version = detect_version(sd)
-    vocab_size, n_embd = _shape(sd, "emb.weight")
-    n_layer = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK.match(k)))
-    dim_ffn = _shape(sd, "blocks.0.ffn.key.weight")[0]
+    vocab_size, n_embd = _shape(sd, "emb.weight", 2)
+    n_layer = block_count(sd)
+    dim_ffn = _shape(sd, "blocks.0.ffn.key.weight", 2)[0]
     fields: dict[str, int] = {}
     if version == 4:
         fields["head_size"] = n_embd
     elif version in (5, 6):
-        n_head, head_size = _shape(sd, "blocks.0.att.time_faaaa")
+        n_head, head_size = _shape(sd, "blocks.0.att.time_faaaa", 2)
         fields["head_size"] = head_size
         if n_head * head_size != n_embd:
             raise ConfigError(f"time_faaaa shape {(n_head, head_size)} does not match n_embd={n_embd}")
     else:
-        n_head, head_size = _shape(sd, "blocks.0.att.r_k")
+        n_head, head_size = _shape(sd, "blocks.0.att.r_k", 2)
         fields["head_size"] = head_size
         if n_head * head_size != n_embd:
             raise ConfigError(f"r_k shape {(n_head, head_size)} does not match n_embd={n_embd}")
     if version == 6:
-        fields["rank_mix"] = _shape(sd, "blocks.0.att.time_maa_w2")[1]
-        fields["rank_decay"] = _shape(sd, "blocks.0.att.time_decay_w1")[1]
+        fields["rank_mix"] = _shape(sd, "blocks.0.att.time_maa_w2", 3)[1]  # [5, rank, C]
+        fields["rank_decay"] = _shape(sd, "blocks.0.att.time_decay_w1", 2)[1]
     if version == 7:
-        fields["rank_w"] = _shape(sd, "blocks.0.att.w1")[1]
-        fields["rank_a"] = _shape(sd, "blocks.0.att.a1")[1]
-        fields["rank_g"] = _shape(sd, "blocks.0.att.g1")[1]
+        fields["rank_w"] = _shape(sd, "blocks.0.att.w1", 2)[1]
+        fields["rank_a"] = _shape(sd, "blocks.0.att.a1", 2)[1]
+        fields["rank_g"] = _shape(sd, "blocks.0.att.g1", 2)[1]
         # layer 0's v1 exists in official files but is unused; read the rank from layer 1 when there is one
         v1 = "blocks.1.att.v1" if n_layer > 1 else "blocks.0.att.v1"
-        fields["rank_v"] = _shape(sd, v1)[1]
+        fields["rank_v"] = _shape(sd, v1, 2)[1]
     return ModelConfig(version=version, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size,
                        dim_ffn=dim_ffn, **fields)

@@ -61,7 +61,8 @@ def move_to_huge_pages(module: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     docstring) and copy the smaller ones, so that none of them still lives in a memory-mapped checkpoint
     (the file would stay mapped for a few small tensors). Returns the bytes moved to huge pages; where the
     system has no transparent huge pages, does nothing and returns 0. Tensors that share storage with
-    another one (tied weights, views) are left as they are, so ties survive."""
+    another one (tied weights, views) are left as they are, so ties survive, and so are views that claim
+    more elements than their memory holds (a stride-0 `expand`): copying one would allocate all of them."""
     if not available():
         return 0
     tensors = [t for m in module.modules() for t in (*m._parameters.values(), *m._buffers.values())
@@ -74,7 +75,8 @@ def move_to_huge_pages(module: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     moved = 0
     for t in tensors:  # a tensor listed twice (one Parameter in two modules) counts as shared: skipped
         nbytes = t.numel() * t.element_size()
-        if t.device.type != "cpu" or owners[t.untyped_storage().data_ptr()] > 1:
+        if (t.device.type != "cpu" or owners[t.untyped_storage().data_ptr()] > 1
+                or t.untyped_storage().nbytes() < nbytes):
             continue
         with torch.no_grad():
             if nbytes >= min_bytes and t.is_contiguous():

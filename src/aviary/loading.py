@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
@@ -11,7 +13,7 @@ from aviary.hugepages import move_to_huge_pages
 from aviary.io import CheckpointError, read_state_dict
 from aviary.model import RWKV
 
-__all__ = ["load", "model_from_state_dict"]
+__all__ = ["check_state_dict", "expected_shapes", "load", "model_from_state_dict"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -28,39 +30,93 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
 
 
-def _check_shapes(model: RWKV, sd: dict[str, torch.Tensor]) -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a checkpoint of `config` with its shape, without building a model of `config`'s
+    depth: blocks 1, 2, ... are all alike, so a model of at most two blocks on the meta device says it."""
+    with torch.device("meta"):
+        template = RWKV(replace(config, n_layer=min(config.n_layer, 2))).state_dict()
+    shapes = {}
+    for key, t in template.items():
+        if key.startswith("blocks.1."):
+            rest = key.removeprefix("blocks.1.")
+            shapes.update((f"blocks.{i}.{rest}", tuple(t.shape)) for i in range(1, config.n_layer))
+        else:
+            shapes[key] = tuple(t.shape)
+    return shapes
+
+
+def _listed(names: list[str], n: int) -> str:
+    return f"{names[:n]}{' ...' if len(names) > n else ''}"
+
+
+def check_state_dict(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """Check that official-named `sd` (real or meta tensors) describes one complete model, before
+    anything is built: block indices 0..L-1, every tensor there with its expected shape, nothing extra,
+    and a state-tuned `blocks.i.att.time_state` [H, N, N] for every layer or none. Returns the config;
+    raises ConfigError listing what is wrong."""
+    time_state = sorted(k for k in sd if k.endswith(".att.time_state"))
+    weights = {k: v for k, v in sd.items() if not k.endswith(".att.time_state")}
+    config = infer_config(weights)
+    want = expected_shapes(config)
+    if time_state:
+        if config.version == 4:
+            raise ConfigError(f"RWKV-4 has no time_state, but the file holds {_listed(time_state, 3)}")
+        state_shape = (config.n_head, config.head_size, config.head_size)
+        want.update((f"blocks.{i}.att.time_state", state_shape) for i in range(config.n_layer))
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))
     wrong = [f"{k}: file {tuple(sd[k].shape)}, model {want[k]}" for k in want
              if k in sd and tuple(sd[k].shape) != want[k]]
     problems = []
     if missing:
-        problems.append(f"missing tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        problems.append(f"missing tensors {_listed(missing, 6)}")
     if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        problems.append(f"unexpected tensors {_listed(unexpected, 6)}")
     if wrong:
-        problems.append(f"shape mismatch {wrong[:4]}{' ...' if len(wrong) > 4 else ''}")
+        problems.append(f"shape mismatch {_listed(wrong, 4)}")
     if problems:
         raise ConfigError("; ".join(problems))
+    return config
+
+
+def _not_finite(sd: Mapping[str, torch.Tensor], chunk: int = 1 << 22) -> list[str]:
+    """The tensors holding a NaN or an infinity. A model with one never produces anything but NaN
+    logits, which sampling turns into an empty reply. Read in chunks: no copy of a whole tensor."""
+    bad = []
+    for key, t in sd.items():
+        if t.is_meta:
+            continue
+        for part in t.detach().reshape(-1).split(chunk):
+            if part.dtype.itemsize == 1:  # float8: no min/max kernels
+                part = part.float()
+            if part.numel() == 0:
+                continue
+            low, high = torch.aminmax(part)  # a NaN anywhere makes both NaN
+            if not (torch.isfinite(low) and torch.isfinite(high)):
+                bad.append(key)
+                break
+    return bad
 
 
 def model_from_state_dict(sd: dict[str, torch.Tensor], *, backend: str = "chunked") -> RWKV:
     """Build a model whose config is inferred from official-named `sd`, and load `sd` into it strictly.
 
     `blocks.i.att.time_state` tensors (state tuning, [H, V, K]) become the model's initial state.
-    Tensors keep their dtype and device; use `.to()` afterwards.
+    Tensors keep their dtype and device; use `.to()` afterwards. Raises ConfigError for a state dict
+    that does not describe a complete model (`check_state_dict`), or whose weights hold NaN or infinity.
     """
+    config = check_state_dict(sd)
+    bad = _not_finite(sd)
+    if bad:
+        where = bad[0] if len(bad) == 1 else f"{len(bad)} tensors {_listed(bad, 4)}"
+        raise ConfigError(f"NaN or infinite values in {where}: the weights are broken "
+                          "(saved from a diverged training run?)")
     sd = dict(sd)
     time_state = {k: sd.pop(k) for k in [k for k in sd if k.endswith(".att.time_state")]}
-    config: ModelConfig = infer_config(sd)
     with torch.device("meta"):
         model = RWKV(config, backend=backend)
-    _check_shapes(model, sd)
     model.load_state_dict(sd, strict=True, assign=True)
     if time_state:
-        if len(time_state) != config.n_layer:
-            raise ConfigError(f"time_state found for {len(time_state)} of {config.n_layer} layers")
         wkv = torch.stack([time_state[f"blocks.{i}.att.time_state"] for i in range(config.n_layer)])
         model.set_initial_state(wkv.float().transpose(-1, -2))  # official [H, V, K] -> ours [H, K, V]
     return model.eval()
@@ -86,6 +142,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         model = model_from_state_dict(sd, backend=backend)
     except ConfigError as e:
         raise CheckpointError(path, str(e)) from None
+    del sd  # the model holds the tensors now: casting below can free each original as it goes
     model = model.to(device=device, dtype=torch_dtype)
     if model.initial_wkv is not None:
         model.initial_wkv = model.initial_wkv.to(device)

@@ -39,16 +39,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_model(sd: dict, src: str) -> int:
-    """Build the model on the meta device from `sd` so a broken checkpoint is refused before writing;
-    returns the RWKV version."""
+    """Refuse a checkpoint that does not describe a complete model before anything is written; returns
+    the RWKV version."""
     from aviary.config import ConfigError
     from aviary.io import CheckpointError
-    from aviary.loading import model_from_state_dict
+    from aviary.loading import check_state_dict
 
     try:
-        return model_from_state_dict(sd).config.version
+        return check_state_dict(sd).version
     except ConfigError as e:
         raise CheckpointError(src, str(e)) from None
+
+
+def _check_destination(dst: Path) -> None:
+    """Fail before reading the source when the file DST cannot be written: one line naming the folder.
+    (A folder DST is created with its missing parents; where that fails, the OSError names it.)"""
+    import os
+
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"{dst.parent}: no such folder to write {dst.name} into")
+    if not os.access(dst.parent, os.W_OK):
+        raise PermissionError(f"{dst.parent}: permission denied: cannot write {dst.name} there")
 
 
 def _size(paths: list[Path]) -> str:
@@ -69,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{dst} already exists; pass --force to overwrite it")
     if args.layout == "official" and is_folder:
         raise ValueError(f"{dst}: the official layout is a single file; end DST with .pth or .safetensors")
+    if not is_folder:
+        _check_destination(dst)
 
     sd, src_layout = read_state_dict(args.src)
     version = _check_model(sd, args.src)

@@ -1,7 +1,9 @@
 """Show what a checkpoint holds, without building the model: RWKV version, file format and key layout,
 every size (layers, width, heads, ffn, LoRA ranks, vocabulary), the parameter count, the recurrent
 state size per sequence, the dtypes in the file, whether it carries a state-tuned `time_state`, and what
-a decode step on this CPU would run on. `--system` shows this machine's CPU backend instead: the CPU, the
+a decode step on this CPU would run on. A checkpoint that `aviary.load` would refuse (a damaged file,
+missing tensors, integer weights, ...) is an error here too; only NaN/infinite values are not looked for,
+since that would read every weight. `--system` shows this machine's CPU backend instead: the CPU, the
 instruction sets Aviary's C kernels were built for and can run here, the one in use (AVIARY_CPU_ISA
 forces one: avx512, avx2, generic, torch), and why the kernels are missing if they failed to build.
 
@@ -51,14 +53,15 @@ def _file_format(path: str | os.PathLike) -> str:
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Everything `aviary info` shows, as plain data. Raises CheckpointError naming the file."""
-    from aviary.config import ConfigError, infer_config
+    from aviary.config import ConfigError
     from aviary.io import CheckpointError, read_state_dict
+    from aviary.loading import check_state_dict
     from aviary.model.rwkv import _architecture
 
-    sd, layout = read_state_dict(path)
+    sd, layout = read_state_dict(path)  # refuses files that are not sound, or whose tensors are not floats
     time_state = sorted(k for k in sd if k.endswith(".att.time_state"))
     try:
-        config = infer_config(sd)
+        config = check_state_dict(sd)  # a complete model: what `aviary.load` would accept
     except ConfigError as e:
         raise CheckpointError(path, str(e)) from None
     wkv = math.prod(_architecture(config.version).wkv_shape(config))
