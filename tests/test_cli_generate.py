@@ -3,6 +3,7 @@
 import io
 
 import pytest
+import torch
 
 import aviary
 from aviary.cli import main
@@ -64,12 +65,20 @@ def test_generate_reads_a_prompt_file_and_reports_speed(checkpoint, tmp_path, ca
     (["generate", "{ckpt}", "hi", "--top-p", "0"], "top_p"),
     (["generate", "{ckpt}", ""], "empty"),
     (["generate", "{ckpt}", "a", "b", "c"], "PROMPT"),
+    # devices are checked before the model is read (reliability probe, finding 10)
+    (["generate", "{ckpt}", "hi", "--device", "gpu0"], "--device 'gpu0' is not a device name"),
+    (["generate", "{ckpt}", "hi", "--device", "tpu"], "--device 'tpu' is not a device name"),
+    (["generate", "{ckpt}", "hi", "--device", "meta"], "--device meta: Aviary runs on cpu, cuda and mps"),
+    pytest.param(["generate", "{ckpt}", "hi", "--device", "cuda"], "--device cuda: no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (["generate", "{ckpt}", "--prompt-file", "{binary}"], "binary.txt: not UTF-8 text (byte 0)"),
 ])
-def test_generate_bad_input_is_one_clear_line(checkpoint, capsys, argv, message):
-    argv = [a.replace("{ckpt}", str(checkpoint)) for a in argv]
+def test_generate_bad_input_is_one_clear_line(checkpoint, tmp_path, capsys, argv, message):
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
+    argv = [a.replace("{ckpt}", str(checkpoint)).replace("{binary}", str(tmp_path / "binary.txt")) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_chat_session_with_commands(checkpoint, tmp_path, monkeypatch, capsys):
@@ -99,8 +108,6 @@ def test_chat_session_with_commands(checkpoint, tmp_path, monkeypatch, capsys):
 def test_state_tuning_file_sets_the_starting_state(tmp_path, capsys):
     """An official state-tuning output (only blocks.N.att.time_state) given with --state generates exactly
     what the same weights with the time_state merged into the checkpoint generate."""
-    import torch
-
     from aviary.testing import random_state_dict
 
     cfg = random_config(7, n_layer=2, n_embd=64, head_size=32, vocab_size=65536)

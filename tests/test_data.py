@@ -7,6 +7,9 @@ import bz2
 import gzip
 import json
 import lzma
+import os
+import random
+import signal
 import struct
 
 import numpy as np
@@ -108,6 +111,76 @@ def test_missing_input_and_bad_jsonl(tmp_path):
     assert not (tmp_path / "out.bin").exists()
 
 
+@pytest.mark.parametrize("suffix,compress", [(".gz", gzip.compress), (".xz", lzma.compress)])
+def test_truncated_compressed_input_names_the_file(tmp_path, suffix, compress):
+    rng = random.Random(0)  # text that does not compress to under 64 KiB, so the cut is past check_input's look
+    lines = "".join(json.dumps({"text": rng.randbytes(100).hex()}) + "\n" for _ in range(1500)).encode()
+    path = tmp_path / f"cut.jsonl{suffix}"
+    path.write_bytes(compress(lines)[:65536])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.\w+: cannot read it after line \d+ \(truncated or corrupt\?\)"):
+        prepare([path], tmp_path / "out", encode_batch=fake_encode, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no output, no temporary files
+
+
+def test_lone_surrogate_names_the_file_and_line(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "a\\ud800b"}\n')
+    with pytest.raises(DataError, match=r"s\.jsonl: line 2: \"text\" holds a lone surrogate '\\ud800' at character 1"):
+        prepare([path], tmp_path / "out", encode_batch=fake_encode, progress=False)
+
+
+def test_output_that_is_a_directory_leaves_nothing_behind(tmp_path):
+    (tmp_path / "x.txt").write_text("hello")
+    (tmp_path / "out.bin").mkdir()
+    with pytest.raises(DataError, match=r"out\.bin: is a directory"):
+        prepare([tmp_path / "x.txt"], tmp_path / "out", encode_batch=fake_encode, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin", "x.txt"]
+
+
+def test_a_failed_rename_leaves_no_temporary_files(tmp_path, monkeypatch):
+    def fail(src, dst):
+        raise PermissionError(f"cannot replace {dst}")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(PermissionError):
+        write_binidx(tmp_path / "out", [[1, 2, 0]])
+    assert list(tmp_path.iterdir()) == []
+
+
+def _idx_with(tmp_path, name, edit):
+    """A copy of a good 3-document dataset whose index has been changed by `edit(bytearray)`."""
+    write_binidx(tmp_path / name, [[5, 6, 7, 0], [8, 0], [9, 9, 0]])
+    idx = bytearray((tmp_path / f"{name}.idx").read_bytes())
+    edit(idx)
+    (tmp_path / f"{name}.idx").write_bytes(idx)
+    return tmp_path / name
+
+
+def test_damaged_binidx_names_the_file(tmp_path):
+    def huge(idx):
+        idx[18:26] = struct.pack("<Q", 2**40)
+
+    with pytest.raises(DataError, match=r"huge\.idx: lists 1,099,511,627,776 documents"):
+        BinIdx(_idx_with(tmp_path, "huge", huge))
+
+    def negative(idx):  # sizes 4, 2, 3 -> 4, -2, 7: the same total, so only the sign check catches it
+        idx[34:46] = np.array([4, -2, 7], dtype=np.int32).tobytes()
+
+    with pytest.raises(DataError, match=r"negative\.idx: document 1 has a negative size \(-2\)"):
+        BinIdx(_idx_with(tmp_path, "negative", negative))
+
+    def far(idx):
+        idx[46:54] = struct.pack("<q", 10**6)
+
+    with pytest.raises(DataError, match=r"far\.idx: a document pointer lies outside far\.bin"):
+        BinIdx(_idx_with(tmp_path, "far", far))
+    odd = _idx_with(tmp_path, "odd", lambda idx: None)
+    with open(f"{odd}.bin", "ab") as f:
+        f.write(b"\x01")
+    with pytest.raises(DataError, match=r"odd\.bin: 19 bytes is not a whole number of uint16 tokens"):
+        BinIdx(odd)
+
+
 def test_bad_binidx_is_refused(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         BinIdx(tmp_path / "missing")
@@ -132,6 +205,56 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
     assert BinIdx(tmp_path / "ds").document(3).tolist() == WorldTokenizer().encode("Document number 3. " * 20) + [0]
     assert main(["data", "prepare", str(tmp_path / "missing.txt"), str(tmp_path / "o")]) == 2
     assert "missing.txt: no such file" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_tokenizer(monkeypatch):
+    """`aviary data prepare` with fake_encode instead of the World tokenizer."""
+    monkeypatch.setattr("aviary.train.data._default_encoder", lambda num_threads: fake_encode)
+
+
+def test_cli_prepare_replaces_a_dataset_only_with_force(tmp_path, capsys, fake_tokenizer):
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "b.txt").write_text("second")
+    out = str(tmp_path / "ds")
+    assert main(["data", "prepare", str(tmp_path / "a.txt"), out, "--quiet"]) == 0
+    assert main(["data", "prepare", str(tmp_path / "b.txt"), out, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "ds.bin and " in err and "ds.idx already exist; pass --force" in err
+    assert BinIdx(out).document(0).tolist() == fake_encode(["first"])[0] + [0]
+    assert main(["data", "prepare", str(tmp_path / "b.txt"), out, "--quiet", "--force"]) == 0
+    assert BinIdx(out).document(0).tolist() == fake_encode(["second"])[0] + [0]
+
+
+def test_cli_prepare_cleans_up_on_sigterm(tmp_path, monkeypatch):
+    """SIGTERM in the middle of tokenizing: the temporary files go, and the exit code is 128 + 15."""
+    def encode_then_terminated(texts):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return fake_encode(texts)
+
+    monkeypatch.setattr("aviary.train.data._default_encoder", lambda num_threads: encode_then_terminated)
+    (tmp_path / "a.txt").write_text("text")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        main(["data", "prepare", str(tmp_path / "a.txt"), str(tmp_path / "ds"), "--quiet"])
+    assert e.value.code == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ctx-len", "0"], "--ctx-len 0: must be >= 1"),
+    (["--show", "-1"], "--show and --chars must be >= 0"),
+])
+def test_cli_inspect_bad_options(tmp_path, capsys, argv, message):
+    write_binidx(tmp_path / "ds", [[1, 2, 3, 0]] * 10)
+    assert main(["data", "inspect", str(tmp_path / "ds"), *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"aviary data: error: {message}"
+
+
+def test_sampler_refuses_ctx_len_0():
+    with pytest.raises(ValueError, match="ctx_len=0 must be >= 1"):
+        WindowSampler(1000, 0)
 
 
 @pytest.mark.parametrize("n_tokens,ctx", [(1000, 16), (12345, 64), (50_001, 100)])

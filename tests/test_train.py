@@ -181,6 +181,17 @@ def test_yaml_toml_and_command_line_overrides(tmp_path, corpus):
     ("data:\n  ctx_len: 100\n", "multiple of 16"),
     ("model:\n  n_embd: 100\n", "not a multiple of model.head_size"),
     ("optim:\n  schedule: linear\n", "is not one of"),
+    # inf and NaN slip past every < and > (reliability probe, finding 12)
+    ("optim:\n  lr_init: .inf\n", "optim.lr_init=inf must be a finite number"),
+    ("optim:\n  grad_clip: .nan\n", "optim.grad_clip=nan must be a finite number"),
+    ("train:\n  epochs: .inf\n", "train.epochs=inf must be a finite number"),
+    ("train:\n  max_steps: 1e400\n", "train.max_steps: expected int, got '1e400'"),
+    ("train:\n  max_steps: 2.5\n", "train.max_steps: expected int"),
+    ("out:\n  val_samples: 0\n", "out.val_samples must be positive"),
+    ("out:\n  val_samples: -1\n", "out.val_samples must be positive"),
+    ("train:\n  threads: -1\n", "train.threads=-1 must be >= 0"),
+    ("train:\n  device: tpu\n", "train.device='tpu' is not one of"),
+    ("train:\n  device: gpu0\n", "train.device='gpu0' is not one of"),
 ])
 def test_bad_configs_are_refused(tmp_path, corpus, text, message):
     (tmp_path / "c.yaml").write_text(text)
@@ -189,6 +200,123 @@ def test_bad_configs_are_refused(tmp_path, corpus, text, message):
         if not cfg.data.train:
             cfg.data.train = str(corpus[0])
         cfg.validate()
+
+
+def test_every_problem_on_one_line(tmp_path, corpus):
+    cfg = TrainConfig()
+    cfg.data.train, cfg.optim.lr_init, cfg.train.threads, cfg.out.val_samples = str(corpus[0]), float("nan"), -2, 0
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    message = str(e.value)
+    assert "\n" not in message and message.count(";") == 2
+    assert "optim.lr_init=nan" in message and "train.threads" in message and "out.val_samples" in message
+
+
+def test_int_options_from_the_command_line():
+    from aviary.train.config import set_field
+
+    cfg = TrainConfig()
+    set_field(cfg, "train.max_steps", "1e3")
+    assert cfg.train.max_steps == 1000
+    for bad in ("1e400", "nan", "inf", "2.5", "ten"):
+        with pytest.raises(ConfigError, match="expected int"):
+            set_field(cfg, "train.max_steps", bad)
+
+
+def test_binary_config_names_the_file(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=r"c\.yaml: not a YAML or TOML text file"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks_is_refused_before_compute(tmp_path, corpus):
+    with pytest.raises(ConfigError, match="train.device=cuda: no CUDA device"):
+        train(tiny_config(corpus, tmp_path, train__device="cuda"))
+    assert not tmp_path.joinpath("log.jsonl").exists()
+
+
+def test_divergence_is_one_clear_error(tmp_path, corpus, capsys):
+    from aviary.train.loop import DivergedError
+
+    with pytest.raises(DivergedError, match="loss became nan at step") as e:
+        train(tiny_config(corpus, tmp_path / "a", optim__lr_init=1e6, train__max_steps=6))
+    assert isinstance(e.value, FloatingPointError) and isinstance(e.value, ValueError)
+    argv = ["train", *_flags(tiny_config(corpus, tmp_path / "b", optim__lr_init=1e6, train__max_steps=6))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aviary train: error: loss became nan") and "\n" not in err
+
+
+def test_no_validation_windows_is_no_loss(corpus):
+    """evaluate over no windows returns NaN, never a loss of 0.0 (validate() refuses val_samples <= 0)."""
+    from aviary.model import RWKV
+    from aviary.train.data import BinIdx
+    from aviary.train.init import model_config
+    from aviary.train.loop import _Dist, evaluate
+
+    cfg = tiny_config(corpus, "unused", out__val_samples=0)
+    model = RWKV(model_config(7, 1, 32, VOCAB, 16, 0))
+    assert math.isnan(evaluate(model, BinIdx(corpus[1]), cfg, _Dist(), torch.device("cpu")))
+
+
+def _flags(cfg: TrainConfig) -> list[str]:
+    return [f"--{s}.{k}={v}" for s, sec in cfg.to_dict().items() for k, v in sec.items()]
+
+
+# ---- resuming in a run directory that holds someone else's checkpoints ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(tiny_config(corpus, run, train__max_steps=2, out__save_every=1, out__val_samples=1))
+    return run
+
+
+def _copy_run(run: Path, to: Path) -> tuple[Path, Path]:
+    import shutil
+
+    shutil.copytree(run, to)
+    return to, list_checkpoints(to)[-1]
+
+
+def test_resume_with_another_model_size_says_what_changed(corpus, finished_run, tmp_path, capsys):
+    run, newest = _copy_run(finished_run, tmp_path / "run")
+    config_before = (run / "config.json").read_text()
+    argv = ["train", *_flags(tiny_config(corpus, run, train__max_steps=4, model__n_embd=64))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and newest.name in err and "model.n_embd 32 -> 64" in err
+    assert "choose another --out.dir" in err
+    assert (run / "config.json").read_text() == config_before  # nothing in the run directory was touched
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "not a readable training checkpoint (truncated or corrupt?)"),
+    ("pickle", "refused to load: the pickle asks to import"),
+    ("keyless", "does not fit this run's model (missing"),
+    ("not-a-checkpoint", "not a training checkpoint"),
+])
+def test_resume_from_a_damaged_checkpoint_names_it(corpus, finished_run, tmp_path, capsys, damage, message):
+    run, newest = _copy_run(finished_run, tmp_path / "run")
+    if damage == "truncate":
+        newest.write_bytes(newest.read_bytes()[:3000])
+    elif damage == "pickle":
+        class Payload:
+            def __reduce__(self):
+                return os.system, (f"touch {tmp_path / 'ran'}",)
+
+        torch.save({"model": Payload()}, newest)
+    else:
+        payload = torch.load(newest, weights_only=True)
+        payload["model" if damage == "keyless" else "step"] = {} if damage == "keyless" else "two"
+        torch.save(payload, newest)
+    assert main(["train", *_flags(tiny_config(corpus, run, train__max_steps=4))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"aviary train: error: {newest}: ") and "\n" not in err, err
+    assert message in err and "delete" in err
+    assert not (tmp_path / "ran").exists()
 
 
 def test_cli_errors_before_compute(tmp_path, corpus, capsys):

@@ -4,7 +4,8 @@ end-of-document id 0 after every document), the format RWKV-LM and Megatron read
 `prepare` reads plain text files (one document per file) and JSONL files (one `{"text": ...}` document
 per line), optionally compressed (.gz, .bz2, .xz, .zst), tokenizes them with the RWKV World tokenizer on
 all cores, and writes OUT.bin + OUT.idx. Every input is checked first (exists, not empty, UTF-8), and the
-output appears only when it is complete.
+output appears only when it is complete (an error, Ctrl-C or SIGTERM leaves nothing behind). An existing
+dataset is replaced only with --force.
 
 `inspect` shows a dataset's documents, token counts and the sampling plan for a context length: how many
 windows one epoch visits, and RWKV-LM's "magic prime" for the same data.
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
+import threading
 
 HELP = "tokenize text/JSONL into binidx training data, or inspect a binidx dataset"
 
@@ -29,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="INPUT... OUT", help="input files, then the output prefix")
     p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="replace OUT.bin + OUT.idx if they exist")
     i = sub.add_parser("inspect", help="documents, token counts and the sampling plan of a binidx dataset")
     i.add_argument("prefix", metavar="DATA", help="binidx prefix (DATA.bin + DATA.idx)")
     i.add_argument("--ctx-len", type=int, default=512, help="context length for the sampling plan [512]")
@@ -36,13 +40,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i.add_argument("--chars", type=int, default=300, help="characters shown per document [300]")
 
 
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM raises SystemExit(143) instead of killing the process at once, so that the cleanup of
+    unfinished output (the writer's temporary files) runs, as it does for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _prepare(args: argparse.Namespace) -> int:
-    from aviary.train.data import prepare
+    from aviary.train.data import binidx_paths, prepare
 
     if len(args.paths) < 2:
         raise ValueError("give at least one INPUT and the OUT prefix")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be >= 1")
     *inputs, out = args.paths
-    r = prepare(inputs, out, num_threads=args.threads, progress=not args.quiet)
+    existing = [str(p) for p in binidx_paths(out) if p.exists()]
+    if existing and not args.force:
+        raise FileExistsError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+                              "pass --force to replace the dataset")
+    with _sigterm_exits():
+        r = prepare(inputs, out, num_threads=args.threads, progress=not args.quiet)
     print(f"wrote {r.bin_path} and {r.idx_path}: {r.documents:,} documents, {r.tokens:,} tokens "
           f"({r.characters / max(r.tokens, 1):.2f} characters per token)")
     return 0
@@ -54,6 +83,10 @@ def _inspect(args: argparse.Namespace) -> int:
     from aviary.train.data import BinIdx
     from aviary.train.sampler import WindowSampler, magic_prime
 
+    if args.ctx_len < 1:
+        raise ValueError(f"--ctx-len {args.ctx_len}: must be >= 1")
+    if min(args.show, args.chars) < 0:
+        raise ValueError("--show and --chars must be >= 0")
     ds = BinIdx(args.prefix)
     sizes = ds.sizes.astype(np.int64)
     print(f"dataset     {ds.bin_path} + {ds.idx_path.name}")
@@ -79,10 +112,13 @@ def _inspect(args: argparse.Namespace) -> int:
         for i in range(min(args.show, ds.n_documents)):
             ids = ds.document(i)
             print(f"\n--- document {i}: {len(ids):,} tokens ---")
-            if tok is None:
+            try:
+                text = tok.decode([int(t) for t in ids[: args.chars]]) if tok is not None else None
+            except ValueError:  # ids of another tokenizer
+                text = None
+            if text is None:
                 print(" ".join(map(str, ids[:60])), "...")
             else:
-                text = tok.decode([int(t) for t in ids[: args.chars]])
                 print(text[: args.chars] + ("..." if len(text) > args.chars else ""))
     return 0
 

@@ -38,8 +38,11 @@ def _split(args: argparse.Namespace) -> tuple[str | None, str]:
     if args.prompt_file is not None:
         if len(positional) > 1:
             raise ValueError("give a MODEL and --prompt-file, not a prompt as well")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return (positional[0] if positional else None), f.read()
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return (positional[0] if positional else None), f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{args.prompt_file}: not UTF-8 text (byte {e.start})") from None
     if len(positional) == 1:
         return None, unescape(positional[0])
     if len(positional) == 2:

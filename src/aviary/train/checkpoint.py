@@ -9,7 +9,9 @@ in fp32 on CPU, as one that was never stopped.
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,28 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, payload: dict[str, An
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    # weights_only: a checkpoint holds tensors, numbers, strings and dicts only; nothing runs on load
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training checkpoint's payload. Raises CheckpointError naming the file when it is unreadable (a
+    truncated copy, a pickle that would run code) or lacks the model, optimizer or step."""
+    from aviary.io.checkpoint import CheckpointError, _first_sentence, _unpickling_problem
+
+    fix = "delete it to resume from the checkpoint before it, or choose another --out.dir"
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing them itself
+            warnings.simplefilter("ignore")
+            # weights_only: a checkpoint holds tensors, numbers, strings and dicts only; nothing runs on load
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(path, f"{_unpickling_problem(e)}; {fix}") from None
+    except Exception as e:  # a damaged file fails inside torch.load in any number of ways
+        raise CheckpointError(path, f"not a readable training checkpoint (truncated or corrupt?): "
+                                    f"{type(e).__name__}: {_first_sentence(e)}; {fix}") from None
+    if not (isinstance(payload, dict) and isinstance(payload.get("optimizer"), dict)
+            and isinstance(payload.get("model"), dict)
+            and all(isinstance(v, torch.Tensor) for v in payload["model"].values())
+            and type(payload.get("step")) is int and payload["step"] >= 0):
+        raise CheckpointError(path, f"not a training checkpoint (expected a model state dict, an optimizer state "
+                                    f"and a step); {fix}")
+    return payload
 
 
 def export(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, dtype: str = "bf16") -> Path:

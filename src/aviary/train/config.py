@@ -11,8 +11,11 @@ command line as `--section.field VALUE`; `aviary train --help` is generated from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -74,7 +77,7 @@ class TrainSection:
     grad_cp: bool = _f(False, "gradient checkpointing: recompute each block in the backward pass")
     seed: int = _f(0, "seed for the initial weights and the sample order")
     threads: int = _f(0, "CPU threads for torch; 0 = torch's default")
-    device: str = _f("auto", "auto, cpu, cuda")
+    device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
     strategy: str = _f("ddp", "multi-process: ddp, or fsdp for models that do not fit one device",
                        ("ddp", "fsdp"))
 
@@ -84,7 +87,7 @@ class OutSection:
     dir: str = _f("runs/default", "run directory: checkpoints, log.jsonl, loss.png, exports")
     log_every: int = _f(10, "steps between log.jsonl lines")
     val_every: int = _f(0, "steps between validation losses; 0 = only at the end")
-    val_samples: int = _f(64, "held-out windows per validation")
+    val_samples: int = _f(64, "held-out windows per validation (leave data.valid empty for no validation)")
     save_every: int = _f(100, "steps between checkpoints")
     keep_last: int = _f(2, "checkpoints to keep")
     tensorboard: bool = _f(False, "also write TensorBoard events to DIR/tb")
@@ -93,6 +96,7 @@ class OutSection:
     progress: bool = _f(True, "show a progress bar")
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "train": TrainSection,
             "out": OutSection}
 
@@ -124,11 +128,14 @@ class TrainConfig:
         """Every check that can fail before compute: sizes, choices, data files present."""
         m, d, o, t = self.model, self.data, self.optim, self.train
         problems = []
-        for sec in (m, d, o, t, self.out):
-            for f in fields(sec):
+        for section in SECTIONS:
+            for f in fields(getattr(self, section)):
+                value = getattr(getattr(self, section), f.name)
                 choices = f.metadata.get("choices")
-                if choices and getattr(sec, f.name) not in choices:
-                    problems.append(f"{f.name}={getattr(sec, f.name)!r} is not one of {list(choices)}")
+                if choices and value not in choices:
+                    problems.append(f"{section}.{f.name}={value!r} is not one of {list(choices)}")
+                if isinstance(value, float) and not math.isfinite(value):  # inf/NaN slip past every < and >
+                    problems.append(f"{section}.{f.name}={value} must be a finite number")
         if not m.load:
             for name in ("n_layer", "n_embd", "head_size", "vocab_size"):
                 if getattr(m, name) <= 0:
@@ -147,12 +154,22 @@ class TrainConfig:
             problems.append("optim.lr_init must be positive and optim.lr_final non-negative")
         if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
             problems.append("optim.beta1 and optim.beta2 must be in [0, 1)")
-        if min(o.weight_decay, o.grad_clip, o.l2wrap, o.warmup_steps) < 0:
-            problems.append("optim.weight_decay, grad_clip, l2wrap and warmup_steps must be >= 0")
+        if min(o.weight_decay, o.grad_clip, o.l2wrap, o.warmup_steps, o.adam_eps) < 0:
+            problems.append("optim.weight_decay, grad_clip, l2wrap, warmup_steps and adam_eps must be >= 0")
         if t.max_steps < 0 or t.max_tokens < 0 or t.epochs <= 0:
             problems.append("train.max_steps and max_tokens must be >= 0 and train.epochs positive")
+        if t.threads < 0:
+            problems.append(f"train.threads={t.threads} must be >= 0 (0 = torch's default)")
+        if not 0 <= t.seed < 2**63:
+            problems.append("train.seed must be in [0, 2**63)")
+        if not DEVICE.fullmatch(t.device):
+            problems.append(f"train.device={t.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
         if self.out.save_every <= 0 or self.out.keep_last <= 0 or self.out.log_every <= 0:
             problems.append("out.save_every, out.keep_last and out.log_every must be positive")
+        if self.out.val_samples <= 0:  # 0 windows would report a validation loss of 0
+            problems.append("out.val_samples must be positive (leave data.valid empty for no validation)")
+        if self.out.val_every < 0:
+            problems.append("out.val_every must be >= 0 (0 = only at the end)")
         if not d.train:
             problems.append("data.train is not set (a binidx prefix made by `aviary data prepare`)")
         for name in ("train", "valid"):
@@ -167,7 +184,7 @@ class TrainConfig:
         if bad_formats:
             problems.append(f"out.export: unknown formats {sorted(bad_formats)} (pth, safetensors)")
         if problems:
-            raise ConfigError("bad training config:\n  " + "\n  ".join(problems))
+            raise ConfigError("bad training config: " + "; ".join(problems))
 
 
 def _convert(value: Any, typ: type, name: str) -> Any:
@@ -178,8 +195,13 @@ def _convert(value: Any, typ: type, name: str) -> Any:
                 raise ConfigError(f"{name}: expected true/false, got {value!r}")
             return low in ("1", "true", "yes", "on")
         try:
-            return typ(float(value)) if typ is int and "e" in value.lower() else typ(value)
+            return typ(value)
         except ValueError:
+            if typ is int:  # 1e6 is an int too; 1e400 (inf), nan and 2.5 are not
+                with contextlib.suppress(ValueError):
+                    number = float(value)
+                    if number.is_integer():
+                        return int(number)
             raise ConfigError(f"{name}: expected {typ.__name__}, got {value!r}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -208,7 +230,10 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a YAML or TOML text file (not UTF-8 at byte {e.start})") from None
     if p.suffix == ".toml":
         try:
             data = tomllib.loads(text)

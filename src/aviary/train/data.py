@@ -19,7 +19,10 @@ import io
 import json
 import lzma
 import os
+import re
 import struct
+import sys
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6
                8: np.uint16}
 EOT = 0  # end-of-document id of the World tokenizer (and of RWKV-LM's make_data.py)
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" escape: not a character, not encodable as UTF-8
 
 
 class DataError(ValueError):
@@ -75,6 +79,10 @@ class BinIdx:
         if version != 1 or code not in DTYPE_CODES:
             raise DataError(self.idx_path, f"unsupported index version {version} or dtype code {code}")
         self.dtype = np.dtype(DTYPE_CODES[code])
+        needed, have = 34 + 12 * n_seq + 8 * n_doc, os.path.getsize(self.idx_path)
+        if have < needed:
+            raise DataError(self.idx_path, f"lists {n_seq:,} documents and {n_doc:,} document ends, which take "
+                                           f"{needed:,} bytes, but the file has {have:,} (truncated or corrupt)")
         idx = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
         off = 34
         self.sizes = np.frombuffer(idx, dtype=np.int32, count=n_seq, offset=off)
@@ -82,10 +90,20 @@ class BinIdx:
         self.pointers = np.frombuffer(idx, dtype=np.int64, count=n_seq, offset=off)
         off += 8 * n_seq
         self.doc_idx = np.frombuffer(idx, dtype=np.int64, count=n_doc, offset=off)
-        if os.path.getsize(self.bin_path) == 0:
+        n_bytes = os.path.getsize(self.bin_path)
+        if n_bytes == 0:
             raise DataError(self.bin_path, "empty token file")
+        if n_bytes % self.dtype.itemsize:
+            raise DataError(self.bin_path, f"{n_bytes:,} bytes is not a whole number of {self.dtype} tokens "
+                                           "(truncated or corrupt)")
+        if n_seq and self.sizes.min() < 0:
+            i = int(self.sizes.argmin())
+            raise DataError(self.idx_path, f"document {i} has a negative size ({int(self.sizes[i])})")
+        if n_seq and (self.pointers.min() < 0 or self.pointers.max() > n_bytes  # (no overflow in the sum below)
+                      or (self.pointers + self.sizes.astype(np.int64) * self.dtype.itemsize).max() > n_bytes):
+            raise DataError(self.idx_path, f"a document pointer lies outside {self.bin_path.name} (corrupt index)")
         self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r")
-        expected = int(self.sizes.sum()) if n_seq else 0
+        expected = int(self.sizes.sum(dtype=np.int64)) if n_seq else 0
         if expected != len(self.tokens):
             raise DataError(self.bin_path, f"holds {len(self.tokens)} tokens but the index lists {expected}")
 
@@ -112,6 +130,9 @@ class BinIdxWriter:
 
     def __init__(self, prefix: str | os.PathLike, dtype=np.uint16):
         self.bin_path, self.idx_path = binidx_paths(prefix)
+        for p in (self.bin_path, self.idx_path):
+            if p.is_dir():
+                raise DataError(p, "is a directory; choose another output name")
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = np.dtype(dtype)
         self.code = {np.dtype(v): k for k, v in DTYPE_CODES.items() if k != 7}[self.dtype]
@@ -135,11 +156,16 @@ class BinIdxWriter:
             pointers[1:] = np.cumsum(sizes[:-1].astype(np.int64)) * self.dtype.itemsize
         doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)  # Megatron: 0, then one entry per document end
         tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
-        with open(tmp_idx, "wb") as f:
-            f.write(MAGIC + struct.pack("<QBQQ", 1, self.code, len(sizes), len(doc_idx)))
-            f.write(sizes.tobytes() + pointers.tobytes() + doc_idx.tobytes())
-        os.replace(self._tmp_bin, self.bin_path)
-        os.replace(tmp_idx, self.idx_path)
+        try:
+            with open(tmp_idx, "wb") as f:
+                f.write(MAGIC + struct.pack("<QBQQ", 1, self.code, len(sizes), len(doc_idx)))
+                f.write(sizes.tobytes() + pointers.tobytes() + doc_idx.tobytes())
+            os.replace(self._tmp_bin, self.bin_path)
+            os.replace(tmp_idx, self.idx_path)
+        except BaseException:
+            self._tmp_bin.unlink(missing_ok=True)
+            tmp_idx.unlink(missing_ok=True)
+            raise
 
     def abort(self) -> None:
         self._f.close()
@@ -179,6 +205,13 @@ def _open_binary(path: Path):
     return open(path, "rb")
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a truncated or corrupt (compressed) file raises while it is read."""
+    errors = (OSError, EOFError, lzma.LZMAError, zlib.error)
+    zstd = sys.modules.get("zstandard")  # imported by _open_binary when a .zst file is read
+    return (*errors, zstd.ZstdError) if zstd is not None else errors
+
+
 def _is_jsonl(path: Path) -> bool:
     stem = path.name.lower()
     for ext in (".gz", ".bz2", ".xz", ".lzma", ".zst"):
@@ -198,7 +231,7 @@ def check_input(path: str | os.PathLike) -> None:
     try:
         with _open_binary(p) as f:
             head = f.read(1 << 16)
-    except (OSError, EOFError, lzma.LZMAError) as e:
+    except _read_errors() as e:
         raise DataError(p, f"cannot read it: {e}") from None
     if not head.strip():
         raise DataError(p, "the file holds no text")
@@ -213,6 +246,7 @@ def read_documents(path: str | os.PathLike) -> Iterator[str]:
     """Documents of one file: each line's "text" for JSONL, the whole file otherwise."""
     p = Path(path)
     check_input(p)
+    lineno = 0
     with _open_binary(p) as raw:
         f = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
         try:
@@ -228,9 +262,16 @@ def read_documents(path: str | os.PathLike) -> Iterator[str]:
                     raise DataError(p, f"line {lineno}: not JSON ({e.msg})") from None
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                     raise DataError(p, f'line {lineno}: expected an object with a "text" string')
+                bad = SURROGATE.search(obj["text"])
+                if bad:
+                    raise DataError(p, f'line {lineno}: "text" holds a lone surrogate {bad.group()!r} at character '
+                                       f"{bad.start()}, which is not a character (not encodable as UTF-8)")
                 yield obj["text"]
         except UnicodeDecodeError as e:
             raise DataError(p, f"not UTF-8 text ({e.reason} at byte {e.start} of a read block)") from None
+        except _read_errors() as e:
+            where = f" after line {lineno}" if lineno else ""
+            raise DataError(p, f"cannot read it{where} (truncated or corrupt?): {e}") from None
 
 
 # ---- prepare -------------------------------------------------------------------------------------
@@ -271,7 +312,9 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, num_
     writer = BinIdxWriter(out)
     n_docs = n_tok = n_chars = 0
     try:
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
+        # disable=None: no bar when stderr is not a terminal (a log file gets no carriage-return lines)
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                  disable=None if progress else True) as bar:
             for p in inputs:
                 batch: list[str] = []
 

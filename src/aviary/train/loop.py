@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from aviary.io.checkpoint import CheckpointError, _first_sentence
 from aviary.train.checkpoint import export, latest_checkpoint, load_checkpoint, save_checkpoint
 from aviary.train.config import ConfigError, TrainConfig
 from aviary.train.data import BinIdx
@@ -31,7 +32,15 @@ from aviary.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
 from aviary.train.sampler import WindowSampler
 from aviary.train.vocab import CompactVocab
 
-__all__ = ["train", "TrainResult"]
+__all__ = ["train", "TrainResult", "DivergedError"]
+
+# the model fields that decide the shapes of the weights; a checkpoint written with other values cannot resume
+_SHAPE_FIELDS = ("version", "n_layer", "n_embd", "head_size", "dim_ffn", "vocab_size", "compact_vocab")
+
+
+class DivergedError(FloatingPointError, ValueError):
+    """The training loss became inf or NaN. A ValueError too, so the CLI reports it in one line: the cure is
+    a setting (a lower learning rate), not a code fix."""
 
 
 @dataclass
@@ -57,16 +66,30 @@ class _Dist:
         return self.rank == 0
 
 
+def _check_device(name: str) -> torch.device:
+    """train.device (already checked to be auto, cpu, cuda, cuda:N or mps) -> a device this machine has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}: no CUDA device (this torch {torch.__version__} has no CUDA "
+                          "support or sees no GPU); use --train.device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name}: MPS (Apple GPU) is not available here; use --train.device cpu")
+    return device
+
+
 def _setup_distributed(device_name: str) -> tuple[_Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _check_device(device_name)
     if world == 1:
-        return _Dist(), torch.device(device_name)
+        return _Dist(), device
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "cuda":
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -170,7 +193,7 @@ def evaluate(model, data: BinIdx, cfg: TrainConfig, d: _Dist, device, vocab: Com
         t = torch.tensor([total, count], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         total, count = t.tolist()
-    return total / max(count, 1)
+    return total / count if count else float("nan")  # no windows: no loss (never 0.0)
 
 
 def _total_steps(cfg: TrainConfig, n_windows: int, global_bsz: int) -> int:
@@ -188,6 +211,29 @@ def _state_dicts(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
 
         return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return model.state_dict(), optimizer.state_dict()
+
+
+def _resume_payload(path: Path, cfg: TrainConfig, model) -> dict:
+    """The newest checkpoint of the run directory, checked against this run's model before anything is
+    loaded from it: a checkpoint of another model size is a run directory reused by mistake."""
+    payload = load_checkpoint(path)
+    fix = f"delete {path.parent} or choose another --out.dir"
+    saved = payload["config"].get("model") if isinstance(payload.get("config"), dict) else None
+    if isinstance(saved, dict) and not cfg.model.load and not saved.get("load"):
+        changed = [f"model.{k} {saved[k]!r} -> {getattr(cfg.model, k)!r}" for k in _SHAPE_FIELDS
+                   if k in saved and saved[k] != getattr(cfg.model, k)]
+        if changed:
+            raise CheckpointError(path, f"this run directory holds checkpoints of another model "
+                                        f"({', '.join(changed)}); {fix}")
+    ours, theirs = model.state_dict(), payload["model"]
+    missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    shapes = [k for k in sorted(ours.keys() & theirs.keys()) if tuple(ours[k].shape) != tuple(theirs[k].shape)]
+    if missing or extra or shapes:
+        found = [f"{what} {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+                 for what, names in (("missing", missing), ("unexpected", extra), ("other shape for", shapes))
+                 if names]
+        raise CheckpointError(path, f"does not fit this run's model ({'; '.join(found)}); {fix}")
+    return payload
 
 
 def _load_state_dicts(model, optimizer, msd: dict, osd: dict, fsdp: bool) -> None:
@@ -295,10 +341,6 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, t0: float) -> Train
     if valid is not None and len(valid) < T + 1:
         raise ConfigError(f"data.valid has {len(valid)} tokens, fewer than one window of {T + 1}")
     run_dir = Path(cfg.out.dir)
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-
     full_vocab = cfg.model.vocab_size
     if int(data.tokens.max()) >= full_vocab and not cfg.model.load:
         raise ConfigError(f"data.train holds token ids up to {int(data.tokens.max())}, beyond the model's "
@@ -309,6 +351,11 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, t0: float) -> Train
         raise ConfigError(f"data.train holds token ids up to {int(data.tokens.max())}, beyond the model's "
                           f"vocabulary of {model.config.vocab_size}")
     model.train()
+    ckpt = latest_checkpoint(run_dir)
+    payload = _resume_payload(ckpt, cfg, model) if ckpt is not None else None
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if cfg.train.grad_cp:
         _enable_grad_checkpointing(model)
     raw_model = model
@@ -332,11 +379,14 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, t0: float) -> Train
     optimizer = make_optimizer(raw_model, o.lr_init, (o.beta1, o.beta2), o.adam_eps, o.weight_decay)
 
     step = 0
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        payload = load_checkpoint(ckpt)
-        _load_state_dicts(raw_model if not fsdp else model, optimizer, payload["model"], payload["optimizer"], fsdp)
-        step = int(payload["step"])
+    if payload is not None:
+        try:
+            _load_state_dicts(raw_model if not fsdp else model, optimizer, payload["model"], payload["optimizer"],
+                              fsdp)
+        except (RuntimeError, ValueError, KeyError) as e:  # torch's words for "this state does not fit"
+            raise CheckpointError(ckpt, f"does not fit this run ({type(e).__name__}: {_first_sentence(e)}); delete "
+                                        f"{ckpt.parent} or choose another --out.dir") from None
+        step = payload["step"]
         if d.main:
             print(f"aviary train: resuming from {ckpt} (step {step})")
 
@@ -380,7 +430,7 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, t0: float) -> Train
         step += 1
         step_loss = _all_mean(step_loss, d, device)
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss became {step_loss} at step {step}; lower optim.lr_init?")
+            raise DivergedError(f"loss became {step_loss} at step {step}; lower optim.lr_init?")
         losses.append(step_loss)
         window_tokens += tok_per_step
         bar.update(1)

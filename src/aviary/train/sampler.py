@@ -50,6 +50,8 @@ class WindowSampler:
     """`sampler(k)` -> token offset of global sample k (k = 0, 1, ...; epoch = k // n_windows)."""
 
     def __init__(self, n_tokens: int, ctx_len: int, seed: int = 0):
+        if ctx_len < 1:
+            raise ValueError(f"ctx_len={ctx_len} must be >= 1")
         self.ctx_len = ctx_len
         self.n_windows = (n_tokens - 1) // ctx_len
         if self.n_windows < 1:
