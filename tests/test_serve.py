@@ -33,13 +33,15 @@ MODEL = "tiny-v7"
 
 
 class LiveServer:
-    """An ASGI app served by uvicorn on a free loopback port, in a thread."""
+    """An ASGI app served on a free loopback port, in a thread, by the uvicorn server `aviary serve` runs."""
 
-    def __init__(self, app):
+    def __init__(self, app, limits=None):
+        from aviary.serve.connections import make_server
+
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = make_server(app, limits or Limits(), log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -293,6 +295,13 @@ BAD = [  # (route, body, status, param or None)
     ("completions", {**COMPLETION, "logprobs": 3}, 400, "logprobs"),
     ("completions", {**COMPLETION, "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("completions", {**COMPLETION, "model": "gpt-4"}, 404, "model"),
+    # an integer Python will not convert (over 4,300 digits), and JSON escapes that decode to lone surrogates
+    ("completions", '{"model": "tiny-v7", "prompt": "a", "seed": ' + "9" * 5000 + "}", 400, None),
+    ("completions", '{"model": "tiny-v7", "prompt": "a\\ud800b"}', 400, "prompt"),
+    ("completions", '{"model": "tiny-v7", "prompt": ["ok", "\\udfff"]}', 400, "prompt.1"),
+    ("completions", '{"model": "\\ud800", "prompt": "a"}', 400, "model"),
+    ("completions", '{"model": "tiny-v7", "prompt": "a", "stop": ["\\ud800"]}', 400, "stop.0"),
+    ("completions", '{"model": "tiny-v7", "prompt": "a", "\\ud800": 1}', 400, None),
     ("chat/completions", {**CHAT, "messages": []}, 400, "messages"),
     ("chat/completions", {**CHAT, "messages": "hi"}, 400, "messages"),
     ("chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
@@ -302,6 +311,10 @@ BAD = [  # (route, body, status, param or None)
     ("chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     ("chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("chat/completions", {**CHAT, "stream_options": {"include_usage": 1}}, 400, "stream_options.include_usage"),
+    ("chat/completions", '{"model": "tiny-v7", "messages": [{"role": "user", "content": "\\udfff"}]}', 400,
+     "messages.0.content"),
+    ("chat/completions", '{"model": "tiny-v7", "messages": [{"role": "user", "content": [{"type": "text", '
+                         '"text": "a\\ud800"}]}]}', 400, "messages.0.content.0.text"),
 ]
 
 

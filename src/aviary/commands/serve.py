@@ -5,13 +5,14 @@ next step, finished ones leave. Prompts that start with a text the server has se
 earlier part of a conversation) start from the cached recurrent state instead of recomputing it.
 Chat messages are formatted as the RWKV World chat prompt ("User: ...\\n\\nAssistant:").
 
-The server listens on 127.0.0.1 only, unless --host says otherwise; give --api-key (or set
-AVIARY_API_KEY) before exposing it. Point any OpenAI client at http://HOST:PORT/v1 (see docs/serving.md).
+The server listens on 127.0.0.1 only, unless --host says otherwise; set AVIARY_API_KEY (or give
+--api-key-file) before exposing it, and put a reverse proxy in front (docs/serving.md, "Running it on a
+network"). Point any OpenAI client at http://HOST:PORT/v1.
 
 examples:
   aviary serve
   aviary serve RWKV-x070-World-1.5B.pth --port 8000 --max-batch 64
-  aviary serve model.pth --host 0.0.0.0 --api-key "$(cat key.txt)"
+  AVIARY_API_KEY="$(cat key.txt)" aviary serve model.pth --host 0.0.0.0
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "MODEL-NAME", "messages": [{"role": "user", "content": "Hi!"}], "stream": true}'
 """
@@ -19,7 +20,10 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import socket
 import sys
 
 from aviary.commands._common import add_model_arguments, load_model, resolve_model_path
@@ -32,9 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint (default: the bundled model)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    server.add_argument("--port", type=int, default=8000, help="(default 8000)")
-    server.add_argument("--api-key", default=os.environ.get("AVIARY_API_KEY"), metavar="KEY",
-                        help="require 'Authorization: Bearer KEY' (default: $AVIARY_API_KEY, else no key)")
+    server.add_argument("--port", type=int, default=8000, help="(default 8000; 0: any free port)")
+    server.add_argument("--api-key", action="append", metavar="KEY",
+                        help="require 'Authorization: Bearer KEY'; repeat for several clients, each with its own "
+                             "prefix cache (default: $AVIARY_API_KEY, else no key). Prefer the environment "
+                             "variable or --api-key-file: a key on the command line shows in `ps`")
+    server.add_argument("--api-key-file", metavar="FILE",
+                        help="API keys, one a line (blank lines and lines starting with # are skipped)")
     server.add_argument("--model-name", default=None,
                         help="the model id clients send and /v1/models lists (default: the file name)")
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -51,21 +59,106 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads (default: torch's choice; 1-2 is often faster on a busy machine)")
     limits.add_argument("--cache-mb", type=float, default=256, metavar="MB",
-                        help="memory for cached prefix states (default 256; 0 turns the cache off)")
+                        help="memory for cached prefix states (default 256; 0 turns the cache off). Each API key "
+                             "has its own entries; clients that share a key share them")
+    conns = parser.add_argument_group("connections")
+    conns.add_argument("--max-connections", type=int, default=None, metavar="N",
+                       help=f"open connections at most; at the cap a new one replaces the one waiting longest for "
+                            f"a request, else gets 503 (default {DEFAULT_MAX_CONNECTIONS}, fewer if the open-file "
+                            "limit is lower)")
+    conns.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                       help="a request's line and headers must arrive within S seconds, else 408 (default 10)")
+    conns.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                       help="a request's body must arrive within S seconds, else 408 (default 30)")
     add_model_arguments(parser)
 
 
-def build(args: argparse.Namespace):
-    """(Starlette app, scheduler) from the parsed options; the app starts the scheduler when it starts."""
-    from aviary.generation import Engine, StateCache
-    from aviary.serve.app import Limits, create_app
-    from aviary.serve.scheduler import Scheduler
+DEFAULT_MAX_CONNECTIONS = 512
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """The keys from --api-key and --api-key-file, else $AVIARY_API_KEY; [] for none. An empty key is an error:
+    `--api-key "$(cat key.txt)"` with key.txt missing must not serve without a key."""
+    keys = [_checked_key(key, "--api-key") for key in args.api_key or ()]
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--api-key-file {args.api_key_file}: {getattr(e, 'strerror', None) or e}") from None
+        found = [_checked_key(line, f"--api-key-file {args.api_key_file} line {i}")
+                 for i, line in enumerate(lines, 1) if line and not line.startswith("#")]
+        if not found:
+            raise ValueError(f"--api-key-file {args.api_key_file} has no keys")
+        keys += found
+    if not keys and "AVIARY_API_KEY" in os.environ:
+        keys = [_checked_key(os.environ["AVIARY_API_KEY"], "AVIARY_API_KEY")]
+    return list(dict.fromkeys(keys))
+
+
+def _checked_key(key: str, source: str) -> str:
+    key = key.strip()
+    if not key:
+        raise ValueError(f"{source} is empty: give a key, or leave it out to serve without one")
+    if not (key.isascii() and key.isprintable()):
+        raise ValueError(f"{source}: an API key must be printable ASCII (it travels in an HTTP header)")
+    return key
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse a host or port the server could not listen on, before the model loads (minutes, for a big one)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port (0-65535)")
+    if not host.strip():
+        raise ValueError("--host is empty (0.0.0.0 listens on every IPv4 address)")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as e:
+        raise ValueError(f"--host {host}: not an address of this machine ({getattr(e, 'strerror', None) or e})") \
+            from None
+    for family, kind, proto, _, address in addresses:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # a family this machine lacks (IPv6): the server skips it as well
+            continue
+        with sock:  # a trial bind: the address must be local and the port free
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                raise ValueError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
+
+
+def server_limits(args: argparse.Namespace):
+    """The Limits the options ask for, every number checked."""
+    from aviary.serve.app import Limits
 
     for name in ("max_batch", "max_prompt_tokens", "max_request_bytes"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_queue < 0 or args.max_tokens < 0 or args.cache_mb < 0:
         raise ValueError("--max-queue, --max-tokens and --cache-mb must be >= 0")
+    for name in ("header_timeout", "body_timeout"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value}")
+    if args.max_connections is not None and args.max_connections < 1:
+        raise ValueError("--max-connections must be >= 1")
+    return Limits(max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                  max_tokens=args.max_tokens, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                  max_connections=args.max_connections or DEFAULT_MAX_CONNECTIONS)
+
+
+def build(args: argparse.Namespace, limits=None):
+    """(Starlette app, scheduler) from the parsed options; the app starts the scheduler when it starts.
+    The options it uses are checked before the model loads (`run` checks the address first)."""
+    from aviary.generation import Engine, StateCache
+    from aviary.serve.app import create_app
+    from aviary.serve.scheduler import Scheduler
+
+    limits = limits or server_limits(args)
+    keys = api_keys(args)
     if args.threads is not None:
         import torch
 
@@ -78,18 +171,31 @@ def build(args: argparse.Namespace):
         raise ValueError("aviary serve does not take --state yet: every request starts from the model's state")
     cache = StateCache(int(args.cache_mb * 2**20)) if args.cache_mb > 0 else None
     scheduler = Scheduler(Engine(model, tokenizer, cache=cache), max_batch=args.max_batch, max_queue=args.max_queue)
-    limits = Limits(max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                    max_tokens=args.max_tokens)
     name = args.model_name or os.path.splitext(os.path.basename(path.rstrip("/")))[0]
-    return create_app(scheduler, tokenizer, model_name=name, limits=limits, api_key=args.api_key or None), scheduler
+    return create_app(scheduler, tokenizer, model_name=name, limits=limits, api_key=keys), scheduler
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    from dataclasses import replace
 
-    app, _ = build(args)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"aviary serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+    check_address(args.host, args.port)  # this and every other option: before the model loads
+    from aviary.serve.connections import fit_open_file_limit, make_server  # (imports torch: seconds)
+
+    limits = server_limits(args)
+    fitting, files = fit_open_file_limit(limits.max_connections)
+    if fitting < limits.max_connections:
+        if args.max_connections is not None or fitting < 1:
+            raise ValueError(f"--max-connections {limits.max_connections} does not fit the open-file limit "
+                             f"(ulimit -n) of {files}; lower --max-connections or raise the limit")
+        print(f"aviary serve: warning: the open-file limit (ulimit -n) is {files}: serving at most {fitting} "
+              "connections (--max-connections)", file=sys.stderr)
+        limits = replace(limits, max_connections=fitting)
+    app, scheduler = build(args, limits)
+    if args.host not in LOOPBACK and not (args.api_key or args.api_key_file or "AVIARY_API_KEY" in os.environ):
+        print(f"aviary serve: warning: listening on {args.host} without an API key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    server = make_server(app, limits, host=args.host, port=args.port, log_level=args.log_level,
+                         metrics=scheduler.metrics)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn shuts down gracefully, then re-raises it
+        server.run()
     return 0

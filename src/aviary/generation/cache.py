@@ -3,12 +3,16 @@
 An RWKV state is a few MB whatever the length of the text behind it, so keeping the state after a
 system prompt or a chat history is cheap, and a request that starts with a cached prefix skips
 recomputing it: `lookup(tokens)` returns the longest cached prefix of `tokens`.
+
+Entries live in namespaces: a lookup finds only prefixes stored under its own namespace. A server gives each
+client (API key) its own, so whether a prefix is cached, and how fast a prompt is prefilled, tells a client
+nothing about what another client sent. The byte budget is shared by all namespaces.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +40,7 @@ class StateCache:
         if max_bytes < 0:
             raise ValueError(f"cache size must be >= 0 bytes, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[int, ...], CachedPrefix] = OrderedDict()
+        self._entries: OrderedDict[tuple[Hashable, tuple[int, ...]], CachedPrefix] = OrderedDict()  # (ns, tokens)
         self._lengths: dict[int, int] = {}  # prefix length -> number of entries with it
         self.nbytes = 0
         self.hits = 0
@@ -45,10 +49,10 @@ class StateCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, tokens: Sequence[int]) -> CachedPrefix | None:
-        """The entry for the longest cached prefix of `tokens` (possibly all of them), or None."""
+    def lookup(self, tokens: Sequence[int], namespace: Hashable = None) -> CachedPrefix | None:
+        """The entry for the longest prefix of `tokens` (possibly all of them) cached in `namespace`, or None."""
         for n in sorted((n for n in self._lengths if n <= len(tokens)), reverse=True):
-            key = tuple(tokens[:n])
+            key = (namespace, tuple(tokens[:n]))
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
@@ -57,19 +61,19 @@ class StateCache:
         self.misses += 1
         return None
 
-    def put(self, tokens: Sequence[int], state: RWKVState, logits: torch.Tensor) -> None:
-        """Remember the state after `tokens` (batch of one) and the logits [V] for the token after them."""
+    def put(self, tokens: Sequence[int], state: RWKVState, logits: torch.Tensor, namespace: Hashable = None) -> None:
+        """Remember, in `namespace`, the state after `tokens` (batch of one) and the logits [V] for the next token."""
         if state.batch_size != 1:
             raise ValueError(f"cache entries are single sequences, got a state with batch {state.batch_size}")
         if not tokens:
             return
-        key = tuple(tokens)
-        entry = CachedPrefix(len(key), state.detach(), logits.detach().reshape(-1))
+        key = (namespace, tuple(tokens))
+        entry = CachedPrefix(len(tokens), state.detach(), logits.detach().reshape(-1))
         if entry.nbytes > self.max_bytes:
             return
         self._remove(key)
         self._entries[key] = entry
-        self._lengths[len(key)] = self._lengths.get(len(key), 0) + 1
+        self._lengths[entry.length] = self._lengths.get(entry.length, 0) + 1
         self.nbytes += entry.nbytes
         while self.nbytes > self.max_bytes:
             self._remove(next(iter(self._entries)))
@@ -79,11 +83,11 @@ class StateCache:
         self._lengths.clear()
         self.nbytes = 0
 
-    def _remove(self, key: tuple[int, ...]) -> None:
+    def _remove(self, key: tuple[Hashable, tuple[int, ...]]) -> None:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
         self.nbytes -= entry.nbytes
-        self._lengths[len(key)] -= 1
-        if not self._lengths[len(key)]:
-            del self._lengths[len(key)]
+        self._lengths[entry.length] -= 1
+        if not self._lengths[entry.length]:
+            del self._lengths[entry.length]

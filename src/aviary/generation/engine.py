@@ -12,7 +12,7 @@ whole loop; `generate` / `stream` below are the one-call front ends, and a serve
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -118,18 +118,19 @@ class Engine:
         return tokens
 
     @torch.no_grad()
-    def prefill(self, tokens: Sequence[int], state: RWKVState | None = None,
-                cache_at: Sequence[int] = ()) -> tuple[torch.Tensor, RWKVState, int]:
+    def prefill(self, tokens: Sequence[int], state: RWKVState | None = None, cache_at: Sequence[int] = (),
+                namespace: Hashable = None) -> tuple[torch.Tensor, RWKVState, int]:
         """Run `tokens` from `state` (or from the start, through the prefix cache).
 
         `cache_at`: token counts (message boundaries of a chat, say) after which the state is cached too,
         so a later prompt that shares only that prefix starts from it. The whole prompt is always cached.
+        `namespace`: the prefix-cache namespace to look up and store in (a server's client; see StateCache).
         Returns (logits [V] for the next token, state after the tokens, number of tokens taken from the cache).
         """
         tokens = list(tokens)
         done, logits = 0, None
         if state is None and self.cache is not None:
-            hit = self.cache.lookup(tokens)
+            hit = self.cache.lookup(tokens, namespace)
             if hit is not None:
                 done, state, logits = hit.length, hit.state, hit.logits
         device = self.model.emb.weight.device
@@ -141,12 +142,12 @@ class Engine:
             out, state = self.model(chunk, state, last_only=True)
             logits = out[0, -1]
             if end in marks:
-                self.cache.put(tokens[:end], state, logits.float())
+                self.cache.put(tokens[:end], state, logits.float(), namespace)
             start = end
         if state is None:  # unreachable with a non-empty prompt; kept for the type checker
             raise GenerationError("nothing to prefill")
         if self.cache is not None and done < len(tokens):
-            self.cache.put(tokens, state, logits)
+            self.cache.put(tokens, state, logits, namespace)
         return logits.float(), state, done
 
     # ---- the batch ---------------------------------------------------------------------------
@@ -160,12 +161,13 @@ class Engine:
         return len(self._running)
 
     def add(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, tag: object = None,
-            state: RWKVState | None = None, seed_offset: int = 0, cache_at: Sequence[int] = ()) -> SequenceOutput:
+            state: RWKVState | None = None, seed_offset: int = 0, cache_at: Sequence[int] = (),
+            namespace: Hashable = None) -> SequenceOutput:
         """Prefill a prompt and put it in the batch; it decodes from the next `step`.
 
         `state` continues from a given state (batch of one: a chat history, a state-tuned start);
         without it the prefix cache is used. `seed_offset` is added to the seed (for n samples of one prompt).
-        `cache_at` is passed to `prefill`.
+        `cache_at` and `namespace` are passed to `prefill`.
         """
         params = params or SamplingParams()
         params.check_vocab(self.vocab_size)
@@ -173,7 +175,7 @@ class Engine:
             self.model.check_state(state, 1)
         tokens = self.encode(prompt)
         out = SequenceOutput(tokens, params, tag)
-        logits, seq_state, out.cached_tokens = self.prefill(tokens, state, cache_at)
+        logits, seq_state, out.cached_tokens = self.prefill(tokens, state, cache_at, namespace)
         run = _Running(out, self.vocab_size, params.make_generator(seed_offset))
         if params.max_new_tokens == 0:
             out.finish_reason = "length"

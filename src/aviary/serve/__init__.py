@@ -4,9 +4,10 @@
     chat_format.py  chat messages -> the RWKV World prompt, in segments the prefix cache can reuse
     protocol.py     the OpenAI request bodies (strict) and error JSON
     app.py          the Starlette app: routes, auth, limits, server-sent events
+    connections.py  the uvicorn server it runs on: read deadlines, a connection cap, the open-file limit
     metrics.py      Prometheus text counters and histograms
 
-The web stack (starlette, uvicorn) is imported only by `app.py` and the `serve` command.
+The web stack (starlette, uvicorn) is imported only by `app.py`, `connections.py` and the `serve` command.
 """
 
 from aviary.serve.scheduler import Done, Failed, Job, Piece, QueueFull, Scheduler

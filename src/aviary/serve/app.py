@@ -7,9 +7,13 @@
     POST /v1/chat/completions  messages -> reply, in the RWKV World chat format (chat_format.py)
 
 Everything a client can get wrong is answered with OpenAI's error JSON and a 4xx status: no or wrong key
-(401), an unknown route (404) or model (404), a body too large (413), malformed JSON or a bad field (400),
-a prompt or `max_tokens` over the limits (400), a full queue (429 with Retry-After). A client that
-disconnects, mid-stream or while waiting, has its request cancelled and its batch rows freed.
+(401), an unknown route (404) or model (404), a body too large (413) or too slow to arrive (408), malformed
+JSON, text that is not valid Unicode or a bad field (400), a prompt or `max_tokens` over the limits (400), a
+full queue (429 with Retry-After). A client that disconnects, while sending, waiting or mid-stream, has its
+request cancelled and its batch rows freed (counted as code 499, never as a server error).
+
+Each API key is a tenant of the prefix cache: a client never starts from (nor learns of) another key's
+prefixes. Deadlines for the request head and a cap on connections are the HTTP protocol's (connections.py).
 """
 
 from __future__ import annotations
@@ -20,18 +24,26 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from aviary.generation import SamplingParams
 from aviary.serve.chat_format import STOP, ChatMessage, prompt_tokens
-from aviary.serve.protocol import ApiError, ChatRequest, CompletionRequest, error_body, validation_error
+from aviary.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    error_body,
+    lone_surrogate_error,
+    validation_error,
+)
 from aviary.serve.scheduler import Done, Failed, Job, Piece, QueueFull, Scheduler, SchedulerClosed
 
 __all__ = ["Limits", "create_app"]
@@ -45,6 +57,10 @@ class Limits:
     max_prompt_tokens: int = 8192  # per prompt (a chat's whole conversation)
     max_tokens: int = 2048  # the largest max_tokens a request may ask for; chat's default
     retry_after_s: int = 1  # the Retry-After of a 429
+    body_timeout_s: float = 30.0  # the whole request body must arrive within it (408)
+    # enforced by the HTTP protocol (connections.py), not by the app:
+    header_timeout_s: float = 10.0  # the request line and headers must arrive within it (408)
+    max_connections: int = 512  # open connections at most (503 past it)
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -52,9 +68,10 @@ def _error_response(e: ApiError) -> JSONResponse:
 
 
 class _Api:
-    def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, limits: Limits, api_key: str | None):
+    def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, limits: Limits, api_keys: list[str]):
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
-        self.limits, self.api_key = limits, api_key
+        self.limits = limits
+        self.api_keys = [key.encode() for key in api_keys]
         self.vocab_size = scheduler.engine.vocab_size
         self.created = int(time.time())
         self.metrics = scheduler.metrics
@@ -62,19 +79,46 @@ class _Api:
 
     # ---- checks shared by every endpoint ------------------------------------------------------
 
-    def authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
+    def authorize(self, request: Request) -> int | None:
+        """The client's tenant: the index of its API key (None when the server has no keys: one tenant)."""
+        if not self.api_keys:
+            return None
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        token = token.strip().encode()
+        matches = [hmac.compare_digest(token, key) for key in self.api_keys]  # all of them: the time tells nothing
+        if scheme.lower() != "bearer" or not any(matches):
             raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
+        return matches.index(True)
 
     async def read_json(self, request: Request) -> dict:
+        timeout = self.limits.body_timeout_s
+        try:  # a deadline for the whole body: a client sending a byte now and then cannot hold the request open
+            body = await asyncio.wait_for(self._read_body(request), timeout)
+        except TimeoutError:
+            raise ApiError(408, f"The request body did not arrive within {timeout:g} s.", code="request_timeout",
+                           headers={"Connection": "close"}) from None
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+        except ValueError:  # Python refuses to convert integers of more than 4,300 digits
+            raise ApiError(400, "The request body holds a number too long to read (an integer of more than "
+                                "4,300 digits).", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "The request body's JSON is nested too deeply.", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+        error = lone_surrogate_error(data)
+        if error is not None:
+            raise error
+        return data
+
+    async def _read_body(self, request: Request) -> bytearray:
         limit = self.limits.max_request_bytes
         too_large = ApiError(413, f"The request body is larger than this server's limit of {limit} bytes.",
-                             code="request_too_large")
+                             code="request_too_large", headers={"Connection": "close"})  # the rest is not read
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_large
@@ -83,15 +127,7 @@ class _Api:
             body += chunk
             if len(body) > limit:
                 raise too_large
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ApiError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
-        except RecursionError:
-            raise ApiError(400, "The request body's JSON is nested too deeply.", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
-        return data
+        return body
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -152,7 +188,7 @@ class _Api:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "aviary"}
 
     async def completions(self, request: Request):
-        self.authorize(request)
+        tenant = self.authorize(request)
         req = _validate(CompletionRequest, await self.read_json(request))
         self.check_model(req.model)
         raw = req.prompt
@@ -163,10 +199,11 @@ class _Api:
         prompts = [self.check_prompt(self.tokenizer.encode(p) if isinstance(p, str) else list(p), "prompt")
                    for p in raw]
         params = self.sampling(req, req.max_tokens)
-        return await self.respond(request, req, Job(prompts, params, sink=None, n=req.n or 1), _TextFormat())
+        job = Job(prompts, params, sink=None, n=req.n or 1, namespace=tenant)
+        return await self.respond(request, req, job, _TextFormat())
 
     async def chat(self, request: Request):
-        self.authorize(request)
+        tenant = self.authorize(request)
         req = _validate(ChatRequest, await self.read_json(request))
         self.check_model(req.model)
         if req.max_tokens is not None and req.max_completion_tokens is not None:
@@ -176,7 +213,7 @@ class _Api:
         tokens, boundaries = prompt_tokens(messages, self.tokenizer)
         self.check_prompt(tokens, "messages")
         params = self.sampling(req, req.max_completion_tokens if req.max_tokens is None else req.max_tokens, STOP)
-        job = Job([tokens], params, sink=None, n=req.n or 1, cache_at=[boundaries])
+        job = Job([tokens], params, sink=None, n=req.n or 1, cache_at=[boundaries], namespace=tenant)
         return await self.respond(request, req, job, _ChatFormat())
 
     # ---- running a job ------------------------------------------------------------------------
@@ -317,9 +354,15 @@ def _sse(payload: dict) -> str:
 
 
 def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, limits: Limits | None = None,
-               api_key: str | None = None) -> Starlette:
-    """The ASGI app. It starts the scheduler's thread on startup and stops it on shutdown."""
-    api = _Api(scheduler, tokenizer, model_name, limits or Limits(), api_key)
+               api_key: str | Sequence[str] | None = None) -> Starlette:
+    """The ASGI app. It starts the scheduler's thread on startup and stops it on shutdown.
+
+    `api_key`: one key or several (each its own prefix-cache tenant); None or () serves without a key.
+    """
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
+    if not all(isinstance(key, str) and key.strip() == key and key for key in keys):
+        raise ValueError("an API key is empty or has surrounding whitespace")
+    api = _Api(scheduler, tokenizer, model_name, limits or Limits(), keys)
 
     def endpoint(name: str, handler):
         async def call(request: Request):
@@ -327,6 +370,8 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, limits: Limi
                 response = await handler(request)
             except ApiError as e:
                 response = _error_response(e)
+            except ClientDisconnect:  # gone while sending its request: nobody reads an answer, nothing failed
+                response = PlainTextResponse("", status_code=499)
             except Exception:  # a bug: say so in OpenAI's format, keep serving
                 log.exception("unhandled error in %s", name)
                 response = _error_response(ApiError(500, "Internal server error.", type="server_error"))

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "error_body", "validation_error"]
+__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "error_body", "lone_surrogate_error", "validation_error"]
 
 
 class ApiError(Exception):
@@ -28,7 +28,48 @@ class ApiError(Exception):
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
+    # a message may quote the client's text: a lone surrogate in it would make the JSON unencodable
+    message, param = (x.encode("utf-8", "replace").decode("utf-8") if x else x for x in (message, param))
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def lone_surrogate_error(data: Any) -> ApiError | None:
+    """A 400 naming the first field of decoded JSON whose text is not valid Unicode, or None.
+
+    JSON may spell a lone surrogate ("\\ud800"); Python decodes it into a str that cannot be encoded as UTF-8,
+    so no tokenizer can take it (World raises UnicodeEncodeError, 20B TypeError). Field names count too.
+    """
+    stack: list[tuple[tuple, Any]] = [((), data)]
+    while stack:  # depth first, in document order; no recursion (the JSON may be nested a thousand deep)
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                return _surrogate_error(path)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        children = []
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(key, str) and not _is_unicode(key):
+                return _surrogate_error(path, "a field name in ")
+            if isinstance(item, (str, dict, list)):
+                children.append(((*path, key), item))
+        stack.extend(reversed(children))
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate_error(path: tuple, where: str = "") -> ApiError:
+    param = ".".join(str(x) for x in path) or None
+    return ApiError(400, f"Invalid value for {where}{param or 'the request body'}: the text contains a lone "
+                         "surrogate (U+D800-U+DFFF), which is not valid Unicode.", param=param, code="invalid_value")
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}

@@ -19,7 +19,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from aviary.generation import Engine, SamplingParams, SequenceOutput
@@ -73,6 +73,7 @@ class Job:
     sink: Callable[[Event], None]
     n: int = 1
     cache_at: list[list[int]] | None = None  # per prompt: extra token counts to cache (chat message ends)
+    namespace: Hashable = None  # the client's prefix-cache namespace: it never starts from another client's prefix
     seqs: list[SequenceOutput] = field(default_factory=list)
     submitted_at: float = 0.0
     first_token_at: float | None = None
@@ -209,7 +210,8 @@ class Scheduler:
                 cache_at = job.cache_at[i] if job.cache_at else ()
                 for j in range(job.n):
                     index = i * job.n + j
-                    seq = self.engine.add(prompt, job.params, tag=(job, index), seed_offset=j, cache_at=cache_at)
+                    seq = self.engine.add(prompt, job.params, tag=(job, index), seed_offset=j, cache_at=cache_at,
+                                          namespace=job.namespace)
                     job.seqs.append(seq)
                     if seq.finished:  # max_tokens == 0
                         self._on_piece(job, index, seq, "")
