@@ -39,14 +39,14 @@ class CheckpointError(ValueError):
         self.problem = problem
 
 
-def _first_sentence(e: BaseException, limit: int = 200) -> str:
+def first_sentence(e: BaseException, limit: int = 200) -> str:
     """The useful part of a library's exception text, on one line."""
     text = " ".join(str(e).split()) or type(e).__name__
     text = text.split(". ")[0]
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _unpickling_problem(e: pickle.UnpicklingError) -> str:
+def unpickling_problem(e: pickle.UnpicklingError) -> str:
     text = str(e)
     wanted = re.search(r"GLOBAL ([\w.]+)", text)
     if wanted:  # the pickle imports something (os.system, a class, ...): loading it could run code
@@ -62,12 +62,12 @@ def _load_pickle(path: Path, size: int, head: bytes) -> dict:
     except torchfile.FileError as e:
         raise CheckpointError(path, str(e)) from None
     except pickle.UnpicklingError as e:
-        raise CheckpointError(path, _unpickling_problem(e)) from None
+        raise CheckpointError(path, unpickling_problem(e)) from None
     except EOFError:
         raise CheckpointError(path, "file ends early (empty, truncated or corrupt)") from None
     except Exception as e:  # garbage bytes make the unpickler fail in any number of ways
         raise CheckpointError(path, f"not a readable PyTorch checkpoint (truncated or corrupt?): "
-                                    f"{type(e).__name__}: {_first_sentence(e)}") from None
+                                    f"{type(e).__name__}: {first_sentence(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"expected a state dict (name -> tensor), found {type(obj).__name__}")
     return obj
@@ -81,7 +81,7 @@ def _load_safetensors(path: Path) -> dict:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(path, f"not a readable safetensors file (truncated or corrupt?): "
-                                    f"{_first_sentence(e)}") from None
+                                    f"{first_sentence(e)}") from None
 
 
 def _is_safetensors(head: bytes, size: int) -> bool:
@@ -216,7 +216,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from None  # name the file asked for, not the .tmp
     except Exception as e:  # a full disk, in the words of torch or safetensors
         tmp.unlink(missing_ok=True)
-        raise OSError(f"{path}: cannot write: {_first_sentence(e)}") from None
+        raise OSError(f"{path}: cannot write: {first_sentence(e)}") from None
 
 
 def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike,

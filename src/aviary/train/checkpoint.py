@@ -56,7 +56,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, payload: dict[str, An
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A training checkpoint's payload. Raises CheckpointError naming the file when it is unreadable (a
     truncated copy, a pickle that would run code) or lacks the model, optimizer or step."""
-    from aviary.io.checkpoint import CheckpointError, _first_sentence, _unpickling_problem
+    from aviary.io.checkpoint import CheckpointError, first_sentence, unpickling_problem
 
     fix = "delete it to resume from the checkpoint before it, or choose another --out.dir"
     try:
@@ -65,10 +65,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             # weights_only: a checkpoint holds tensors, numbers, strings and dicts only; nothing runs on load
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(path, f"{_unpickling_problem(e)}; {fix}") from None
+        raise CheckpointError(path, f"{unpickling_problem(e)}; {fix}") from None
     except Exception as e:  # a damaged file fails inside torch.load in any number of ways
         raise CheckpointError(path, f"not a readable training checkpoint (truncated or corrupt?): "
-                                    f"{type(e).__name__}: {_first_sentence(e)}; {fix}") from None
+                                    f"{type(e).__name__}: {first_sentence(e)}; {fix}") from None
     if not (isinstance(payload, dict) and isinstance(payload.get("optimizer"), dict)
             and isinstance(payload.get("model"), dict)
             and all(isinstance(v, torch.Tensor) for v in payload["model"].values())

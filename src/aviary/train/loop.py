@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from aviary.io.checkpoint import CheckpointError, _first_sentence
+from aviary.io.checkpoint import CheckpointError, first_sentence
 from aviary.train.checkpoint import export, latest_checkpoint, load_checkpoint, save_checkpoint
 from aviary.train.config import ConfigError, TrainConfig
 from aviary.train.data import BinIdx
@@ -384,7 +384,7 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, t0: float) -> Train
             _load_state_dicts(raw_model if not fsdp else model, optimizer, payload["model"], payload["optimizer"],
                               fsdp)
         except (RuntimeError, ValueError, KeyError) as e:  # torch's words for "this state does not fit"
-            raise CheckpointError(ckpt, f"does not fit this run ({type(e).__name__}: {_first_sentence(e)}); delete "
+            raise CheckpointError(ckpt, f"does not fit this run ({type(e).__name__}: {first_sentence(e)}); delete "
                                         f"{ckpt.parent} or choose another --out.dir") from None
         step = payload["step"]
         if d.main:
