@@ -79,29 +79,10 @@ def resolve_model_path(model: str | None) -> str:
     return str(default_model_path())
 
 
-def check_device(name: str, option: str = "--device") -> None:
-    """A --device this machine has, or a ValueError saying why not (before any file is read: torch would
-    say it with an AssertionError or a RuntimeError, after loading the model)."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"{option} {name!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{option} {name}: no CUDA device (this torch {torch.__version__} has no CUDA support or "
-                         "sees no GPU); use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{option} {name}: MPS (Apple GPU) is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{option} {name}: Aviary runs on cpu, cuda and mps devices")
-
-
 def load_model(args: argparse.Namespace, model: str | None):
     """(model, tokenizer, starting state or None) from the parsed options."""
     import aviary
+    from aviary.devices import check_device
 
     check_device(args.device)
     path = resolve_model_path(model)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from aviary.devices import check_device
 from aviary.io.checkpoint import CheckpointError, first_sentence
 from aviary.train.checkpoint import export, latest_checkpoint, load_checkpoint, save_checkpoint
 from aviary.train.config import ConfigError, TrainConfig
@@ -66,24 +67,12 @@ class _Dist:
         return self.rank == 0
 
 
-def _check_device(name: str) -> torch.device:
-    """train.device (already checked to be auto, cpu, cuda, cuda:N or mps) -> a device this machine has."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name}: no CUDA device (this torch {torch.__version__} has no CUDA "
-                          "support or sees no GPU); use --train.device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"train.device={name}: MPS (Apple GPU) is not available here; use --train.device cpu")
-    return device
-
-
 def _setup_distributed(device_name: str) -> tuple[_Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = _check_device(device_name)
+    try:  # train.device is already one of auto, cpu, cuda, cuda:N, mps (TrainConfig.validate)
+        device = check_device(device_name, "train.device", "--train.device cpu")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if world == 1:
         return _Dist(), device
     import torch.distributed as dist
