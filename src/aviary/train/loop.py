@@ -1,5 +1,11 @@
 """`train(config)`: the training loop, for one process or many under `torchrun` (DDP or FSDP).
 
+    _setup               data, model, DDP/FSDP wrapping, optimizer, resume from the newest checkpoint
+    _loop                until the last step: log every out.log_every steps, and after each
+      _train_step          one optimizer step
+      _evaluate_and_save   validation every out.val_every steps, a checkpoint every out.save_every
+    _finish              the last validation, export, the end of the log, loss.png
+
 One optimizer step reads `micro_bsz * accumulate * world_size` windows. Global sample number
 k = (step * accumulate + micro) * world * micro_bsz + rank * micro_bsz + j picks its window through the
 `WindowSampler`, so the set of windows of a step depends only on the global batch: one process with
@@ -16,10 +22,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
@@ -32,6 +39,9 @@ from aviary.train.init import init_model, model_config
 from aviary.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
 from aviary.train.sampler import WindowSampler
 from aviary.train.vocab import CompactVocab
+
+if TYPE_CHECKING:
+    from aviary.model import RWKV
 
 __all__ = ["train", "TrainResult", "DivergedError"]
 
@@ -99,7 +109,118 @@ def _all_mean(x: float, d: _Dist, device: torch.device) -> float:
     return t.item() / d.world
 
 
-def _build_model(cfg: TrainConfig, device: torch.device, vocab: CompactVocab | None):
+@dataclass
+class _Run:
+    """Everything a run holds from setup to finish. `model` is what the forward pass calls (the DDP wrapper
+    under DDP); `raw_model` is the RWKV itself, which the optimizer and the checkpoints see (FSDP shards it
+    in place, so there the two are one object)."""
+
+    cfg: TrainConfig
+    dist: _Dist
+    device: torch.device
+    run_dir: Path
+    data: BinIdx
+    valid: BinIdx | None
+    sampler: WindowSampler
+    vocab: CompactVocab | None
+    raw_model: RWKV
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    logger: _Logger
+    total: int  # optimizer steps of the whole run
+    t0: float  # when train() was called
+    step: int = 0  # optimizer steps done (a resumed run starts at its checkpoint's)
+
+    @property
+    def fsdp(self) -> bool:
+        return self.dist.world > 1 and self.cfg.train.strategy == "fsdp"
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.micro_bsz * self.cfg.train.accumulate * self.dist.world
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.cfg.data.ctx_len
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens read by all ranks up to `step`."""
+        return self.step * self.tokens_per_step
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or continue) as `cfg` says; resumes from the newest checkpoint in `out.dir` if there is one."""
+    cfg.validate()
+    t0 = time.time()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    d, device = _setup_distributed(cfg.train.device)
+    run = _setup(cfg, d, device, t0)
+    losses = _loop(run)
+    result = _finish(run, losses)
+    del run  # the DDP/FSDP wrappers must be collectable before the group goes (_destroy_process_group)
+    if d.owns_group:
+        _destroy_process_group()
+    return result
+
+
+# ---- setup: data, model, wrapping, optimizer, resume ---------------------------------------------------------
+
+
+def _setup(cfg: TrainConfig, d: _Dist, device: torch.device, t0: float) -> _Run:
+    """Everything before the first step. The data and the newest checkpoint are checked before anything is
+    written to the run directory."""
+    data, valid, sampler, vocab = _load_data(cfg)
+    raw_model = _build_model(cfg, device, vocab)
+    if cfg.model.load:  # the checkpoint decides the vocabulary
+        _check_ids(data, raw_model.config.vocab_size)
+    raw_model.train()
+    run_dir = Path(cfg.out.dir)
+    ckpt = latest_checkpoint(run_dir)
+    payload = _resume_payload(ckpt, cfg, raw_model) if ckpt is not None else None
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if cfg.train.grad_cp:
+        _enable_grad_checkpointing(raw_model)
+    model = _wrap(raw_model, cfg, d, device)
+    o = cfg.optim
+    optimizer = make_optimizer(raw_model, o.lr_init, (o.beta1, o.beta2), o.adam_eps, o.weight_decay)
+    run = _Run(cfg=cfg, dist=d, device=device, run_dir=run_dir, data=data, valid=valid, sampler=sampler,
+               vocab=vocab, raw_model=raw_model, model=model, optimizer=optimizer,
+               logger=_Logger(run_dir, d.main, cfg.out.tensorboard),
+               total=_total_steps(cfg, sampler.n_windows, d.world), t0=t0)
+    if payload is not None:
+        _restore(run, ckpt, payload)
+    if d.main and run.step == 0:
+        run.logger.write({"step": 0, "tokens": 0, "event": "start", "parameters": raw_model.num_parameters,
+                          "model": raw_model.config.to_dict(), "windows": sampler.n_windows,
+                          "total_steps": run.total, "global_batch": run.global_batch, "world_size": d.world,
+                          "compact_vocab_rows": vocab.size if vocab is not None else None})
+    return run
+
+
+def _load_data(cfg: TrainConfig) -> tuple[BinIdx, BinIdx | None, WindowSampler, CompactVocab | None]:
+    T = cfg.data.ctx_len
+    data = BinIdx(cfg.data.train)
+    valid = BinIdx(cfg.data.valid) if cfg.data.valid else None
+    sampler = WindowSampler(len(data), T, seed=cfg.train.seed)
+    if valid is not None and len(valid) < T + 1:
+        raise ConfigError(f"data.valid has {len(valid)} tokens, fewer than one window of {T + 1}")
+    if not cfg.model.load:  # before the model is built (with model.load, after: the checkpoint decides)
+        _check_ids(data, cfg.model.vocab_size)
+    vocab = CompactVocab.from_tokens(data.tokens, cfg.model.vocab_size) if cfg.model.compact_vocab else None
+    return data, valid, sampler, vocab
+
+
+def _check_ids(data: BinIdx, vocab_size: int) -> None:
+    top = int(data.tokens.max())
+    if top >= vocab_size:
+        raise ConfigError(f"data.train holds token ids up to {top}, beyond the model's vocabulary of {vocab_size}")
+
+
+def _build_model(cfg: TrainConfig, device: torch.device, vocab: CompactVocab | None) -> RWKV:
     from aviary.model import RWKV
 
     m = cfg.model
@@ -124,6 +245,209 @@ def _enable_grad_checkpointing(model) -> None:
             return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False)
 
         block.forward = wrapped
+
+
+def _wrap(model: RWKV, cfg: TrainConfig, d: _Dist, device: torch.device) -> nn.Module:
+    """The model as the forward pass calls it: itself in one process, DDP-wrapped, or FSDP-sharded in place."""
+    if d.world == 1:
+        return model
+    if cfg.train.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # one FSDP unit per block, except block 0: the shell calls its ln0 outside the block's forward,
+        # so block 0 stays in the root unit (gathered for the whole forward)
+        for block in model.blocks[1:]:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # find_unused_parameters: v7 layer 0 carries v0/v1/v2 (official names) that its math never uses
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def _total_steps(cfg: TrainConfig, n_windows: int, world: int) -> int:
+    t = cfg.train
+    global_bsz = t.micro_bsz * t.accumulate * world
+    if t.max_steps:
+        return t.max_steps
+    if t.max_tokens:
+        return max(1, t.max_tokens // (global_bsz * cfg.data.ctx_len))
+    return max(1, int(t.epochs * n_windows) // global_bsz)
+
+
+def _resume_payload(path: Path, cfg: TrainConfig, model) -> dict:
+    """The newest checkpoint of the run directory, checked against this run's model before anything is
+    loaded from it: a checkpoint of another model size is a run directory reused by mistake."""
+    payload = load_checkpoint(path)
+    fix = f"delete {path.parent} or choose another --out.dir"
+    saved = payload["config"].get("model") if isinstance(payload.get("config"), dict) else None
+    if isinstance(saved, dict) and not cfg.model.load and not saved.get("load"):
+        changed = [f"model.{k} {saved[k]!r} -> {getattr(cfg.model, k)!r}" for k in _SHAPE_FIELDS
+                   if k in saved and saved[k] != getattr(cfg.model, k)]
+        if changed:
+            raise CheckpointError(path, f"this run directory holds checkpoints of another model "
+                                        f"({', '.join(changed)}); {fix}")
+    ours, theirs = model.state_dict(), payload["model"]
+    missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    shapes = [k for k in sorted(ours.keys() & theirs.keys()) if tuple(ours[k].shape) != tuple(theirs[k].shape)]
+    if missing or extra or shapes:
+        found = [f"{what} {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+                 for what, names in (("missing", missing), ("unexpected", extra), ("other shape for", shapes))
+                 if names]
+        raise CheckpointError(path, f"does not fit this run's model ({'; '.join(found)}); {fix}")
+    return payload
+
+
+def _restore(run: _Run, path: Path, payload: dict) -> None:
+    """Load a checked checkpoint's weights, optimizer state and step into the run."""
+    try:
+        if run.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(run.raw_model, run.optimizer, model_state_dict=payload["model"],
+                           optim_state_dict=payload["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            run.raw_model.load_state_dict(payload["model"])
+            run.optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # torch's words for "this state does not fit"
+        raise CheckpointError(path, f"does not fit this run ({type(e).__name__}: {first_sentence(e)}); delete "
+                                    f"{path.parent} or choose another --out.dir") from None
+    run.step = payload["step"]
+    if run.dist.main:
+        print(f"aviary train: resuming from {path} (step {run.step})")
+
+
+# ---- the steps -------------------------------------------------------------------------------------------------
+
+
+def _loop(run: _Run) -> list[float]:
+    """Steps from `run.step` to `run.total`, with the progress bar and the log lines; the losses of each."""
+    from tqdm import tqdm
+
+    out = run.cfg.out
+    bar = tqdm(total=run.total, initial=run.step, disable=not (run.dist.main and out.progress), unit="step",
+               dynamic_ncols=True)
+    losses: list[float] = []
+    window_t, window_tokens = time.time(), 0  # tokens/s over the steps since the last log line
+    while run.step < run.total:
+        loss, lr, grad_norm = _train_step(run)
+        losses.append(loss)
+        window_tokens += run.tokens_per_step
+        bar.update(1)
+        if run.step % out.log_every == 0 or run.step == run.total:
+            now = time.time()
+            tps = window_tokens / max(now - window_t, 1e-9)
+            window_t, window_tokens = now, 0
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
+            run.logger.write({"step": run.step, "tokens": run.tokens, "loss": loss, "lr": lr,
+                              "grad_norm": grad_norm, "tok_per_s": round(tps, 1),
+                              "elapsed_s": round(now - run.t0, 1)})
+        _evaluate_and_save(run, bar)
+    bar.close()
+    return losses
+
+
+def _train_step(run: _Run) -> tuple[float, float, float]:
+    """One optimizer step over `accumulate` micro-batches. Returns the loss (mean over ranks), the learning
+    rate and the gradient norm before clipping (NaN when clipping is off); raises DivergedError on inf/NaN."""
+    cfg, d, o = run.cfg, run.dist, run.cfg.optim
+    micro, accum = cfg.train.micro_bsz, cfg.train.accumulate
+    lr = lr_at(run.step, run.total, o.lr_init, o.lr_final, o.warmup_steps, o.schedule)
+    set_lr(run.optimizer, lr)
+    loss_sum = 0.0
+    for a in range(accum):
+        first = ((run.step * accum + a) * d.world + d.rank) * micro  # global sample number (module docstring)
+        x, y = _batch(run.data, run.sampler, first, micro, run.device, run.vocab)
+        sync = a == accum - 1 or d.world == 1 or run.fsdp  # DDP all-reduces in the last micro-batch only
+        with contextlib.nullcontext() if sync else run.model.no_sync():
+            loss = _loss(run.model, x, y, cfg, run.device, run.vocab)
+            (loss / accum).backward()
+        loss_sum += loss.item() / accum
+    if o.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), o.grad_clip))
+    else:
+        grad_norm = float("nan")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    step_loss = _all_mean(loss_sum, d, run.device)
+    if not math.isfinite(step_loss):
+        raise DivergedError(f"loss became {step_loss} at step {run.step}; lower optim.lr_init?")
+    return step_loss, lr, grad_norm
+
+
+def _evaluate_and_save(run: _Run, bar) -> None:
+    """After a step: the validation loss every `out.val_every` steps (the last one is `_finish`'s), a
+    checkpoint every `out.save_every` steps and at the end."""
+    out, step = run.cfg.out, run.step
+    if run.valid is not None and out.val_every and step % out.val_every == 0 and step < run.total:
+        val_loss = evaluate(run.model, run.valid, run.cfg, run.dist, run.device, run.vocab)
+        run.logger.write({"step": step, "tokens": run.tokens, "val_loss": val_loss})
+        if run.dist.main:
+            bar.write(f"step {step}: validation loss {val_loss:.4f}")
+    if step % out.save_every == 0 or step == run.total:
+        msd, osd = _state_dicts(run)
+        if run.dist.main:
+            save_checkpoint(run.run_dir, step, {"model": msd, "optimizer": osd, "step": step,
+                                                "config": run.cfg.to_dict()}, out.keep_last)
+
+
+def _state_dicts(run: _Run) -> tuple[dict, dict]:
+    """Full (gathered, on the CPU under FSDP) model and optimizer state dicts; every rank must call this."""
+    if run.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(run.raw_model, run.optimizer,
+                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return run.raw_model.state_dict(), run.optimizer.state_dict()
+
+
+# ---- finish: last validation, export, log, plot ----------------------------------------------------------------
+
+
+def _finish(run: _Run, losses: list[float]) -> TrainResult:
+    """After the last step: the final validation loss, the exports and the end of the log (rank 0 writes)."""
+    d, out = run.dist, run.cfg.out
+    val_loss = None
+    if run.valid is not None:
+        val_loss = evaluate(run.model, run.valid, run.cfg, d, run.device, run.vocab)
+        run.logger.write({"step": run.step, "tokens": run.tokens, "val_loss": val_loss})
+    exported: list[Path] = []
+    formats = [f for f in out.export.split(",") if f]
+    if formats:
+        msd = _state_dicts(run)[0] if run.fsdp else run.raw_model.state_dict()
+        if run.vocab is not None:
+            msd = run.vocab.expand(msd)
+        if d.main:
+            for fmt in formats:
+                exported.append(export(msd, run.run_dir / f"model.{fmt}", out.export_dtype))
+    if d.main:
+        run.logger.write({"step": run.step, "tokens": run.tokens, "event": "end",
+                          "wall_s": round(time.time() - run.t0, 1), "val_loss": val_loss})
+        run.logger.close()
+        plot_losses(run.run_dir / "log.jsonl", run.run_dir / "loss.png")
+    return TrainResult(run.run_dir, run.step, run.tokens, losses, val_loss, exported, time.time() - run.t0)
+
+
+def _destroy_process_group() -> None:
+    # A process that exits with its gloo group alive aborts now and then in C++ ("terminate called
+    # without an active exception") while Python tears down, which turns a finished run into a failed
+    # one under torchrun (6 of 85 two-rank runs of a small DDP script here). The DDP/FSDP wrappers hold
+    # the group and sit in reference cycles, so they are collected first: destroying the group while a
+    # wrapper still holds it leaves the same abort (0 of 60 with the collection). Only after a run that
+    # ended well, when every rank gets here: on an error the group is left alone, since destroying it
+    # could wait for ranks that never arrive.
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.destroy_process_group()
+
+
+# ---- pieces ----------------------------------------------------------------------------------------------------
 
 
 def _rows(data: BinIdx, offsets: list[int], T: int, device, vocab: CompactVocab | None) -> torch.Tensor:
@@ -185,57 +509,6 @@ def evaluate(model, data: BinIdx, cfg: TrainConfig, d: _Dist, device, vocab: Com
     return total / count if count else float("nan")  # no windows: no loss (never 0.0)
 
 
-def _total_steps(cfg: TrainConfig, n_windows: int, global_bsz: int) -> int:
-    t = cfg.train
-    if t.max_steps:
-        return t.max_steps
-    if t.max_tokens:
-        return max(1, t.max_tokens // (global_bsz * cfg.data.ctx_len))
-    return max(1, int(t.epochs * n_windows) // global_bsz)
-
-
-def _state_dicts(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict(), optimizer.state_dict()
-
-
-def _resume_payload(path: Path, cfg: TrainConfig, model) -> dict:
-    """The newest checkpoint of the run directory, checked against this run's model before anything is
-    loaded from it: a checkpoint of another model size is a run directory reused by mistake."""
-    payload = load_checkpoint(path)
-    fix = f"delete {path.parent} or choose another --out.dir"
-    saved = payload["config"].get("model") if isinstance(payload.get("config"), dict) else None
-    if isinstance(saved, dict) and not cfg.model.load and not saved.get("load"):
-        changed = [f"model.{k} {saved[k]!r} -> {getattr(cfg.model, k)!r}" for k in _SHAPE_FIELDS
-                   if k in saved and saved[k] != getattr(cfg.model, k)]
-        if changed:
-            raise CheckpointError(path, f"this run directory holds checkpoints of another model "
-                                        f"({', '.join(changed)}); {fix}")
-    ours, theirs = model.state_dict(), payload["model"]
-    missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
-    shapes = [k for k in sorted(ours.keys() & theirs.keys()) if tuple(ours[k].shape) != tuple(theirs[k].shape)]
-    if missing or extra or shapes:
-        found = [f"{what} {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
-                 for what, names in (("missing", missing), ("unexpected", extra), ("other shape for", shapes))
-                 if names]
-        raise CheckpointError(path, f"does not fit this run's model ({'; '.join(found)}); {fix}")
-    return payload
-
-
-def _load_state_dicts(model, optimizer, msd: dict, osd: dict, fsdp: bool) -> None:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd,
-                       options=StateDictOptions(full_state_dict=True))
-        return
-    model.load_state_dict(msd)
-    optimizer.load_state_dict(osd)
-
-
 class _Logger:
     """JSONL log (+ optional TensorBoard) written by rank 0 only."""
 
@@ -295,168 +568,3 @@ def plot_losses(log_path: Path, png_path: Path) -> Path | None:
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
-
-
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train (or continue) as `cfg` says; resumes from the newest checkpoint in `out.dir` if there is one."""
-    cfg.validate()
-    t0 = time.time()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    d, device = _setup_distributed(cfg.train.device)
-    result = _train(cfg, d, device, t0)
-    if d.owns_group:
-        # A process that exits with its gloo group alive aborts now and then in C++ ("terminate called
-        # without an active exception") while Python tears down, which turns a finished run into a failed
-        # one under torchrun (6 of 85 two-rank runs of a small DDP script here). The DDP/FSDP wrappers hold
-        # the group and sit in reference cycles, so they are collected first: destroying the group while a
-        # wrapper still holds it leaves the same abort (0 of 60 with the collection). Only after a run that
-        # ended well, when every rank gets here: on an error the group is left alone, since destroying it
-        # could wait for ranks that never arrive.
-        import gc
-
-        import torch.distributed as dist
-
-        gc.collect()
-        dist.destroy_process_group()
-    return result
-
-
-def _train(cfg: TrainConfig, d: _Dist, device: torch.device, t0: float) -> TrainResult:
-    T = cfg.data.ctx_len
-    data = BinIdx(cfg.data.train)
-    valid = BinIdx(cfg.data.valid) if cfg.data.valid else None
-    sampler = WindowSampler(len(data), T, seed=cfg.train.seed)
-    if valid is not None and len(valid) < T + 1:
-        raise ConfigError(f"data.valid has {len(valid)} tokens, fewer than one window of {T + 1}")
-    run_dir = Path(cfg.out.dir)
-    full_vocab = cfg.model.vocab_size
-    if int(data.tokens.max()) >= full_vocab and not cfg.model.load:
-        raise ConfigError(f"data.train holds token ids up to {int(data.tokens.max())}, beyond the model's "
-                          f"vocabulary of {full_vocab}")
-    vocab = CompactVocab.from_tokens(data.tokens, full_vocab) if cfg.model.compact_vocab else None
-    model = _build_model(cfg, device, vocab)
-    if vocab is None and int(data.tokens.max()) >= model.config.vocab_size:
-        raise ConfigError(f"data.train holds token ids up to {int(data.tokens.max())}, beyond the model's "
-                          f"vocabulary of {model.config.vocab_size}")
-    model.train()
-    ckpt = latest_checkpoint(run_dir)
-    payload = _resume_payload(ckpt, cfg, model) if ckpt is not None else None
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    if cfg.train.grad_cp:
-        _enable_grad_checkpointing(model)
-    raw_model = model
-    fsdp = d.world > 1 and cfg.train.strategy == "fsdp"
-    if d.world > 1:
-        if fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            # one FSDP unit per block, except block 0: the shell calls its ln0 outside the block's forward,
-            # so block 0 stays in the root unit (gathered for the whole forward)
-            for block in model.blocks[1:]:
-                fully_shard(block)
-            fully_shard(model)
-        else:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # find_unused_parameters: v7 layer 0 carries v0/v1/v2 (official names) that its math never uses
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                            find_unused_parameters=True)
-    o = cfg.optim
-    optimizer = make_optimizer(raw_model, o.lr_init, (o.beta1, o.beta2), o.adam_eps, o.weight_decay)
-
-    step = 0
-    if payload is not None:
-        try:
-            _load_state_dicts(raw_model if not fsdp else model, optimizer, payload["model"], payload["optimizer"],
-                              fsdp)
-        except (RuntimeError, ValueError, KeyError) as e:  # torch's words for "this state does not fit"
-            raise CheckpointError(ckpt, f"does not fit this run ({type(e).__name__}: {first_sentence(e)}); delete "
-                                        f"{ckpt.parent} or choose another --out.dir") from None
-        step = payload["step"]
-        if d.main:
-            print(f"aviary train: resuming from {ckpt} (step {step})")
-
-    micro, accum = cfg.train.micro_bsz, cfg.train.accumulate
-    global_bsz = micro * accum * d.world
-    total = _total_steps(cfg, sampler.n_windows, global_bsz)
-    logger = _Logger(run_dir, d.main, cfg.out.tensorboard)
-    if d.main and step == 0:
-        logger.write({"step": 0, "tokens": 0, "event": "start", "parameters": raw_model.num_parameters,
-                      "model": raw_model.config.to_dict(), "windows": sampler.n_windows, "total_steps": total,
-                      "global_batch": global_bsz, "world_size": d.world,
-                      "compact_vocab_rows": vocab.size if vocab is not None else None})
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=step, disable=not (d.main and cfg.out.progress), unit="step",
-               dynamic_ncols=True)
-    losses: list[float] = []
-    val_loss = None
-    tok_per_step = global_bsz * T
-    window_t, window_tokens = time.time(), 0
-    while step < total:
-        lr = lr_at(step, total, o.lr_init, o.lr_final, o.warmup_steps, o.schedule)
-        set_lr(optimizer, lr)
-        step_loss = 0.0
-        for a in range(accum):
-            first = ((step * accum + a) * d.world + d.rank) * micro
-            x, y = _batch(data, sampler, first, micro, device, vocab)
-            sync = a == accum - 1 or d.world == 1 or fsdp
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
-            with ctx:
-                loss = _loss(model, x, y, cfg, device, vocab)
-                (loss / accum).backward()
-            step_loss += loss.item() / accum
-        if o.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip))
-        else:
-            grad_norm = float("nan")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_loss = _all_mean(step_loss, d, device)
-        if not math.isfinite(step_loss):
-            raise DivergedError(f"loss became {step_loss} at step {step}; lower optim.lr_init?")
-        losses.append(step_loss)
-        window_tokens += tok_per_step
-        bar.update(1)
-        if step % cfg.out.log_every == 0 or step == total:
-            now = time.time()
-            tps = window_tokens / max(now - window_t, 1e-9)
-            window_t, window_tokens = now, 0
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
-            logger.write({"step": step, "tokens": step * tok_per_step, "loss": step_loss, "lr": lr,
-                          "grad_norm": grad_norm, "tok_per_s": round(tps, 1), "elapsed_s": round(now - t0, 1)})
-        if valid is not None and cfg.out.val_every and step % cfg.out.val_every == 0 and step < total:
-            val_loss = evaluate(model, valid, cfg, d, device, vocab)
-            logger.write({"step": step, "tokens": step * tok_per_step, "val_loss": val_loss})
-            bar.write(f"step {step}: validation loss {val_loss:.4f}") if d.main else None
-        if step % cfg.out.save_every == 0 or step == total:
-            msd, osd = _state_dicts(model if fsdp else raw_model, optimizer, fsdp)
-            if d.main:
-                save_checkpoint(run_dir, step, {"model": msd, "optimizer": osd, "step": step,
-                                                "config": cfg.to_dict()}, cfg.out.keep_last)
-    bar.close()
-
-    if valid is not None:
-        val_loss = evaluate(model, valid, cfg, d, device, vocab)
-        logger.write({"step": step, "tokens": step * tok_per_step, "val_loss": val_loss})
-    exported: list[Path] = []
-    formats = [f for f in cfg.out.export.split(",") if f]
-    if formats:
-        msd = _state_dicts(model, optimizer, fsdp)[0] if fsdp else raw_model.state_dict()
-        if vocab is not None:
-            msd = vocab.expand(msd)
-        if d.main:
-            for fmt in formats:
-                exported.append(export(msd, run_dir / f"model.{fmt}", cfg.out.export_dtype))
-    if d.main:
-        logger.write({"step": step, "tokens": step * tok_per_step, "event": "end",
-                      "wall_s": round(time.time() - t0, 1), "val_loss": val_loss})
-        logger.close()
-        plot_losses(run_dir / "log.jsonl", run_dir / "loss.png")
-    return TrainResult(run_dir, step, step * tok_per_step, losses, val_loss, exported, time.time() - t0)
-
