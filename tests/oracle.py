@@ -8,12 +8,13 @@ Aviary's layout:
 
     {name}.logits       [T, V] float32     every position (`full_output=True`, or one call per token)
     {name}.shift        [L, 2, C] float32  after the last token
-    {name}.wkv          [L, *S]  float32   Aviary's orientation (see `pip_state_as_ours`)
+    {name}.wkv          [L, *S]  float32   Aviary's orientation (`aviary.state.from_pip_state`)
     {name}.mid.shift / .mid.wkv            for mode "split", the state after the first part
 
 A job is a dict: name, version (4-7), model (a `.pth` path), strategy ("cpu fp32" or "cpu bf16"),
 tokens (ints), mode ("sequence": one call; "step": one call per token; "split": tokens[:split], then the
-rest from the state), split (for mode "split"). The parent only needs torch and safetensors; the child imports `rwkv`.
+rest from the state), split (for mode "split"). The parent only needs torch and safetensors; the child imports `rwkv`
+(and `aviary.state`, which imports nothing of the rest of Aviary).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["rwkv_available", "run_oracle", "pip_state_as_ours"]
+__all__ = ["rwkv_available", "run_oracle"]
 
 
 def rwkv_available() -> bool:
@@ -43,25 +44,6 @@ def pip_env(version: int) -> dict[str, str]:
     env = dict(os.environ, RWKV_JIT_ON="0", RWKV_CUDA_ON="0", RWKV_V7_ON="1" if version == 7 else "0")
     env.setdefault("OMP_NUM_THREADS", "1")  # many tiny matmuls: threads cost more than they give
     return env
-
-
-def pip_state_as_ours(version: int, state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pip package's flat per-layer state list -> Aviary's (shift [L, 2, C], wkv [L, *S]), float32.
-
-    v4:    5 per layer: att shift, aa, bb, pp, ffn shift          -> wkv (3, C) = aa, bb, pp
-    v5/v6: 3 per layer: att shift, wkv [H, K, V], ffn shift       -> wkv as is
-    v7:    3 per layer: att shift, wkv [H, V, K], ffn shift       -> wkv transposed to [H, K, V]
-    """
-    state = [s.float() for s in state]
-    if version == 4:
-        layers = [state[i:i + 5] for i in range(0, len(state), 5)]
-        shift = torch.stack([torch.stack([att, ffn]) for att, _, _, _, ffn in layers])
-        wkv = torch.stack([torch.stack([aa, bb, pp]) for _, aa, bb, pp, _ in layers])
-        return shift, wkv
-    layers = [state[i:i + 3] for i in range(0, len(state), 3)]
-    shift = torch.stack([torch.stack([att, ffn]) for att, _, ffn in layers])
-    wkv = torch.stack([s for _, s, _ in layers])
-    return shift, wkv.transpose(-1, -2) if version == 7 else wkv
 
 
 def run_oracle(jobs: list[dict], timeout: float = 300) -> dict[str, torch.Tensor]:
@@ -115,6 +97,14 @@ def _initial_state(model, version: int, path: str) -> list[torch.Tensor] | None:
     return state
 
 
+def _ours(version: int, state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pip package's state -> Aviary's (shift [L, 2, C], wkv [L, *S]), float32 copies."""
+    from aviary.state import from_pip_state
+
+    s = from_pip_state(version, state)
+    return s.shift[0], s.wkv[0]
+
+
 def _run_job(model, version: int, job: dict) -> dict[str, torch.Tensor]:
     tokens, mode = job["tokens"], job["mode"]
     state = _initial_state(model, version, job["model"])
@@ -131,13 +121,13 @@ def _run_job(model, version: int, job: dict) -> dict[str, torch.Tensor]:
         k = job["split"]
         first, state = model.forward(tokens[:k], state, full_output=True)
         first = first.view(k, -1).clone()
-        out["mid.shift"], out["mid.wkv"] = pip_state_as_ours(version, state)  # copies: forward mutates state
+        out["mid.shift"], out["mid.wkv"] = _ours(version, state)  # copies: forward mutates state
         rest, state = model.forward(tokens[k:], state, full_output=True)
         logits = torch.cat([first, rest.view(len(tokens) - k, -1)])
     else:
         raise ValueError(f"unknown mode {mode!r}")
     out["logits"] = logits.float().view(len(tokens), -1)
-    out["shift"], out["wkv"] = pip_state_as_ours(version, state)
+    out["shift"], out["wkv"] = _ours(version, state)
     return out
 
 

@@ -357,6 +357,29 @@ def test_openai_client_sees_errors_and_server_survives(served, client):
     assert 'code="500"' not in text and 'status="failed"' not in text
 
 
+def test_request_fields_map_to_the_sampling_settings():
+    """The server maps every SamplingParams setting marked `api` from the request field of that name; a field
+    left out keeps SamplingParams' default, which is OpenAI's (no truncation, no penalties: docs/serving.md)."""
+    from types import SimpleNamespace
+
+    from aviary.generation.params import SETTINGS
+    from aviary.serve.app import _Api
+    from aviary.serve.metrics import Metrics
+    from aviary.serve.protocol import ChatRequest, CompletionRequest, _Sampling
+
+    api_fields = {s.name for s in SETTINGS if s.api}
+    not_sampling = {"model", "n", "stream", "stream_options", "stop", "user", "logit_bias"}
+    assert set(_Sampling.model_fields) == api_fields | not_sampling
+    api = _Api(SimpleNamespace(engine=SimpleNamespace(vocab_size=300), metrics=Metrics()), None, MODEL, Limits(), [])
+    assert api.sampling(CompletionRequest(model=MODEL, prompt="x"), 16) == SamplingParams(max_new_tokens=16)
+    given = dict(temperature=0.5, top_p=0.85, top_k=3, min_p=0.1, presence_penalty=0.2, frequency_penalty=-0.2,
+                 penalty_decay=0.996, seed=7)
+    assert set(given) == api_fields
+    params = api.sampling(ChatRequest(model=MODEL, messages=[{"role": "user", "content": "hi"}], stop="END",
+                                      **given), None, ("\n\n",))
+    assert params == SamplingParams(max_new_tokens=Limits().max_tokens, stop=("\n\n", "END"), **given)
+
+
 def test_serving_is_not_imported_by_aviary():
     code = ("import sys, aviary, aviary.serve, aviary.commands.serve; "
             "assert not {'starlette', 'uvicorn', 'fastapi', 'openai'} & set(sys.modules), sys.modules.keys()")

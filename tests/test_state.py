@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from aviary.loading import model_from_state_dict
-from aviary.state import RWKVState, StateError
+from aviary.loading import load_start_state, model_from_state_dict
+from aviary.state import RWKVState, StateError, from_pip_state, time_state_to_wkv, to_pip_state, wkv_to_time_state
 from aviary.testing import random_config, random_state_dict
 
 
@@ -105,3 +105,70 @@ def test_time_state_becomes_the_initial_state():
     a, _ = model(toks(2, 3))
     b, _ = model(toks(2, 3), s)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---- the official layouts (aviary.state) and start states (aviary.loading.load_start_state) -------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
+def test_pip_state_lists_convert_both_ways(version):
+    cfg = random_config(version, n_layer=2, n_embd=64, head_size=32)
+    model = model_from_state_dict(random_state_dict(cfg))
+    _, s = model(toks(1, 5))
+    pip = []  # the rwkv pip package's list (0.8.32), written out: per layer att shift, wkv, ffn shift
+    for i in range(cfg.n_layer):
+        att, ffn = s.shift[0, i]
+        if version == 4:
+            pip += [att, *s.wkv[0, i], ffn]  # aa, bb, pp
+        else:
+            pip += [att, s.wkv[0, i].transpose(-1, -2) if version == 7 else s.wkv[0, i], ffn]  # v7: [H, V, K]
+    ours = from_pip_state(version, pip)
+    model.check_state(ours, 1)
+    assert torch.equal(ours.shift, s.shift) and torch.equal(ours.wkv, s.wkv)
+    back = to_pip_state(s)
+    assert len(back) == len(pip) and all(torch.equal(a, b) for a, b in zip(back, pip, strict=True))
+    with pytest.raises(StateError, match="per layer"):
+        from_pip_state(version, pip[:-1])
+
+
+def test_time_state_orientation():
+    official = torch.arange(2 * 3 * 4 * 4, dtype=torch.float64).view(2, 3, 4, 4)  # [L, H, V, K]
+    ours = time_state_to_wkv(official)
+    assert ours.dtype == torch.float32 and ours[1, 2, 0, 3] == official[1, 2, 3, 0]  # [L, H, K, V]
+    assert torch.equal(wkv_to_time_state(ours), official.float())
+
+
+@torch.no_grad()
+def test_load_start_state_reads_both_kinds_of_file(tmp_path):
+    cfg = random_config(7, n_layer=2, n_embd=64, head_size=32)
+    sd = random_state_dict(cfg, time_state=True)
+    tuned = {k: sd.pop(k) for k in [k for k in sd if k.endswith("time_state")]}
+    model = model_from_state_dict(sd)
+    _, s = model(toks(1, 4))
+    s.save(tmp_path / "chat.state")
+    loaded = load_start_state(model, tmp_path / "chat.state")
+    assert torch.equal(loaded.wkv, s.wkv) and model.initial_wkv is None
+    torch.save(tuned, tmp_path / "tuned.pth")
+    assert load_start_state(model, tmp_path / "tuned.pth") is None
+    for i in range(cfg.n_layer):
+        torch.testing.assert_close(model.init_state(1).wkv[0, i], tuned[f"blocks.{i}.att.time_state"].transpose(-1, -2),
+                                   rtol=0, atol=0)
+
+
+def test_load_start_state_errors_name_the_file(tmp_path):
+    model = model_from_state_dict(random_state_dict(random_config(7, n_layer=2, n_embd=64, head_size=32)))
+    other = model_from_state_dict(random_state_dict(random_config(7, n_layer=3, n_embd=64, head_size=32)))
+    other.init_state(1).save(tmp_path / "other.state")
+    with pytest.raises(StateError, match=r"other\.state: state shapes"):
+        load_start_state(model, tmp_path / "other.state")
+    (tmp_path / "noise.bin").write_bytes(bytes(range(256)))
+    with pytest.raises(StateError, match=r"noise\.bin: neither an Aviary state file .* nor a state-tuning file"):
+        load_start_state(model, tmp_path / "noise.bin")
+    torch.save({f"blocks.{i}.att.time_state": torch.zeros(4, 16, 16) for i in range(2)}, tmp_path / "narrow.pth")
+    with pytest.raises(StateError, match=r"narrow\.pth: initial state has shape"):
+        load_start_state(model, tmp_path / "narrow.pth")
+    torch.save({f"blocks.{i}.att.time_state": torch.full((2, 32, 32), float("nan")) for i in range(2)},
+               tmp_path / "nan.pth")
+    with pytest.raises(StateError, match=r"nan\.pth: the state-tuning file's time_state holds NaN"):
+        load_start_state(model, tmp_path / "nan.pth")

@@ -12,9 +12,14 @@ Layout (one orientation for every version):
                                               y = r^T S (v5/v6) or y = S^T r (v7); the same
                                               orientation as fla's `[B, H, K, V]`
 
-The official `rwkv` pip package keeps v7 as [H, V, K] and official `time_state` tensors are [H, V, K]
-as well; `transpose(-1, -2)` converts. Forward calls return a new state and never modify the one
-passed in (unless asked to with `inplace=True`), so branching a conversation is just keeping the old value.
+The official layouts, and the one function that converts each (nowhere else):
+
+    official `blocks.i.att.time_state` [H, V, K]        `time_state_to_wkv` / `wkv_to_time_state`
+    the `rwkv` pip package's flat per-layer list        `from_pip_state` / `to_pip_state`
+      (v7 keeps its wkv as [H, V, K] as well)
+
+Forward calls return a new state and never modify the one passed in (unless asked to with
+`inplace=True`), so branching a conversation is just keeping the old value.
 
 Memory order: the states this module and the model make are laid out layer by layer (`layer_major`):
 the shape is [B, L, ...], and each layer's [B, ...] slice is one contiguous block, which is what a
@@ -31,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["RWKVState", "StateError", "layer_major"]
+__all__ = ["RWKVState", "StateError", "from_pip_state", "layer_major", "time_state_to_wkv", "to_pip_state",
+           "wkv_to_time_state"]
 
 
 def layer_major(t: torch.Tensor) -> torch.Tensor:
@@ -174,3 +180,54 @@ class RWKVState:
             return RWKVState(version, tensors["shift"].float().to(device), tensors["wkv"].float().to(device))
         except StateError as e:
             raise StateError(f"{path}: {e}") from None
+
+
+# ---- the official layouts ----------------------------------------------------------------------------
+
+
+def time_state_to_wkv(time_state: torch.Tensor) -> torch.Tensor:
+    """Official `time_state` [..., H, V, K] (state tuning; also the pip package's RWKV-7 wkv) -> this
+    library's wkv [..., H, K, V], float32."""
+    return time_state.float().transpose(-1, -2)
+
+
+def wkv_to_time_state(wkv: torch.Tensor) -> torch.Tensor:
+    """This library's wkv [..., H, K, V] -> the official `time_state` orientation [..., H, V, K]."""
+    return wkv.transpose(-1, -2)
+
+
+def from_pip_state(version: int, state: Sequence[torch.Tensor]) -> RWKVState:
+    """The `rwkv` pip package's state (its flat per-layer list, one sequence) -> a batch-of-one RWKVState
+    (float32 copies: the pip package updates its list in place).
+
+        v4:    5 per layer: att shift [C], aa, bb, pp [C], ffn shift [C]    -> wkv (3, C) = aa, bb, pp
+        v5/v6: 3 per layer: att shift [C], wkv [H, K, V], ffn shift [C]     -> wkv as is
+        v7:    3 per layer: att shift [C], wkv [H, V, K], ffn shift [C]     -> wkv transposed
+    """
+    per_layer = 5 if version == 4 else 3
+    if len(state) % per_layer:
+        raise StateError(f"an RWKV-{version} pip state has {per_layer} tensors per layer, this one has {len(state)}")
+    layers = [[t.float() for t in state[i:i + per_layer]] for i in range(0, len(state), per_layer)]
+    shift = torch.stack([torch.stack([layer[0], layer[-1]]) for layer in layers])  # [L, 2, C]
+    if version == 4:
+        wkv = torch.stack([torch.stack(layer[1:4]) for layer in layers])  # [L, 3, C]
+    else:
+        wkv = torch.stack([layer[1] for layer in layers])  # [L, H, N, N]
+        if version == 7:
+            wkv = time_state_to_wkv(wkv)
+    return RWKVState(version, layer_major(shift[None]), layer_major(wkv[None]))
+
+
+def to_pip_state(state: RWKVState) -> list[torch.Tensor]:
+    """A batch-of-one RWKVState -> the `rwkv` pip package's flat per-layer list (float32; the inverse of
+    `from_pip_state`), e.g. to continue a conversation in the pip package."""
+    if state.batch_size != 1:
+        raise StateError(f"the pip package keeps one sequence per state; this one has batch {state.batch_size}")
+    out: list[torch.Tensor] = []
+    for shift, wkv in zip(state.shift[0].float(), state.wkv[0], strict=True):
+        if state.version == 4:
+            out += [shift[0].clone(), *(w.clone() for w in wkv), shift[1].clone()]
+        else:
+            wkv = wkv_to_time_state(wkv) if state.version == 7 else wkv
+            out += [shift[0].clone(), wkv.clone(memory_format=torch.contiguous_format), shift[1].clone()]
+    return out

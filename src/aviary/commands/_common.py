@@ -1,5 +1,6 @@
-"""Options shared by the verbs that run a model (generate, chat, serve): which model, how to load it,
-which tokenizer, and the sampling settings."""
+"""Options shared by several verbs: for those that run a model (generate, chat, serve), which model, how to
+load it, which tokenizer, and the sampling settings; for those that read text (tokenize, data prepare), how
+an input file splits into documents."""
 
 from __future__ import annotations
 
@@ -23,22 +24,65 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "official state-tuning file with blocks.N.att.time_state tensors")
 
 
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """--input and --field: how each input file splits into documents (aviary.textio)."""
+    from aviary.textio import FORMATS
+
+    parser.add_argument("--input", choices=FORMATS, default="auto",
+                        help="how a file splits into documents: doc (the whole file), lines (each line), jsonl "
+                             "(one JSON object per line); default auto: *.jsonl, *.ndjson, *.json -> jsonl, "
+                             "any other -> doc (also when compressed: .gz .bz2 .xz .lzma .zst)")
+    parser.add_argument("--field", default="text", help='the text field of jsonl documents (default "text")')
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 200) -> None:
+    """One option per SamplingParams field that has flags (aviary.generation.params.SETTINGS), with the
+    reference pipeline's defaults (SamplingParams.reference()) and `max_tokens` for -n."""
+    from aviary.generation.params import SETTINGS, SamplingParams
+
+    defaults = SamplingParams.reference(max_new_tokens=max_tokens)
     group = parser.add_argument_group("sampling (defaults: the reference pipeline's)")
-    group.add_argument("-n", "--max-tokens", type=int, default=max_tokens,
-                       help=f"tokens to generate (default {max_tokens})")
-    group.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    group.add_argument("--top-p", type=float, default=0.85, help="nucleus mass to keep (default 0.85)")
-    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
-    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * max prob (default 0 = off)")
-    group.add_argument("--presence-penalty", type=float, default=0.2, help="(default 0.2)")
-    group.add_argument("--frequency-penalty", type=float, default=0.2, help="(default 0.2)")
-    group.add_argument("--penalty-decay", type=float, default=0.996,
-                       help="per-token decay of the counts (default 0.996)")
-    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                       help="stop before this text (repeatable; escapes like \\n are understood)")
-    group.add_argument("--ban", action="append", type=int, default=[], metavar="ID", help="never emit this token id")
-    group.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    for s in SETTINGS:
+        if not s.flags:
+            continue
+        kind = unescape if s.kind is str else s.kind
+        if s.many:  # repeatable
+            group.add_argument(*s.flags, dest=s.name, type=kind, action="append", default=[],
+                               metavar="TEXT" if s.kind is str else "ID", help=f"{s.help} (repeatable)")
+        else:
+            default = getattr(defaults, s.name)
+            group.add_argument(*s.flags, dest=s.name, type=kind, default=default,
+                               metavar=s.flags[-1].lstrip("-").replace("-", "_").upper(),
+                               help=s.help if default is None else f"{s.help} (default {default})")
+
+
+def sampling_params(args: argparse.Namespace, **fixed):
+    """SamplingParams from the options `add_sampling_arguments` made; `fixed` overrides."""
+    from aviary.generation.params import SETTINGS, SamplingParams
+
+    return SamplingParams(**{**{s.name: getattr(args, s.name) for s in SETTINGS if s.flags}, **fixed})
+
+
+def parse_setting(assignment: str, params):
+    """chat's `/set NAME=VALUE` -> a new SamplingParams, validated. NAME is a field name (`-` for `_`);
+    a list is comma-separated (`stop=\\n\\n,User:`, `banned_tokens=1,2`); `seed=none` clears the seed."""
+    import dataclasses
+
+    from aviary.generation.params import SETTINGS
+
+    name, sep, value = (part.strip() for part in assignment.partition("="))
+    setting = {s.name: s for s in SETTINGS}.get(name.replace("-", "_"))
+    if not sep or setting is None:
+        raise ValueError(f"use /set NAME=VALUE with NAME one of {', '.join(s.name for s in SETTINGS)}")
+    if setting.many and setting.kind is str:
+        parsed = tuple(unescape(v) for v in value.split(",") if v)
+    elif setting.many:
+        parsed = tuple(setting.kind(v) for v in value.split(",") if v.strip())
+    elif setting.optional and value.lower() == "none":
+        parsed = None
+    else:
+        parsed = setting.kind(value)
+    return dataclasses.replace(params, **{setting.name: parsed})  # validates the value
 
 
 _ESCAPE = re.compile(r"\\(?:([\\nrt0])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
@@ -58,17 +102,6 @@ def unescape(text: str) -> str:
     return _ESCAPE.sub(one, text)
 
 
-def sampling_params(args: argparse.Namespace, **fixed):
-    from aviary.generation import SamplingParams
-
-    settings = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                    top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
-                    frequency_penalty=args.frequency_penalty, penalty_decay=args.penalty_decay,
-                    stop=tuple(unescape(s) for s in args.stop), banned_tokens=tuple(args.ban), seed=args.seed)
-    settings.update(fixed)
-    return SamplingParams(**settings)
-
-
 def resolve_model_path(model: str | None) -> str:
     if model is not None:
         if not os.path.exists(model):
@@ -83,40 +116,11 @@ def load_model(args: argparse.Namespace, model: str | None):
     """(model, tokenizer, starting state or None) from the parsed options."""
     import aviary
     from aviary.devices import check_device
+    from aviary.loading import load_start_state
 
     check_device(args.device)
     path = resolve_model_path(model)
     net = aviary.load(path, device=args.device, dtype=args.dtype, quantize=args.quantize)
     tokenizer = aviary.load_tokenizer(args.tokenizer, version=net.config.version)
-    state = None
-    if args.state:
-        state = load_start_state(net, args.state, args.device)
+    state = load_start_state(net, args.state, args.device) if args.state else None
     return net, tokenizer, state
-
-
-def load_start_state(model, path: str, device: str = "cpu"):
-    """An Aviary state file -> that state; a state-tuning file -> None, after making its time_state the
-    model's initial state (so every new sequence starts from it)."""
-    import torch
-
-    from aviary.io import CheckpointError, read_time_state
-    from aviary.state import RWKVState, StateError
-
-    try:
-        state = RWKVState.load(path, device=device)
-    except StateError as not_ours:
-        try:
-            wkv = read_time_state(path)
-        except CheckpointError as not_official:
-            raise StateError(f"{path}: neither an Aviary state file ({not_ours}) nor a state-tuning file "
-                             f"({not_official})") from None
-        if not wkv.is_floating_point() or not bool(torch.isfinite(wkv).all()):
-            why = f"is {wkv.dtype}" if not wkv.is_floating_point() else "holds NaN or Inf values"
-            raise StateError(f"{path}: the state-tuning file's time_state {why}") from None
-        try:
-            model.set_initial_state(wkv.float().transpose(-1, -2).to(device))  # official [H, V, K] -> [H, K, V]
-        except StateError as e:
-            raise StateError(f"{path}: {e}") from None
-        return None
-    model.check_state(state, 1)
-    return state

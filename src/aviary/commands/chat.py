@@ -32,8 +32,8 @@ from aviary.commands._common import (
     add_model_arguments,
     add_sampling_arguments,
     load_model,
+    parse_setting,
     sampling_params,
-    unescape,
 )
 
 HELP = "interactive multi-turn chat, with the conversation's state saved and loaded on request"
@@ -87,22 +87,7 @@ class Chat:
 
     def set(self, assignment: str) -> None:
         """`name=value` -> a new SamplingParams (validated; the old one stays on error)."""
-        name, sep, value = (part.strip() for part in assignment.partition("="))
-        name = name.replace("-", "_")
-        names = [f.name for f in dataclasses.fields(self.params)]
-        if not sep or name not in names:
-            raise ValueError(f"use /set NAME=VALUE with NAME one of {', '.join(names)}")
-        if name == "stop":
-            parsed = tuple(unescape(v) for v in value.split(",") if v)
-        elif name in ("banned_tokens", "stop_token_ids"):
-            parsed = tuple(int(v) for v in value.split(",") if v.strip())
-        elif name == "seed":
-            parsed = None if value.lower() == "none" else int(value)
-        elif name in ("max_new_tokens", "top_k"):
-            parsed = int(value)
-        else:
-            parsed = float(value)
-        params = dataclasses.replace(self.params, **{name: parsed})  # validates the values
+        params = parse_setting(assignment, self.params)
         params.check_vocab(self.engine.vocab_size)  # ids the model has: caught now, not at the next message
         self.params = params
 

@@ -1,11 +1,13 @@
 """Prepare and inspect training data in the binidx format (`.bin` + `.idx`, uint16 token ids, the
 end-of-document id 0 after every document), the format RWKV-LM and Megatron read.
 
-`prepare` reads plain text files (one document per file) and JSONL files (one `{"text": ...}` document
-per line), optionally compressed (.gz, .bz2, .xz, .zst), tokenizes them with the RWKV World tokenizer on
-all cores, and writes OUT.bin + OUT.idx. Every input is checked first (exists, not empty, UTF-8), and the
-output appears only when it is complete (an error, Ctrl-C or SIGTERM leaves nothing behind). An existing
-dataset is replaced only with --force.
+`prepare` reads plain text files (one document per file) and JSONL files (*.jsonl, *.ndjson, *.json: one
+`{"text": ...}` document per line, --field for another field), optionally compressed (.gz, .bz2, .xz,
+.lzma, .zst), tokenizes them with the RWKV World tokenizer on all cores, and writes OUT.bin + OUT.idx.
+--input lines makes every line a document; empty documents are skipped. The files are read as `aviary
+tokenize` reads them. Every input is checked first (exists, not empty, UTF-8), and the output appears only
+when it is complete (an error, Ctrl-C or SIGTERM leaves nothing behind). An existing dataset is replaced
+only with --force.
 
 `inspect` shows a dataset's documents, token counts and the sampling plan for a context length: how many
 windows one epoch visits, and RWKV-LM's "magic prime" for the same data.
@@ -23,6 +25,8 @@ import contextlib
 import signal
 import threading
 
+from aviary.commands._common import add_input_arguments
+
 HELP = "tokenize text/JSONL into binidx training data, or inspect a binidx dataset"
 
 
@@ -33,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true", help="replace OUT.bin + OUT.idx if they exist")
+    add_input_arguments(p)
     i = sub.add_parser("inspect", help="documents, token counts and the sampling plan of a binidx dataset")
     i.add_argument("prefix", metavar="DATA", help="binidx prefix (DATA.bin + DATA.idx)")
     i.add_argument("--ctx-len", type=int, default=512, help="context length for the sampling plan [512]")
@@ -71,7 +76,8 @@ def _prepare(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
                               "pass --force to replace the dataset")
     with _sigterm_exits():
-        r = prepare(inputs, out, num_threads=args.threads, progress=not args.quiet)
+        r = prepare(inputs, out, num_threads=args.threads, progress=not args.quiet, format=args.input,
+                    field=args.field)
     print(f"wrote {r.bin_path} and {r.idx_path}: {r.documents:,} documents, {r.tokens:,} tokens "
           f"({r.characters / max(r.tokens, 1):.2f} characters per token)")
     return 0

@@ -1,8 +1,10 @@
 """Encode text files to token ids, decode ids back to text, or report bytes per token.
 
-Inputs are files (plain, or compressed .xz/.gz/.bz2) or stdin ("-" or no file). With --input auto (the
-default) a *.jsonl file holds one document per line in the field --field ("text"); any other file is one
-document. --input lines makes every line a document. Documents are encoded on all cores.
+Inputs are files (plain, or compressed .gz/.bz2/.xz/.lzma/.zst) or stdin ("-" or no file). With --input
+auto (the default) a *.jsonl, *.ndjson or *.json file holds one document per line in the field --field
+("text"); any other file is one document, its bytes as they are (any bytes, not only UTF-8). --input lines
+makes every line a document. Documents are encoded on all cores. The files are read as `aviary data
+prepare` reads them (aviary.textio).
 
 encode prints one line per document: its ids separated by spaces (--json: a JSON list). decode reads the
 same (one document per line, ids separated by spaces or commas, or a JSON list) and writes the documents'
@@ -20,22 +22,19 @@ examples:
 from __future__ import annotations
 
 import argparse
-import bz2
 import contextlib
-import gzip
 import json
-import lzma
 import os
 import sys
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-HELP = "encode/decode text with the World (or 20B) tokenizer; --stats: bytes per token"
+from aviary.commands._common import add_input_arguments
+from aviary.textio import read_documents
 
-OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
+HELP = "encode/decode text with the World (or 20B) tokenizer; --stats: bytes per token"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,61 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="world (default), 20b, a World vocabulary .txt or a tokenizers .json file")
         p.add_argument("--json", action="store_true", help="JSON output (one value per document or a report)")
         p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
-    encode.add_argument("--input", choices=["auto", "doc", "lines", "jsonl"], default="auto",
-                        help="how a file splits into documents (default auto: *.jsonl[.xz|.gz] -> jsonl, else doc)")
-    encode.add_argument("--field", default="text", help='the text field of jsonl documents (default "text")')
+    add_input_arguments(encode)
     encode.add_argument("--stats", action="store_true",
                         help="print documents, bytes, tokens and bytes per token for each input instead of ids")
     encode.add_argument("--threads", type=int, default=None, help="encoding threads (default: all cores)")
 
 
 # --- input ------------------------------------------------------------------------------------------
-
-
-def _read(name: str) -> bytes:
-    if name == "-":
-        return sys.stdin.buffer.read()
-    suffix = next((s for s in OPENERS if name.endswith(s)), None)
-    with open(name, "rb") as f:
-        if suffix is None:
-            return f.read()
-        try:
-            with OPENERS[suffix](f) as decompressed:
-                return decompressed.read()
-        except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
-            raise ValueError(f"{name}: not a readable {suffix} file (truncated or corrupt?): {e}") from None
-
-
-def _documents(name: str, data: bytes, mode: str, field: str) -> list[bytes | str]:
-    if mode == "auto":
-        base = name
-        for suffix in OPENERS:
-            base = base.removesuffix(suffix)
-        mode = "jsonl" if base.endswith(".jsonl") else "doc"
-    if mode == "doc":
-        return [data]
-    if mode == "lines":
-        lines = data.split(b"\n")
-        return lines[:-1] if lines[-1] == b"" else lines
-    docs: list[bytes | str] = []
-    for lineno, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            text = obj[field]
-        except (ValueError, KeyError, TypeError, RecursionError) as e:
-            raise ValueError(f"{name}:{lineno}: not a JSON object with a {field!r} field ({e})") from None
-        if not isinstance(text, str):
-            raise ValueError(f"{name}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
-        if not text.isascii():  # a "\ud800" escape gives a str that has no UTF-8, and so no tokens
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"{name}:{lineno}: field {field!r} has a lone surrogate "
-                                 f"{text[e.start]!r} at character {e.start}, which is not text") from None
-        docs.append(text)
-    return docs
 
 
 def _parse_ids(line: bytes, where: str) -> list[int]:
@@ -125,7 +76,7 @@ def _parse_ids(line: bytes, where: str) -> list[int]:
 def _encode(args: argparse.Namespace, tok: Any, names: list[str], out: IO[bytes]) -> None:
     report = []
     for name in names:
-        docs = _documents(name, _read(name), args.input, args.field)
+        docs = list(read_documents(name, args.input, args.field, decode=False))
         start = time.perf_counter()
         ids = tok.encode_batch(docs, num_threads=args.threads)
         seconds = time.perf_counter() - start
@@ -163,7 +114,7 @@ def _write_report(report: list[dict], as_json: bool, out: IO[bytes]) -> None:
 def _decode(args: argparse.Namespace, tok: Any, names: list[str], out: IO[bytes]) -> None:
     first = True
     for name in names:
-        for lineno, line in enumerate(_read(name).splitlines(), 1):
+        for lineno, line in enumerate(read_documents(name, "lines", decode=False), 1):
             where = f"{'stdin' if name == '-' else name}:{lineno}"
             ids = _parse_ids(line, where)
             try:

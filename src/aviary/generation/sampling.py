@@ -1,4 +1,5 @@
-"""Sampling settings and the logit pipeline of the reference `rwkv` package (reference doc section 10.4).
+"""The logit pipeline of the reference `rwkv` package (reference doc section 10.4); the settings it reads
+are `SamplingParams` (aviary.generation.params).
 
 Per step, for each sequence:
 
@@ -19,13 +20,12 @@ random, this library takes the first).
 
 from __future__ import annotations
 
-import math
-import random
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
+
+from aviary.generation.params import SamplingParams
 
 __all__ = ["Penalties", "SamplingParams", "sample", "sample_batch"]
 
@@ -35,91 +35,6 @@ NONFINITE_LOGITS = ("the model's logits are NaN or +Inf, so what it generates is
 # a generated token whose text is one of these (or a run of them, the reference's `in` test on a
 # string) does not add to its frequency count
 _UNCOUNTED_TEXT = " \t0123456789"
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. The defaults are plain sampling (no truncation, no penalties).
-
-    Use `SamplingParams.reference()` for the reference pipeline's defaults (top_p 0.85, penalties 0.2,
-    decay 0.996), `SamplingParams(temperature=0)` for greedy decoding.
-    """
-
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    min_p: float = 0.0  # 0: off
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_decay: float = 1.0  # every count is multiplied by this after each step
-    banned_tokens: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()  # stop strings; the text ends just before the first one
-    stop_token_ids: tuple[int, ...] = (0,)  # 0 is the World tokenizer's end of document
-    seed: int | None = None  # None: a fresh random seed per sequence
-
-    def __post_init__(self) -> None:
-        # tuples so a params object can be shared and hashed; accept lists and single strings from callers
-        for name in ("banned_tokens", "stop", "stop_token_ids"):
-            value = getattr(self, name)
-            if isinstance(value, (str, int)):
-                value = (value,)
-            object.__setattr__(self, name, tuple(value))
-        self.validate()
-
-    @classmethod
-    def reference(cls, **overrides) -> SamplingParams:
-        """The defaults of the reference package's PIPELINE_ARGS."""
-        base = dict(temperature=1.0, top_p=0.85, top_k=0, presence_penalty=0.2, frequency_penalty=0.2,
-                    penalty_decay=0.996)
-        return cls(**{**base, **overrides})
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def validate(self) -> None:
-        def bad(name: str, why: str):
-            raise ValueError(f"invalid sampling setting {name}={getattr(self, name)!r}: {why}")
-
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 0:
-            bad("max_new_tokens", "must be an integer >= 0")
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                bad(name, "must be a finite number")
-        if self.temperature < 0:
-            bad("temperature", "must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", "must be an integer >= 0 (0 means off)")
-        if not 0 <= self.min_p < 1:
-            bad("min_p", "must be in [0, 1)")
-        if not 0 <= self.penalty_decay <= 1:
-            bad("penalty_decay", "must be in [0, 1]")
-        for name in ("banned_tokens", "stop_token_ids"):
-            for t in getattr(self, name):
-                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                    bad(name, f"{t!r} is not a token id")
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                bad("stop", "stop strings must be non-empty strings")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            bad("seed", "must be an integer")
-
-    def check_vocab(self, vocab_size: int) -> None:
-        for name in ("banned_tokens", "stop_token_ids"):
-            for t in getattr(self, name):
-                if t >= vocab_size:
-                    raise ValueError(f"invalid sampling setting {name}: token id {t} is outside the "
-                                     f"vocabulary [0, {vocab_size})")
-
-    def make_generator(self, offset: int = 0) -> torch.Generator:
-        """The random stream for one sequence: `seed + offset`, or a fresh seed."""
-        seed = random.SystemRandom().randrange(2**63) if self.seed is None else self.seed + offset
-        return torch.Generator().manual_seed(seed % 2**64)
 
 
 class Penalties:

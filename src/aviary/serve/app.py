@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from aviary.generation import SamplingParams
+from aviary.generation.params import SETTINGS, SamplingParams
 from aviary.serve.chat_format import STOP, ChatMessage, prompt_tokens
 from aviary.serve.protocol import (
     ApiError,
@@ -156,12 +156,10 @@ class _Api:
             raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {self.limits.max_tokens}.",
                            param="max_tokens", code="invalid_value")
         user_stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        fields = dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                      seed=req.seed, top_k=req.top_k, min_p=req.min_p, penalty_decay=req.penalty_decay)
+        # a field left out (None) keeps SamplingParams' default, which is OpenAI's (aviary.generation.params)
+        given = {s.name: getattr(req, s.name) for s in SETTINGS if s.api and getattr(req, s.name) is not None}
         try:
-            return SamplingParams(stop=stop + user_stop,
-                                  **{k: v for k, v in fields.items() if v is not None})
+            return SamplingParams(max_new_tokens=max_tokens, stop=stop + user_stop, **given)
         except ValueError as e:  # the ranges above are OpenAI's; the sampler checks its own as well
             raise ApiError(400, str(e), code="invalid_value") from None
 

@@ -103,7 +103,9 @@ class StreamOptions(_Strict):
 
 
 class _Sampling(_Strict):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions. The sampling fields are the `SamplingParams`
+    settings marked `api` (aviary.generation.params), by the same names, which the app maps from `SETTINGS`;
+    the ranges here are OpenAI's, and SamplingParams checks its own as well."""
 
     model: str
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None

@@ -8,26 +8,20 @@ A dataset is two files with the same stem:
 
 The trainer treats `.bin` as one flat token stream and cuts windows of ctx_len+1 tokens from it, across
 document boundaries (reference section 8.5). `prepare` turns text files and JSONL (`{"text": ...}` per line,
-optionally .gz/.bz2/.xz/.zst compressed) into that format with the World tokenizer.
+optionally compressed) into that format with the World tokenizer; the files are read by `aviary.textio`.
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import io
-import json
-import lzma
 import os
-import re
 import struct
-import sys
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from aviary.textio import DataError, check_input, input_format, read_documents
 
 __all__ = ["BinIdx", "DataError", "prepare", "read_documents", "write_binidx", "binidx_paths"]
 
@@ -35,16 +29,6 @@ MAGIC = b"MMIDIDX\x00\x00"
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float64,
                8: np.uint16}
 EOT = 0  # end-of-document id of the World tokenizer (and of RWKV-LM's make_data.py)
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" escape: not a character, not encodable as UTF-8
-
-
-class DataError(ValueError):
-    """A data file that is missing, empty, not UTF-8 or not in the expected format; names the file."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = str(path)
-        super().__init__(f"{path}: {problem}")
 
 
 def binidx_paths(prefix: str | os.PathLike) -> tuple[Path, Path]:
@@ -185,95 +169,6 @@ def write_binidx(prefix: str | os.PathLike, documents: Iterable[Sequence[int]]) 
     return w.bin_path, w.idx_path
 
 
-# ---- reading text --------------------------------------------------------------------------------
-
-
-def _open_binary(path: Path):
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if name.endswith(".bz2"):
-        return bz2.open(path, "rb")
-    if name.endswith(".xz") or name.endswith(".lzma"):
-        return lzma.open(path, "rb")
-    if name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise DataError(path, "reading .zst needs the `zstandard` package (pip install zstandard)") from None
-        return zstandard.open(path, "rb")
-    return open(path, "rb")
-
-
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """What a truncated or corrupt (compressed) file raises while it is read."""
-    errors = (OSError, EOFError, lzma.LZMAError, zlib.error)
-    zstd = sys.modules.get("zstandard")  # imported by _open_binary when a .zst file is read
-    return (*errors, zstd.ZstdError) if zstd is not None else errors
-
-
-def _is_jsonl(path: Path) -> bool:
-    stem = path.name.lower()
-    for ext in (".gz", ".bz2", ".xz", ".lzma", ".zst"):
-        stem = stem.removesuffix(ext)
-    return stem.endswith((".jsonl", ".json", ".ndjson"))
-
-
-def check_input(path: str | os.PathLike) -> None:
-    """Cheap checks before any tokenizing: the file exists, is not empty and starts as valid UTF-8."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(p, "no such file")
-    if not p.is_file():
-        raise DataError(p, "not a file")
-    if p.stat().st_size == 0:
-        raise DataError(p, "the file is empty")
-    try:
-        with _open_binary(p) as f:
-            head = f.read(1 << 16)
-    except _read_errors() as e:
-        raise DataError(p, f"cannot read it: {e}") from None
-    if not head.strip():
-        raise DataError(p, "the file holds no text")
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.start < len(head) - 4:  # a multi-byte character cut by the 64 KiB read is fine
-            raise DataError(p, f"not UTF-8 text (byte {e.start}: {head[e.start:e.start + 1]!r})") from None
-
-
-def read_documents(path: str | os.PathLike) -> Iterator[str]:
-    """Documents of one file: each line's "text" for JSONL, the whole file otherwise."""
-    p = Path(path)
-    check_input(p)
-    lineno = 0
-    with _open_binary(p) as raw:
-        f = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
-        try:
-            if not _is_jsonl(p):
-                yield f.read()
-                return
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(p, f"line {lineno}: not JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise DataError(p, f'line {lineno}: expected an object with a "text" string')
-                bad = SURROGATE.search(obj["text"])
-                if bad:
-                    raise DataError(p, f'line {lineno}: "text" holds a lone surrogate {bad.group()!r} at character '
-                                       f"{bad.start()}, which is not a character (not encodable as UTF-8)")
-                yield obj["text"]
-        except UnicodeDecodeError as e:
-            raise DataError(p, f"not UTF-8 text ({e.reason} at byte {e.start} of a read block)") from None
-        except _read_errors() as e:
-            where = f" after line {lineno}" if lineno else ""
-            raise DataError(p, f"cannot read it{where} (truncated or corrupt?): {e}") from None
-
-
 # ---- prepare -------------------------------------------------------------------------------------
 
 
@@ -295,11 +190,13 @@ def _default_encoder(num_threads: int | None) -> Callable[[list[str]], list[list
 
 def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, num_threads: int | None = None,
             encode_batch: Callable[[list[str]], list[list[int]]] | None = None, batch_docs: int = 256,
-            progress: bool = True) -> PrepareReport:
+            progress: bool = True, format: str = "auto", field: str = "text") -> PrepareReport:
     """Tokenize text/JSONL files into OUT.bin + OUT.idx (uint16, 0 after each document).
 
-    Every input is checked (exists, non-empty, UTF-8) before any tokenizing starts. `encode_batch` defaults
-    to the World tokenizer's `encode_batch` on `num_threads` threads (all cores when None).
+    Every input is checked (exists, non-empty, UTF-8) before any tokenizing starts. `format` and `field`
+    say how a file splits into documents (`aviary.textio.read_documents`); empty documents are skipped.
+    `encode_batch` defaults to the World tokenizer's `encode_batch` on `num_threads` threads (all cores
+    when None).
     """
     from tqdm import tqdm
 
@@ -307,6 +204,7 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, num_
         raise DataError(out, "no input files given")
     for p in inputs:
         check_input(p)
+        input_format(p, format)  # an unknown format: refused before any tokenizing too
     encode = encode_batch or _default_encoder(num_threads)
     total_bytes = sum(Path(p).stat().st_size for p in inputs)
     writer = BinIdxWriter(out)
@@ -327,7 +225,7 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, num_
                         n_chars += len(text)
                     bar.set_postfix(docs=n_docs, tokens=n_tok)
 
-                for text in read_documents(p):
+                for text in read_documents(p, format, field):
                     if text:
                         batch.append(text)
                     if len(batch) >= batch_docs:
