@@ -105,7 +105,6 @@ def test_the_model_records_its_decode_path_when_loaded_moved_and_quantised(tmp_p
             cpu.use_isa(best)
         model.head = torch.nn.Linear(128, 300, bias=False)
         model.blocks[1].att.key = torch.nn.Linear(128, 128, bias=False)
-        model._update_thread_split()
         assert model.decode_path.blocks == "torch" and "no C kernel" in model.decode_path.why
 
 

@@ -140,8 +140,9 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, script, vocab_size=257):
         super().__init__()
         self.script = list(script)
-        self.emb = torch.nn.Embedding(1, 1)
         self.config = random_config(7, vocab_size=vocab_size)
+
+    device = torch.device("cpu")  # what the engine reads (RWKV.device)
 
     def init_state(self, batch_size=1):
         return RWKVState(7, torch.zeros(batch_size, 1, 2, 1), torch.zeros(batch_size, 1, 1, 1, 1))

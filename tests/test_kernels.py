@@ -13,6 +13,7 @@ from aviary import cpu
 from aviary.cpu import Linear, blocks, products, reference_only, steps
 from aviary.cpu.threads import all_threads, small_ops_on_one_thread
 from aviary.loading import model_from_state_dict
+from aviary.model.rescale import apply_rescale
 from aviary.quant import Int8Linear, int8_linear_reference, quantize_int8
 from aviary.testing import random_config, random_state_dict, save_random_checkpoint
 
@@ -225,8 +226,7 @@ def test_thread_split_is_off_when_a_plain_linear_is_swapped_in(tmp_path):
     assert model.split_decode_threads
     plain = nn.Linear(128, 300, bias=False)
     model.head = plain
-    model._update_thread_split()
-    assert not model.split_decode_threads
+    assert not cpu.can_split_threads(model)
 
 
 @pytest.mark.parametrize("version", [5, 7])
@@ -561,10 +561,9 @@ def _random_wkv(version, lead, C, head_size, g):
 
 def _decode_block(version, block, x, shift, wkv, v_first, shift_out, wkv_out):
     """The version's one-block C path as (x, v_first) (RWKV-4/5/6 have no v_first: None), or None."""
-    from aviary.model import v4, v5, v6, v7
+    from aviary.model import VERSIONS
 
-    record = {4: v4, 5: v5, 6: v6, 7: v7}[version].CPU_BLOCK
-    return blocks.decode_block(record, block, x, shift, wkv, v_first, shift_out, wkv_out)
+    return blocks.decode_block(VERSIONS[version].cpu_block, block, x, shift, wkv, v_first, shift_out, wkv_out)
 
 
 @steps_built
@@ -692,7 +691,7 @@ def test_rescaled_rwkv6_decodes_through_its_torch_blocks(monkeypatch):
     with torch.no_grad():
         _, state = model(torch.tensor([[1, 2]]))
         ref, _ = model(torch.tensor([[3]]), state)
-        model.apply_rescale(2)  # x halves every 2 blocks: the fused blocks do not do that
+        apply_rescale(model, 2)  # x halves every 2 blocks: the fused blocks do not do that
         monkeypatch.setattr(blocks, "_run", lambda *a: pytest.fail("fused blocks ran on a rescaled model"))
         out, _ = model(torch.tensor([[3]]), state)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

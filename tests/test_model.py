@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from aviary.loading import model_from_state_dict
+from aviary.model.rescale import apply_rescale
 from aviary.testing import random_config, random_state_dict
 
 VERSIONS = [4, 5, 6, 7]
@@ -129,7 +130,7 @@ def test_layer_rescale_leaves_logits_unchanged(version):
     model = make_model(version, n_layer=4)
     x = tokens(1, 12)
     ref, _ = model(x)
-    model.apply_rescale(2)
+    apply_rescale(model, 2)
     out, _ = model(x)
     # exact up to LayerNorm eps (the halved residual meets eps=1e-5 in ln1/ln2/ln_out)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-3)
@@ -137,7 +138,7 @@ def test_layer_rescale_leaves_logits_unchanged(version):
 
 def test_rwkv7_refuses_layer_rescale():
     with pytest.raises(ValueError, match="no layer-rescale"):
-        make_model(7).apply_rescale(6)
+        apply_rescale(make_model(7), 6)
 
 
 @pytest.mark.parametrize("bad", [torch.tensor([[0, 300]]), torch.tensor([[-1]])])
@@ -152,3 +153,27 @@ def test_empty_or_float_tokens_are_rejected():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="integer"):
         model(torch.zeros(1, 3))
+
+
+def test_each_version_file_declares_its_spec():
+    from aviary.model import VERSIONS, v4, v5, v6, v7
+
+    assert VERSIONS == {4: v4.SPEC, 5: v5.SPEC, 6: v6.SPEC, 7: v7.SPEC}
+    for version, spec in VERSIONS.items():
+        assert spec.version == spec.cpu_block.version == version
+        model = make_model(version)
+        assert model.spec is spec and isinstance(model.blocks[1].att, spec.time_mix)
+        assert model.init_state(3).wkv.shape == (3, model.config.n_layer, *spec.wkv_shape(model.config))
+    assert [VERSIONS[v].supports_rescale for v in (4, 5, 6, 7)] == [True, True, True, False]
+
+
+def test_the_model_package_imports_no_layer_built_on_it():
+    """aviary.model is imported by generation, quantisation, training and serving; it imports none of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, aviary.model; "
+            "print(sorted(m for m in sys.modules if m.startswith(('aviary.train', 'aviary.generation', "
+            "'aviary.quant', 'aviary.serve', 'aviary.commands', 'aviary.tokenizer'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

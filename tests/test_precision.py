@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from aviary.loading import load, model_from_state_dict
+from aviary.model.rescale import apply_rescale
 from aviary.testing import random_config, random_state_dict, save_random_checkpoint
 
 VERSIONS = [4, 5, 6, 7]
@@ -25,7 +26,7 @@ def test_fp16_load_applies_rescale_and_stays_close(version, tmp_path):
     ref = _run(model_from_state_dict(sd), x, "cpu")
     half = load(path, dtype="float16")
     assert half.emb.weight.dtype == torch.float16
-    assert half.rescale_every == (6 if half.arch.SUPPORTS_RESCALE else 0)
+    assert half.rescale_every == (6 if half.spec.supports_rescale else 0)
     assert (_run(half, x, "cpu") - ref).abs().max() < FP16_ATOL
 
 
@@ -39,8 +40,8 @@ def test_gpu_matches_cpu_fp32(version, dtype):
     x = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     ref = _run(model_from_state_dict(sd), x, "cpu")
     model = model_from_state_dict(sd).to(dtype=dtype)
-    if dtype == torch.float16 and model.arch.SUPPORTS_RESCALE:
-        model.apply_rescale(2)
+    if dtype == torch.float16 and model.spec.supports_rescale:
+        apply_rescale(model, 2)
     out = _run(model, x, "cuda")
     tol = {torch.float32: 1e-3, torch.bfloat16: 0.15, torch.float16: FP16_ATOL}[dtype]
     assert (out - ref).abs().max() < tol

@@ -8,6 +8,7 @@ import aviary
 from aviary import cpu
 from aviary.cpu import Linear
 from aviary.loading import model_from_state_dict
+from aviary.model.rescale import apply_rescale
 from aviary.quant import (
     KERNEL_MAX_ROWS,
     Int8Linear,
@@ -111,4 +112,4 @@ def test_load_quantize_option_and_head_flag(tmp_path):
 def test_rescale_must_come_before_quantisation():
     model = model_from_state_dict(random_state_dict(random_config(6, n_layer=2, n_embd=128))).quantize("int8")
     with pytest.raises(ValueError, match="before quantising"):
-        model.apply_rescale(1)
+        apply_rescale(model, 1)

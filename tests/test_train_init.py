@@ -36,6 +36,23 @@ def is_orthogonal(w, gain):
     return torch.allclose(m, gain**2 * torch.eye(m.shape[0], dtype=torch.float64), atol=1e-4 * max(1, gain**2))
 
 
+@pytest.mark.parametrize(("C", "ranks"), [(128, (32, 32, 32, 64)), (768, (64, 64, 32, 128)),
+                                         (2048, (128, 128, 64, 224))])
+def test_new_model_default_sizes_follow_the_reference(C, ranks):
+    # RWKV-7 LoRA ranks max(32, round(k*sqrt(C)/32)*32), k = 2.5 / 2.5 / 1.7 / 5 (w / a / v / g): RWKV-LM
+    # `RWKV-v7/train_temp/src/model.py` as of 2026-08. Its earlier rule (1.8 / 1.8 / 1.3, gate 0.6*C^0.8) gave
+    # (32, 32, 32, 32) at C = 128 and (96, 96, 64, 256) at 2048; both give the same at 768.
+    c7 = model_config(7, 2, C)
+    assert (c7.rank_w, c7.rank_a, c7.rank_v, c7.rank_g) == ranks and c7.dim_ffn == 4 * C and c7.head_size == 64
+    c6 = model_config(6, 2, C)
+    assert (c6.rank_mix, c6.rank_decay, c6.dim_ffn) == (32, 64, int(3.5 * C) // 32 * 32)
+    assert model_config(5, 2, C, dim_ffn=96).dim_ffn == 96
+    c4 = model_config(4, 2, C)
+    assert (c4.head_size, c4.dim_ffn, c4.rank_w) == (C, 4 * C, 0)
+    big = model_config(6, 2, 4096)
+    assert (big.rank_mix, big.rank_decay) == (64, 128)
+
+
 def test_v7_per_channel_schedules():
     m = build(7)
     n = torch.arange(C, dtype=torch.float64)

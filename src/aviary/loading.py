@@ -1,4 +1,5 @@
-"""`aviary.load`: from a checkpoint on disk to a ready model, in one call."""
+"""`aviary.load`: from a checkpoint on disk to a ready model, in one call; `load_start_state`: the state a
+model starts from, from an Aviary state file or an official state-tuning file."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import torch
 
 from aviary.config import ConfigError, ModelConfig, infer_config
 from aviary.hugepages import move_to_huge_pages
-from aviary.io import CheckpointError, read_state_dict
+from aviary.io import CheckpointError, read_state_dict, read_time_state
 from aviary.model import RWKV
+from aviary.model.rescale import apply_rescale, default_rescale
+from aviary.state import RWKVState, StateError, time_state_to_wkv
 
-__all__ = ["check_state_dict", "expected_shapes", "load", "model_from_state_dict"]
+__all__ = ["check_state_dict", "expected_shapes", "load", "load_start_state", "model_from_state_dict"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -118,7 +121,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], *, backend: str = "chunke
     model.load_state_dict(sd, strict=True, assign=True)
     if time_state:
         wkv = torch.stack([time_state[f"blocks.{i}.att.time_state"] for i in range(config.n_layer)])
-        model.set_initial_state(wkv.float().transpose(-1, -2))  # official [H, V, K] -> ours [H, K, V]
+        model.set_initial_state(time_state_to_wkv(wkv))
     return model.eval()
 
 
@@ -147,12 +150,40 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     if model.initial_wkv is not None:
         model.initial_wkv = model.initial_wkv.to(device)
     if rescale_every is None:
-        rescale_every = 6 if torch_dtype == torch.float16 and model.arch.SUPPORTS_RESCALE else 0
+        rescale_every = default_rescale(model.spec, torch_dtype)
     if rescale_every:
-        model.apply_rescale(rescale_every)
+        apply_rescale(model, rescale_every)
     if quantize is not None:
         model.quantize(quantize)
     if huge_pages and torch.device(device).type == "cpu":
         move_to_huge_pages(model)
-    model._update_thread_split()  # decides and records the decode path (model.decode_path)
     return model
+
+
+def load_start_state(model: RWKV, path: str | os.PathLike, device: str | torch.device = "cpu") -> RWKVState | None:
+    """The state to start from, in `path`: an Aviary state file (`RWKVState.save`, chat's /save) is
+    returned as a batch-of-one state; an official state-tuning file (`blocks.N.att.time_state` tensors,
+    alone or beside the weights) becomes `model`'s initial state, so that every new sequence starts from
+    it, and None is returned. Raises StateError naming the file: neither kind of file, a time_state that is
+    not floating point or holds NaN/Inf, or a state that does not fit `model`."""
+    try:
+        state = RWKVState.load(path, device=device)
+    except StateError as not_ours:
+        try:
+            wkv = read_time_state(path)
+        except CheckpointError as not_official:
+            raise StateError(f"{path}: neither an Aviary state file ({not_ours}) nor a state-tuning file "
+                             f"({not_official})") from None
+        if not wkv.is_floating_point() or not bool(torch.isfinite(wkv).all()):
+            why = f"is {wkv.dtype}" if not wkv.is_floating_point() else "holds NaN or Inf values"
+            raise StateError(f"{path}: the state-tuning file's time_state {why}") from None
+        try:
+            model.set_initial_state(time_state_to_wkv(wkv).to(device))
+        except StateError as e:
+            raise StateError(f"{path}: {e}") from None
+        return None
+    try:
+        model.check_state(state, 1)
+    except StateError as e:
+        raise StateError(f"{path}: {e}") from None
+    return state

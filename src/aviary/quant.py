@@ -33,10 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary.cpu import isa, products
+from aviary.cpu import can_split_threads, isa, products
 from aviary.cpu.threads import all_threads
 
-__all__ = ["Int8Linear", "int8_linear_kernel", "int8_linear_reference", "quantize_int8", "quantize_model"]
+__all__ = ["Int8Linear", "int8_linear_kernel", "int8_linear_reference", "quantize", "quantize_int8"]
 
 SCHEMES = ("int8",)
 KERNEL_MAX_ROWS = 16  # torch's int8pack kernel's time grows with the rows; above this, dequantise and use a matmul
@@ -118,11 +118,13 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"
 
 
-def quantize_model(model: nn.Module, scheme: str = "int8", *, head: bool = True) -> nn.Module:
-    """Replace the model's block linears (and the head, unless head=False) with `Int8Linear`, in place.
+def quantize(model: nn.Module, scheme: str = "int8", *, head: bool = True) -> nn.Module:
+    """Replace the model's block linears (and the head, unless head=False) with `Int8Linear`, in place
+    (`model.quantize(...)` calls this).
 
     Only `nn.Linear` modules inside `model.blocks` (and `model.head`) are touched; LoRA matrices are
-    plain parameters and stay as they are. Returns the model."""
+    plain parameters and stay as they are. The model's decode thread split is decided again
+    (`aviary.cpu.can_split_threads`). Returns the model."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation scheme {scheme!r}; choose one of {SCHEMES}")
     targets = [(parent, name, child) for parent in model.blocks.modules()
@@ -134,4 +136,5 @@ def quantize_model(model: nn.Module, scheme: str = "int8", *, head: bool = True)
     with torch.no_grad():
         for parent, name, child in targets:
             setattr(parent, name, Int8Linear.from_linear(child).to(child.weight.device))
+    model.split_decode_threads = can_split_threads(model)
     return model

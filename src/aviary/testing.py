@@ -18,15 +18,23 @@ from aviary.config import ModelConfig
 __all__ = ["ByteTokenizer", "random_config", "random_state_dict", "save_random_checkpoint"]
 
 
+# Tests use the LoRA ranks of a new model of this width at every width, so that the shapes of test models (and
+# the golden files made from them, tests/data/golden) do not change with the width asked for.
+TEST_LORA_WIDTH = 768
+
+
 def random_config(version: int, n_layer: int = 2, n_embd: int = 128, vocab_size: int = 300,
                   head_size: int = 64, dim_ffn: int | None = None) -> ModelConfig:
-    """A small config with the default ffn width and LoRA ranks of each version."""
-    if dim_ffn is None:
-        dim_ffn = int(3.5 * n_embd) // 32 * 32 if version in (5, 6) else 4 * n_embd
-    ranks = {6: dict(rank_mix=32, rank_decay=64), 7: dict(rank_w=64, rank_a=64, rank_v=32, rank_g=128)}
-    return ModelConfig(version=version, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size,
-                       dim_ffn=dim_ffn, head_size=n_embd if version == 4 else head_size,
-                       **ranks.get(version, {}))
+    """A small config with the version's default ffn width for `n_embd` and the default LoRA ranks of a
+    768-wide model (`VersionSpec.default_sizes`)."""
+    from aviary.model import VERSIONS
+
+    spec = VERSIONS[version]
+    ranks = {k: v for k, v in spec.default_sizes(TEST_LORA_WIDTH).items() if k.startswith("rank_")}
+    sizes = {"head_size": head_size, **spec.default_sizes(n_embd), **ranks}
+    if dim_ffn is not None:
+        sizes["dim_ffn"] = dim_ffn
+    return ModelConfig(version=version, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, **sizes)
 
 
 def _fill(name: str, shape: torch.Size, g: torch.Generator) -> torch.Tensor:

@@ -56,7 +56,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     from aviary.config import ConfigError
     from aviary.io import CheckpointError, read_state_dict
     from aviary.loading import check_state_dict
-    from aviary.model.rwkv import _architecture
+    from aviary.model import VERSIONS
 
     sd, layout = read_state_dict(path)  # refuses files that are not sound, or whose tensors are not floats
     time_state = sorted(k for k in sd if k.endswith(".att.time_state"))
@@ -64,7 +64,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         config = check_state_dict(sd)  # a complete model: what `aviary.load` would accept
     except ConfigError as e:
         raise CheckpointError(path, str(e)) from None
-    wkv = math.prod(_architecture(config.version).wkv_shape(config))
+    wkv = math.prod(VERSIONS[config.version].wkv_shape(config))
     return {
         "path": str(path),
         "format": _file_format(path),

@@ -1,8 +1,9 @@
-"""`DecodePath`: what a model's one-token step runs on, decided when the model is loaded, moved, quantised
-or its instruction set changes, and kept on the model (`model.decode_path`).
+"""What a model's one-token step runs on (`DecodePath`, `model.decode_path`), and whether it may split its
+threads (`can_split_threads`).
 
-`aviary info`, `aviary generate --stats` and the benchmarks print it, so a number can always be traced
-to the code that produced it.
+`aviary info`, `aviary generate --stats` and the benchmarks print the path, so a number can always be traced
+to the code that produced it. It is worked out when asked, from the model as it is then (loaded, moved,
+quantised, with the process's instruction set).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import torch.nn as nn
 
 from aviary.cpu import isa
 from aviary.cpu.blocks import why_not
-from aviary.cpu.products import kernel_weight
+from aviary.cpu.products import Linear, kernel_weight
 
-__all__ = ["DecodePath", "decode_path"]
+__all__ = ["DecodePath", "can_split_threads", "decode_path"]
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,23 @@ def decode_path(model) -> DecodePath:
     """What `model`'s one-token step runs on now (see DecodePath)."""
     from aviary.quant import Int8Linear
 
-    device = model.emb.weight.device.type
+    device = model.device.type
     products = _products(model)
     fast = sum(kernel_weight(m) is not None for m in products) if device == "cpu" and isa.BUILT else 0
     dtypes = sorted({str(m.weight_int8.dtype if isinstance(m, Int8Linear) else m.weight.dtype).removeprefix("torch.")
                      for m in products})
-    why = why_not(model.arch.CPU_BLOCK, model.blocks)
+    why = why_not(model.spec.cpu_block, model.blocks)
     if why is None and getattr(model, "rescale_every", 0):
         why = "the fp16 layer rescale is applied"
     return DecodePath(device=device, isa=isa.cpu_isa(), bf16_dot=isa.bf16_rounds_x(), blocks="c" if why is None
                       else "torch", why=why, products=(fast, len(products)), weights=tuple(dtypes),
                       threads=torch.get_num_threads())
+
+
+def can_split_threads(model: nn.Module) -> bool:
+    """Whether `model`'s one-token steps may run small ops on one thread and the big products on all
+    (`aviary.cpu.threads`, `model.split_decode_threads`): only while every big product is a layer that steps
+    the thread count back up (`Linear`, `aviary.quant.Int8Linear`, which is no nn.Linear). A plain nn.Linear
+    swapped in by a user would otherwise run on one thread; after such a swap, set
+    `model.split_decode_threads = can_split_threads(model)` (`aviary.quant.quantize` does)."""
+    return all(isinstance(m, Linear) or not isinstance(m, nn.Linear) for m in (*model.blocks.modules(), model.head))

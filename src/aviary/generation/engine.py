@@ -133,7 +133,7 @@ class Engine:
             hit = self.cache.lookup(tokens, namespace)
             if hit is not None:
                 done, state, logits = hit.length, hit.state, hit.logits
-        device = self.model.emb.weight.device
+        device = self.model.device
         marks = sorted({n for n in cache_at if done < n < len(tokens)} if self.cache is not None else ())
         start = done
         while start < len(tokens):

@@ -7,68 +7,48 @@
     logits = head(LN_out(x))
 
 Token shift ("sx", the previous token's LayerNorm-ed input) is formed here, once, for both mixers;
-each version's file only sees (x, sx). On a CPU, a one-token step runs all blocks in one C call where it
-can (`aviary.cpu.blocks`, by the version's `CPU_BLOCK` record); where it cannot, these Blocks are the path
-(and always the reference). `model.decode_path` says which runs. Parameter names are the official BlinkDL ones, so
-official checkpoints load with `strict=True`.
+each version's file only sees (x, sx). The version's `VersionSpec` (`aviary.model.VERSIONS`) names its
+mixers, its state and its CPU decode record. On a CPU, a one-token step runs all blocks in one C call where
+it can (`aviary.cpu.blocks`, by the spec's `cpu_block`); where it cannot, these Blocks are the path (and
+always the reference). `model.decode_path` says which runs. Parameter names are the official BlinkDL ones,
+so official checkpoints load with `strict=True`.
+
+What is built on a model lives in its own layer: generation in `aviary.generation` (`model.generate` and
+`model.stream` are conveniences), int8 in `aviary.quant`, the fp16 rescale in `aviary.model.rescale`, the
+decode thread policy and path in `aviary.cpu`.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from types import ModuleType
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from aviary.config import ModelConfig
-from aviary.cpu import DecodePath, Linear, decode_path, isa, products
+from aviary.cpu import DecodePath, Linear, decode_path, products
 from aviary.cpu.blocks import decode_blocks
 from aviary.cpu.threads import small_ops_on_one_thread
+from aviary.model import VERSIONS
+from aviary.model.common import LayerNorm, VersionSpec, token_shift
 from aviary.ops import BACKENDS
 from aviary.state import RWKVState, StateError, layer_major
 
 __all__ = ["RWKV"]
 
 
-def _architecture(version: int) -> ModuleType:
-    from aviary.model import v4, v5, v6, v7
-
-    return {4: v4, 5: v5, 6: v6, 7: v7}[version]
-
-
-def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """x [B, T, C], prev [B, C] -> the previous token's x at every position, [B, T, C]."""
-    if x.shape[1] == 1:  # decode: the shift is just the stored token (no concatenation)
-        return prev[:, None].to(x.dtype)
-    return torch.cat([prev[:, None].to(x.dtype), x[:, :-1]], dim=1)
-
-
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state dict) that also normalises an input of another float dtype
-    than its parameters, which it then casts: a bfloat16 model's prefill runs in float32 activations where
-    torch has no bf16 instructions (see RWKV._run)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if w.dtype != x.dtype:
-            w, b = w.to(x.dtype), b.to(x.dtype)
-        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
-
-
 class Block(nn.Module):
     """Pre-LayerNorm residual block: time-mix then channel-mix."""
 
-    def __init__(self, config: ModelConfig, layer_id: int, arch: ModuleType):
+    def __init__(self, config: ModelConfig, layer_id: int, spec: VersionSpec):
         super().__init__()
         C = config.n_embd
         if layer_id == 0:
             self.ln0 = LayerNorm(C)
         self.ln1 = LayerNorm(C)
         self.ln2 = LayerNorm(C)
-        self.att = arch.TimeMix(config, layer_id)
-        self.ffn = arch.ChannelMix(config, layer_id)
+        self.att = spec.time_mix(config, layer_id)
+        self.ffn = spec.channel_mix(config, layer_id)
 
     def forward(self, x, shift, wkv, v_first, backend: str, wkv_out=None):
         """x [B, T, C]; shift [B, 2, C]; wkv [B, *S] -> (x, shift, wkv, v_first).
@@ -96,17 +76,17 @@ class RWKV(nn.Module):
     def __init__(self, config: ModelConfig, backend: str = "chunked"):
         super().__init__()
         self.config = config
-        self.arch = _architecture(config.version)
+        self.spec = VERSIONS[config.version]
         C, V = config.n_embd, config.vocab_size
         self.emb = nn.Embedding(V, C)
-        self.blocks = nn.ModuleList(Block(config, i, self.arch) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i, self.spec) for i in range(config.n_layer))
         self.ln_out = LayerNorm(C)
         self.head = Linear(C, V, bias=False)
         self.backend = backend
-        self.rescale_every = 0  # fp16 trick for v4-v6: halve x every N layers (see apply_rescale)
+        self.rescale_every = 0  # fp16 trick for v4-v6: halve x every N layers (aviary.model.rescale)
         self.initial_wkv: torch.Tensor | None = None  # [L, *S] from a state-tuned checkpoint
-        self.tokenizer = None  # what generate() uses; None: the standard one for the version, on first use
-        # one-token steps run small ops on one thread and the big products on all (aviary._threads)
+        # one-token steps run small ops on one thread and the big products on all (aviary.cpu.threads); true
+        # while every big product steps the thread count back up (aviary.cpu.can_split_threads)
         self.split_decode_threads = True
 
     @property
@@ -119,16 +99,21 @@ class RWKV(nn.Module):
             raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
         self._backend = name
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return self.emb.weight.device
+
     # ---- state -------------------------------------------------------------------------------
 
     def init_state(self, batch_size: int = 1) -> RWKVState:
         """The state before any token: zeros, or the state-tuned `time_state` when the checkpoint has one."""
-        cfg, device = self.config, self.emb.weight.device
+        cfg, device = self.config, self.device
         shift = torch.zeros(cfg.n_layer, batch_size, 2, cfg.n_embd, device=device).transpose(0, 1)
         if self.initial_wkv is not None:
             wkv = layer_major(self.initial_wkv.to(device)[None].expand(batch_size, *self.initial_wkv.shape))
         else:
-            one = self.arch.empty_wkv(cfg, batch_size, device)  # [B, *S]
+            one = self.spec.empty_wkv(cfg, batch_size, device)  # [B, *S]
             wkv = torch.stack([one] * cfg.n_layer, dim=0).transpose(0, 1)  # layer-major (aviary.state)
         return RWKVState(cfg.version, shift, wkv)
 
@@ -147,7 +132,7 @@ class RWKV(nn.Module):
             raise StateError(f"state tensors are {state.shift.dtype} / {state.wkv.dtype}; a state is float32 "
                              "(RWKVState.load converts a file's floating tensors)")
         want_shift = (batch_size, cfg.n_layer, 2, cfg.n_embd)
-        want_wkv = (batch_size, cfg.n_layer, *self.arch.wkv_shape(cfg))
+        want_wkv = (batch_size, cfg.n_layer, *self.spec.wkv_shape(cfg))
         if tuple(state.shift.shape) != want_shift or tuple(state.wkv.shape) != want_wkv:
             raise StateError(
                 f"state shapes shift {tuple(state.shift.shape)} / wkv {tuple(state.wkv.shape)} do not fit "
@@ -206,7 +191,7 @@ class RWKV(nn.Module):
         v_first = None
         # a one-token step: all blocks in one C call where that runs (aviary.cpu.blocks); None: not here
         one_call = tokens.shape[1] == 1 and not training and not self.rescale_every
-        done = decode_blocks(self.arch.CPU_BLOCK, self.blocks, x, state.shift, state.wkv, shift_out, wkv_out) \
+        done = decode_blocks(self.spec.cpu_block, self.blocks, x, state.shift, state.wkv, shift_out, wkv_out) \
             if one_call else None
         if done is not None:
             x = done
@@ -224,67 +209,26 @@ class RWKV(nn.Module):
         logits = self.head(self.ln_out(x), float_out=True).float()
         return logits, shift_out, wkv_out
 
-    # ---- precision ---------------------------------------------------------------------------
-
-    def apply_rescale(self, every: int = 6) -> None:
-        """The fp16 overflow trick for v4-v6: x is halved after every `every` blocks and the output
-        matrices of block i are divided by 2**(i // every), which leaves the logits unchanged up to
-        LayerNorm eps. RWKV-7 does not need it and refuses it."""
-        if not getattr(self.arch, "SUPPORTS_RESCALE", False):
-            raise ValueError(f"RWKV-{self.config.version} has no layer-rescale trick")
-        if self.rescale_every:
-            raise ValueError("rescale already applied")
-        if every <= 0:
-            raise ValueError(f"rescale interval must be positive, got {every}")
-        if not isinstance(self.blocks[0].att.output, nn.Linear):
-            raise ValueError("rescale a model before quantising it (the int8 weights are fixed)")
-        with torch.no_grad():
-            for i, block in enumerate(self.blocks):
-                scale = 2 ** (i // every)
-                block.att.output.weight.div_(scale)
-                block.ffn.value.weight.div_(scale)
-        self.rescale_every = every
+    # ---- conveniences for the layers built on a model ---------------------------------------------
 
     def quantize(self, scheme: str = "int8", *, head: bool = True) -> RWKV:
-        """int8 weight-only quantisation of the block linears and (unless head=False) the head, in place;
-        see `aviary.quant`. Returns the model."""
-        from aviary.quant import quantize_model
+        """`aviary.quant.quantize(self, scheme, head=head)`: int8 weight-only block linears and head, in place.
+        Returns the model."""
+        from aviary.quant import quantize
 
-        quantize_model(self, scheme, head=head)
-        self._update_thread_split()
-        return self
-
-    def _update_thread_split(self) -> None:
-        # only while every big product is a layer that steps the thread count back up (cpu.Linear,
-        # Int8Linear): a plain nn.Linear swapped in by a user would otherwise run on one thread
-        from aviary.quant import Int8Linear
-
-        self.split_decode_threads = all(isinstance(m, (Linear, Int8Linear)) or not isinstance(m, nn.Linear)
-                                        for m in (*self.blocks.modules(), self.head))
-        self._decode_path = decode_path(self)
-
-    def _apply(self, fn, *args, **kwargs):  # .to(), .cpu(), .bfloat16(), ...: the decode path may change
-        out = super()._apply(fn, *args, **kwargs)
-        if "_decode_path" in self.__dict__:
-            self._decode_path = decode_path(self)
-        return out
+        return quantize(self, scheme, head=head)
 
     @property
     def decode_path(self) -> DecodePath:
-        """What a one-token step runs on (device, CPU instruction set, C blocks or torch's, products in C,
-        threads): decided when the model is built, moved or quantised, and again if the process's
-        instruction set has changed since (`aviary.cpu.use_isa`)."""
-        path = self.__dict__.get("_decode_path")
-        if path is None or path.isa != isa.cpu_isa() or path.threads != torch.get_num_threads():
-            path = self._decode_path = decode_path(self)
-        return path
-
-    # ---- generation (the loop lives in aviary.generation) --------------------------------------
+        """What a one-token step runs on now (`aviary.cpu.decode_path`): device, CPU instruction set, C blocks
+        or torch's, products in C, threads."""
+        return decode_path(self)
 
     def generate(self, prompt, max_new_tokens: int = 256, *, tokenizer=None, state: RWKVState | None = None,
                  **sampling):
-        """Text that follows `prompt`: str -> str, a list of prompts -> list[str] (decoded as one batch).
-        `sampling` takes the fields of `aviary.generation.SamplingParams` (temperature=0 is greedy)."""
+        """Text that follows `prompt`: str -> str, a list of prompts -> list[str] (decoded as one batch), by
+        `aviary.generation.generate`. `sampling` takes the fields of `aviary.generation.SamplingParams`
+        (temperature=0 is greedy); tokenizer: default, the standard one for the version."""
         from aviary.generation import generate
 
         return generate(self, self._tokenizer(tokenizer), prompt, state=state, max_new_tokens=max_new_tokens,
@@ -299,13 +243,9 @@ class RWKV(nn.Module):
                       **sampling)
 
     def _tokenizer(self, tokenizer):
-        if tokenizer is not None:
-            return tokenizer
-        if self.tokenizer is None:
-            from aviary.tokenizer import load_tokenizer
+        from aviary.tokenizer import load_tokenizer
 
-            self.tokenizer = load_tokenizer(version=self.config.version)
-        return self.tokenizer
+        return load_tokenizer(version=self.config.version) if tokenizer is None else tokenizer
 
     @property
     def num_parameters(self) -> int:
@@ -324,9 +264,3 @@ def _layer_major_like(t: torch.Tensor) -> torch.Tensor:
     way. The shape and values are the same; only `is_contiguous()` differs (state files call .contiguous())."""
     return torch.empty((t.shape[1], t.shape[0], *t.shape[2:]), dtype=t.dtype, device=t.device).transpose(0, 1)
 
-
-def group_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_head: int) -> torch.Tensor:
-    """ln_x: GroupNorm with one group per head and eps 64e-5 (= 1e-5 * head_size_divisor**2, with
-    the divisor 8 of official training), on [B, T, C]."""
-    B, T, C = y.shape
-    return F.group_norm(y.reshape(B * T, C), n_head, weight.float(), bias.float(), eps=64e-5).view(B, T, C)

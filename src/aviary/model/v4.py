@@ -12,16 +12,20 @@ Glossary: B batch, T time, C width, F ffn width; sx = previous token's LayerNorm
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import torch
 import torch.nn as nn
 
 from aviary.config import ModelConfig
 from aviary.cpu import Linear
 from aviary.cpu.blocks import BlockRecord
+from aviary.model.common import VersionSpec, group_rule_v4_v6, init_emb_head, init_fill, init_orthogonal, layer_ratios
 from aviary.ops import wkv4
 from aviary.ops.wkv4 import empty_state
 
-SUPPORTS_RESCALE = True
+__all__ = ["CPU_BLOCK", "SPEC", "ChannelMix", "TimeMix", "lerp"]
 
 
 def wkv_shape(config: ModelConfig) -> tuple[int, ...]:
@@ -88,3 +92,38 @@ CPU_BLOCK = BlockRecord(
     products={"receptance": "att.receptance", "key": "att.key", "value": "att.value", "output": "att.output",
               "ffn_key": "ffn.key", "ffn_receptance": "ffn.receptance", "ffn_value": "ffn.value"},
     state_row=lambda C, H: (3, C))
+
+
+def default_sizes(C: int) -> dict[str, int]:
+    """A new model of width C: ffn 4C, no heads (head_size = C)."""
+    return {"dim_ffn": 4 * C, "head_size": C}
+
+
+def init(model: nn.Module, g: torch.Generator, lr_init: float) -> None:
+    """The official initialisation, RWKV-LM `RWKV-v4neo/src/model.py` (notation: aviary.model.common)."""
+    cfg = model.config
+    C, L = cfg.n_embd, cfg.n_layer
+    init_emb_head(model, g, lr_init)  # v4neo: emb ~ U(-lr_init, lr_init)
+    h = torch.arange(C, dtype=torch.float64)
+    zigzag = 0.5 * ((h + 1) % 3 - 1)
+    for i, block in enumerate(model.blocks):
+        r01, r1a0, ddd = layer_ratios(i, L, C)
+        att, ffn = block.att, block.ffn
+        init_fill(att.time_decay, -5 + 8 * (h / (C - 1)) ** (0.7 + 1.3 * r01))
+        init_fill(att.time_first, math.log(0.3) + zigzag)
+        init_fill(att.time_mix_k, ddd**r1a0)
+        init_fill(att.time_mix_v, ddd**r1a0 + 0.3 * r01)
+        init_fill(att.time_mix_r, ddd ** (0.5 * r1a0))
+        init_fill(ffn.time_mix_k, ddd**r1a0)
+        init_fill(ffn.time_mix_r, ddd**r1a0)
+        for lin in (att.key, att.receptance, att.output, ffn.value, ffn.receptance):
+            lin.weight.zero_()
+        for lin in (att.value, ffn.key):
+            init_orthogonal(lin.weight, 1.0, g, sqrt_ratio=True)
+
+
+SPEC = VersionSpec(
+    version=4, time_mix=TimeMix, channel_mix=ChannelMix, wkv_shape=wkv_shape, empty_wkv=empty_wkv,
+    default_sizes=default_sizes, init=init,
+    param_group=partial(group_rule_v4_v6, needs_weight=False),  # v4neo: every 2-D matrix is decayed
+    supports_rescale=True, cpu_block=CPU_BLOCK)

@@ -12,6 +12,8 @@ Glossary: H heads, N head size (C = H*N); S [K=N, V=N] per head.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,21 +21,22 @@ import torch.nn.functional as F
 from aviary.config import ModelConfig
 from aviary.cpu import Linear
 from aviary.cpu.blocks import BlockRecord
-from aviary.model.rwkv import group_norm
+from aviary.model.common import (
+    VersionSpec,
+    group_norm,
+    group_rule_v4_v6,
+    head_wkv_shape,
+    init_emb_head,
+    init_fill,
+    init_ln_x,
+    init_orthogonal,
+    layer_ratios,
+    zero_head_wkv,
+)
 from aviary.model.v4 import ChannelMix, lerp
 from aviary.ops import gla
 
-__all__ = ["CPU_BLOCK", "ChannelMix", "TimeMix"]
-
-SUPPORTS_RESCALE = True
-
-
-def wkv_shape(config: ModelConfig) -> tuple[int, ...]:
-    return (config.n_head, config.head_size, config.head_size)
-
-
-def empty_wkv(config: ModelConfig, batch_size: int, device) -> torch.Tensor:
-    return torch.zeros(batch_size, *wkv_shape(config), device=device)
+__all__ = ["CPU_BLOCK", "SPEC", "ChannelMix", "TimeMix", "init_decay_bonus_and_matrices"]
 
 
 class TimeMix(nn.Module):
@@ -79,3 +82,45 @@ CPU_BLOCK = BlockRecord(
               "output": "att.output", "ffn_key": "ffn.key", "ffn_receptance": "ffn.receptance",
               "ffn_value": "ffn.value"},
     heads="faaaa", ln_x="att.ln_x")
+
+
+def default_sizes(C: int) -> dict[str, int]:
+    """A new model of width C: ffn int(3.5C) rounded down to a multiple of 32."""
+    return {"dim_ffn": int(3.5 * C) // 32 * 32}
+
+
+def init_decay_bonus_and_matrices(att: nn.Module, ffn: nn.Module, g: torch.Generator, i: int, L: int,
+                                  C: int) -> None:
+    """What the official initialisation of RWKV-5.2 and RWKV-6 share: decay, bonus, ln_x and the matrices."""
+    r01, _, _ = layer_ratios(i, L, C)
+    n = torch.arange(C, dtype=torch.float64)
+    init_fill(att.time_decay, -6 + 5 * (n / (C - 1)) ** (0.7 + 1.3 * r01))
+    init_fill(att.time_faaaa, r01 * (1 - n / (C - 1)) + 0.1 * ((n + 1) % 3 - 1))
+    init_ln_x(att, i, L)
+    for lin, gain in ((att.receptance, 1.0), (att.key, 0.1), (att.value, 1.0), (att.gate, 0.1), (att.output, 0),
+                      (ffn.key, 1.0), (ffn.receptance, 0), (ffn.value, 0)):
+        init_orthogonal(lin.weight, gain, g)
+
+
+def init(model: nn.Module, g: torch.Generator, lr_init: float) -> None:
+    """The official initialisation, RWKV-LM `RWKV-v5/src/model.py` (RWKV_Tmix_x052 / RWKV_CMix_x052 and
+    generate_init_weight; notation: aviary.model.common)."""
+    cfg = model.config
+    C, L = cfg.n_embd, cfg.n_layer
+    init_emb_head(model, g, 1e-4)
+    for i, block in enumerate(model.blocks):
+        r01, r1a0, ddd = layer_ratios(i, L, C)
+        att, ffn = block.att, block.ffn
+        init_decay_bonus_and_matrices(att, ffn, g, i, L, C)
+        init_fill(att.time_mix_k, ddd**r1a0)
+        init_fill(att.time_mix_v, ddd**r1a0 + 0.3 * r01)
+        init_fill(att.time_mix_r, ddd ** (0.5 * r1a0))
+        init_fill(att.time_mix_g, ddd ** (0.5 * r1a0))
+        init_fill(ffn.time_mix_k, ddd**r1a0)
+        init_fill(ffn.time_mix_r, ddd**r1a0)
+
+
+SPEC = VersionSpec(
+    version=5, time_mix=TimeMix, channel_mix=ChannelMix, wkv_shape=head_wkv_shape, empty_wkv=zero_head_wkv,
+    default_sizes=default_sizes, init=init, param_group=partial(group_rule_v4_v6, needs_weight=True),
+    supports_rescale=True, cpu_block=CPU_BLOCK)

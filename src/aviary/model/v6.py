@@ -14,6 +14,8 @@ Glossary: D_mix = rank of time_maa_w1/w2, D_dec = rank of time_decay_w1/w2.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,13 +23,20 @@ import torch.nn.functional as F
 from aviary.config import ModelConfig
 from aviary.cpu import Linear, matmul
 from aviary.cpu.blocks import BlockRecord
-from aviary.model.rwkv import group_norm
-from aviary.model.v5 import empty_wkv, wkv_shape
+from aviary.model.common import (
+    VersionSpec,
+    group_norm,
+    group_rule_v4_v6,
+    head_wkv_shape,
+    init_emb_head,
+    init_fill,
+    layer_ratios,
+    zero_head_wkv,
+)
+from aviary.model.v5 import init_decay_bonus_and_matrices
 from aviary.ops import gla
 
-__all__ = ["CPU_BLOCK", "ChannelMix", "TimeMix", "empty_wkv", "wkv_shape"]
-
-SUPPORTS_RESCALE = True
+__all__ = ["CPU_BLOCK", "SPEC", "ChannelMix", "TimeMix"]
 
 
 class TimeMix(nn.Module):
@@ -104,3 +113,39 @@ CPU_BLOCK = BlockRecord(
               "ffn_value": "ffn.value"},
     lora_pairs=(("maa_w1", "maa_w2", 5), ("decay_w1", "decay_w2", 1)),
     heads="faaaa", ln_x="att.ln_x")
+
+
+def default_sizes(C: int) -> dict[str, int]:
+    """A new model of width C: ffn int(3.5C) rounded down to a multiple of 32; LoRA ranks 32 (mix) and 64
+    (decay), doubled from C = 4096 (RWKV-LM `RWKV-v5/src/model.py`, RWKV_Tmix_x060)."""
+    big = C >= 4096
+    return {"dim_ffn": int(3.5 * C) // 32 * 32, "rank_mix": 64 if big else 32, "rank_decay": 128 if big else 64}
+
+
+def init(model: nn.Module, g: torch.Generator, lr_init: float) -> None:
+    """The official initialisation, RWKV-LM `RWKV-v5/src/model.py` (RWKV_Tmix_x060 / RWKV_CMix_x060 and
+    generate_init_weight; notation: aviary.model.common)."""
+    cfg = model.config
+    C, L = cfg.n_embd, cfg.n_layer
+    init_emb_head(model, g, 1e-4)
+    for i, block in enumerate(model.blocks):
+        r01, r1a0, ddd = layer_ratios(i, L, C)
+        att, ffn = block.att, block.ffn
+        init_decay_bonus_and_matrices(att, ffn, g, i, L, C)
+        for name in ("x", "w", "k"):
+            init_fill(getattr(att, f"time_maa_{name}"), 1 - ddd**r1a0)
+        init_fill(att.time_maa_v, 1 - (ddd**r1a0 + 0.3 * r01))
+        init_fill(att.time_maa_r, 1 - ddd ** (0.5 * r1a0))
+        init_fill(att.time_maa_g, 1 - ddd ** (0.5 * r1a0))
+        att.time_maa_w1.zero_()
+        nn.init.uniform_(att.time_maa_w2, -0.01, 0.01, generator=g)
+        att.time_decay_w1.zero_()
+        nn.init.uniform_(att.time_decay_w2, -0.01, 0.01, generator=g)
+        init_fill(ffn.time_maa_k, 1 - ddd ** (r1a0**3))
+        init_fill(ffn.time_maa_r, 1 - ddd ** (r1a0**3))
+
+
+SPEC = VersionSpec(
+    version=6, time_mix=TimeMix, channel_mix=ChannelMix, wkv_shape=head_wkv_shape, empty_wkv=zero_head_wkv,
+    default_sizes=default_sizes, init=init, param_group=partial(group_rule_v4_v6, needs_weight=True),
+    supports_rescale=True, cpu_block=CPU_BLOCK)

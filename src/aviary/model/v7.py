@@ -26,13 +26,23 @@ import torch.nn.functional as F
 from aviary.config import ModelConfig
 from aviary.cpu import Linear, matmul, steps
 from aviary.cpu.blocks import BlockRecord
-from aviary.model.rwkv import group_norm
-from aviary.model.v5 import empty_wkv, wkv_shape
+from aviary.model.common import (
+    VersionSpec,
+    dims_above_one,
+    group_norm,
+    head_wkv_shape,
+    init_emb_head,
+    init_fill,
+    init_ln_x,
+    init_orthogonal,
+    layer_ratios,
+    lora_width,
+    zero_head_wkv,
+)
 from aviary.ops import delta_rule
 
-__all__ = ["CPU_BLOCK", "ChannelMix", "TimeMix", "empty_wkv", "wkv_shape"]
+__all__ = ["CPU_BLOCK", "SPEC", "ChannelMix", "TimeMix"]
 
-SUPPORTS_RESCALE = False  # the reference runs v7 in fp16 without it
 DECAY_SCALE = math.exp(-0.5)  # the pip package writes 0.606531
 
 
@@ -123,3 +133,61 @@ CPU_BLOCK = BlockRecord(
               "ffn_key": "ffn.key", "ffn_value": "ffn.value"},
     lora_pairs=(("w1", "w2", 1), ("a1", "a2", 1), ("v1", "v2", 1), ("g1", "g2", 1)),
     heads="r_k", ln_x="att.ln_x", constant=DECAY_SCALE, v_first=True)
+
+
+def default_sizes(C: int) -> dict[str, int]:
+    """A new model of width C: ffn 4C; LoRA ranks k*sqrt(C) to a multiple of 32, at least 32, with k = 2.5
+    (decay w), 2.5 (a, the in-context learning rate), 1.7 (value residual v), 5 (gate g). These are the
+    "suggestion" lines (D_DECAY_LORA, D_AAA_LORA, D_MV_LORA, D_GATE_LORA) of RWKV-LM
+    `RWKV-v7/train_temp/src/model.py` as of 2026-08 (commit 118e451). Its earlier k = 1.8 / 1.8 / 1.3 and
+    gate 0.6*C^0.8 give the same ranks at C = 768 but not at most widths (C = 128: gate 32, not 64)."""
+    return {"dim_ffn": 4 * C, "rank_w": lora_width(2.5, C), "rank_a": lora_width(2.5, C),
+            "rank_v": lora_width(1.7, C), "rank_g": lora_width(5, C)}
+
+
+def init(model: nn.Module, g: torch.Generator, lr_init: float) -> None:
+    """The official initialisation, RWKV-LM `RWKV-v7/train_temp/src/model.py` (RWKV_Tmix_x070 /
+    RWKV_CMix_x070 and generate_init_weight; notation: aviary.model.common). N is the head size."""
+    cfg = model.config
+    C, L, N = cfg.n_embd, cfg.n_layer, cfg.head_size
+    init_emb_head(model, g, 1e-4)
+    n = torch.arange(C, dtype=torch.float64)
+    linear = n / (C - 1) - 0.5
+    z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+    zigzag = z * z.abs()
+    for i, block in enumerate(model.blocks):
+        r01, r1a0, ddd = layer_ratios(i, L, C)
+        att, ffn = block.att, block.ffn
+        www = -6 + 6 * (n / (C - 1)) ** (1 + r01**0.3)
+        for name, power in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+            init_fill(getattr(att, name), 1 - ddd ** (power * r1a0))
+        init_fill(att.w0, www + 0.5 + 2.5 * zigzag)  # "0.5 comes from softplus"
+        init_fill(att.a0, -0.19 + 0.3 * zigzag + 0.4 * linear)
+        init_fill(att.v0, 0.73 - 0.4 * linear)
+        for name in ("w", "a", "v", "g"):
+            getattr(att, f"{name}1").zero_()
+            init_orthogonal(getattr(att, f"{name}2"), 0.1, g, sqrt_ratio=True)
+        init_fill(att.k_k, 0.71 - 0.1 * linear)
+        init_fill(att.k_a, 1.02)
+        init_fill(att.r_k, -0.04)
+        init_ln_x(att, i, L)
+        for lin, gain in ((att.receptance, 1.0), (att.key, 0.1), (att.value, 1.0), (att.output, 0),
+                          (ffn.key, 1.0), (ffn.value, 0)):
+            init_orthogonal(lin.weight, gain, g)
+        init_fill(ffn.x_k, 1 - ddd ** (r1a0**4))
+
+
+def param_group(name: str, p: torch.Tensor, wd: float) -> tuple[float, bool]:
+    """RWKV-LM v7 train_temp `configure_optimizers`: att.w0 2x; 2-D `.weight` decayed; the rest 1x."""
+    if name.endswith("att.w0"):
+        return 2.0, False
+    if dims_above_one(p) >= 2 and wd > 0 and ".weight" in name:
+        return 1.0, True
+    return 1.0, False
+
+
+SPEC = VersionSpec(
+    version=7, time_mix=TimeMix, channel_mix=ChannelMix, wkv_shape=head_wkv_shape, empty_wkv=zero_head_wkv,
+    default_sizes=default_sizes, init=init, param_group=param_group,
+    supports_rescale=False,  # the reference runs v7 in fp16 without it
+    cpu_block=CPU_BLOCK)

@@ -2,64 +2,25 @@
 
 Groups: weight decay only on 2-D `.weight` matrices (emb, head, projections); never on LayerNorm/GroupNorm,
 mixes, decays or LoRA factors. Learning-rate multipliers: the decay vectors learn faster (v7 `att.w0` 2x;
-v4-v6 `time_decay` 2x and v4 `time_first` 3x). Each group carries `lr_scale`; `set_lr` multiplies it in.
+v4-v6 `time_decay` 2x and v4 `time_first` 3x). The rule is the version's (`VersionSpec.param_group`, in
+`model/vN.py`). Each group carries `lr_scale`; `set_lr` multiplies it in.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
-__all__ = ["GROUP_RULES", "L2Wrap", "lr_at", "make_optimizer", "param_groups", "set_lr"]
+from aviary.model import VERSIONS
 
-
-def _dims(p: torch.Tensor) -> int:
-    """Dimensions of size > 1 (RWKV-LM's `len(p.squeeze().shape)`; also works on FSDP's sharded DTensors)."""
-    return sum(1 for s in p.shape if s != 1)
-
-
-def _rule_v4_v6(name: str, p: torch.Tensor, wd: float, needs_weight: bool) -> tuple[float, bool]:
-    """RWKV-LM v4neo / v5 `configure_optimizers` (layerwise_lr on, stage 1), first match wins."""
-    if "_w1" in name or "_w2" in name:
-        return 1.0, False
-    if "time_mix" in name or "time_maa" in name:
-        return 1.0, False
-    if "time_decay" in name or "time_daaaa" in name:
-        return 2.0, False
-    if "time_faaaa" in name:
-        return 1.0, False
-    if "time_first" in name:
-        return 3.0, False
-    if _dims(p) >= 2 and wd > 0 and (".weight" in name or not needs_weight):
-        return 1.0, True
-    return 1.0, False
-
-
-def _rule_v7(name: str, p: torch.Tensor, wd: float) -> tuple[float, bool]:
-    """RWKV-LM v7 train_temp: att.w0 2x; 2-D `.weight` decayed; the rest 1x."""
-    if name.endswith("att.w0"):
-        return 2.0, False
-    if _dims(p) >= 2 and wd > 0 and ".weight" in name:
-        return 1.0, True
-    return 1.0, False
-
-
-# version -> (parameter name, parameter, weight decay) -> (lr multiplier, decayed?)
-GROUP_RULES: dict[int, Callable[[str, torch.Tensor, float], tuple[float, bool]]] = {
-    4: lambda n, p, wd: _rule_v4_v6(n, p, wd, needs_weight=False),
-    5: lambda n, p, wd: _rule_v4_v6(n, p, wd, needs_weight=True),
-    6: lambda n, p, wd: _rule_v4_v6(n, p, wd, needs_weight=True),
-    7: _rule_v7,
-}
+__all__ = ["L2Wrap", "lr_at", "make_optimizer", "param_groups", "set_lr"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, version: int | None = None) -> list[dict]:
     """AdamW parameter groups with `lr_scale` and `weight_decay`, each with a `names` list (sorted)."""
-    version = version or model.config.version
-    rule = GROUP_RULES[version]
+    rule = VERSIONS[version or model.config.version].param_group
     buckets: dict[tuple[float, bool], list[tuple[str, nn.Parameter]]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
