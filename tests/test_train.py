@@ -192,6 +192,9 @@ def test_yaml_toml_and_command_line_overrides(tmp_path, corpus):
     ("train:\n  threads: -1\n", "train.threads=-1 must be >= 0"),
     ("train:\n  device: tpu\n", "train.device='tpu' is not one of"),
     ("train:\n  device: gpu0\n", "train.device='gpu0' is not one of"),
+    ("model:\n  rank_mix: 16\n", "model.rank_mix=16: must be >= 0, and set only for a version with that LoRA "
+                                  r"\(RWKV-7 has rank_w, rank_a, rank_v, rank_g\)"),
+    ("model:\n  rank_g: -1\n", "model.rank_g=-1: must be >= 0"),
 ])
 def test_bad_configs_are_refused(tmp_path, corpus, text, message):
     (tmp_path / "c.yaml").write_text(text)

@@ -29,3 +29,17 @@ def test_default_model_has_learned_english():
         logits, _ = model(torch.tensor([ids]))
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[1:])).item()
     assert nll < 0.6 * math.log(65536), nll  # chance is 11.09 nats/token
+
+
+def test_its_training_config_builds_exactly_its_shapes():
+    """`aviary train configs/aviary-v7-tiny.yaml` would build a model of the shipped model's sizes (the config
+    pins the gate rank the shipped model has, which RWKV-LM's current default for C=128 no longer gives)."""
+    from pathlib import Path
+
+    from aviary.train.config import load_config, rank_fields
+    from aviary.train.init import model_config
+
+    m = load_config(Path(__file__).parents[1] / "configs" / "aviary-v7-tiny.yaml").model
+    built = model_config(m.version, m.n_layer, m.n_embd, m.vocab_size, m.head_size, m.dim_ffn,
+                         **{name: getattr(m, name) for name in rank_fields(m.version)})
+    assert built == aviary.load(default_model_path()).config

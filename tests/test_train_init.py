@@ -178,3 +178,11 @@ def test_l2wrap_gradient_and_scaling():
     maxx, ids = logits.detach().max(-1, keepdim=True)
     extra = torch.zeros_like(logits).scatter_(-1, ids, maxx * 1e-2 / 6)
     torch.testing.assert_close(grad, 0.5 * (ce_grad + extra))
+
+
+def test_model_config_takes_explicit_lora_ranks():
+    assert model_config(7, 2, 128).rank_g == 64  # RWKV-LM's current default at C=128
+    c = model_config(7, 2, 128, rank_g=32, rank_w=0)  # 0: the default
+    assert (c.rank_w, c.rank_g) == (model_config(7, 2, 128).rank_w, 32)
+    with pytest.raises(ValueError, match="no LoRA rank 'rank_mix'"):
+        model_config(7, 2, 128, rank_mix=16)

@@ -40,6 +40,12 @@ class ModelSection:
     head_size: int = _f(64, "channels per head (v5-v7)")
     dim_ffn: int = _f(0, "channel-mix width; 0 = the version's default (4C, or int(3.5C)//32*32 for v5/v6)")
     vocab_size: int = _f(65536, "vocabulary size (65536 for the World tokenizer)")
+    rank_w: int = _f(0, "v7 decay LoRA rank; 0 = RWKV-LM's default for this width (as every rank_*)")
+    rank_a: int = _f(0, "v7 in-context learning rate LoRA rank")
+    rank_v: int = _f(0, "v7 value-residual LoRA rank")
+    rank_g: int = _f(0, "v7 gate LoRA rank")
+    rank_mix: int = _f(0, "v6 token-shift mix LoRA rank")
+    rank_decay: int = _f(0, "v6 decay LoRA rank")
     load: str = _f("", "start from this checkpoint's weights (fine-tuning); its sizes override the ones above")
     compact_vocab: bool = _f(False, "train only the emb/head rows of ids found in data.train, the other ids "
                                     "sharing one row (exact; exports have the full vocabulary)")
@@ -96,6 +102,14 @@ class OutSection:
     progress: bool = _f(True, "show a progress bar")
 
 
+def rank_fields(version: int) -> tuple[str, ...]:
+    """The LoRA ranks (`rank_w`, ...) a new model of this version has, and a training config may set."""
+    from aviary.model import VERSIONS  # torch: only when a config is checked, never for --help
+
+    spec = VERSIONS.get(version)  # an unknown version is reported by validate's choices check
+    return tuple(k for k in spec.default_sizes(64) if k.startswith("rank_")) if spec else ()
+
+
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "train": TrainSection,
             "out": OutSection}
@@ -140,6 +154,11 @@ class TrainConfig:
             for name in ("n_layer", "n_embd", "head_size", "vocab_size"):
                 if getattr(m, name) <= 0:
                     problems.append(f"model.{name} must be positive")
+            has = rank_fields(m.version)
+            for name in (f.name for f in fields(m) if f.name.startswith("rank_")):
+                if getattr(m, name) < 0 or (getattr(m, name) and name not in has):
+                    problems.append(f"model.{name}={getattr(m, name)}: must be >= 0, and set only for a version with "
+                                    f"that LoRA (RWKV-{m.version} has {', '.join(has) or 'none'})")
             if m.version != 4 and m.head_size > 0 and m.n_embd % m.head_size:
                 problems.append(f"model.n_embd={m.n_embd} is not a multiple of model.head_size={m.head_size}")
         elif m.compact_vocab:

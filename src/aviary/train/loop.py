@@ -33,7 +33,7 @@ import torch.utils.checkpoint
 from aviary.devices import check_device
 from aviary.io.checkpoint import CheckpointError, first_sentence
 from aviary.train.checkpoint import export, latest_checkpoint, load_checkpoint, save_checkpoint
-from aviary.train.config import ConfigError, TrainConfig
+from aviary.train.config import ConfigError, TrainConfig, rank_fields
 from aviary.train.data import BinIdx
 from aviary.train.init import init_model, model_config
 from aviary.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 __all__ = ["train", "TrainResult", "DivergedError"]
 
 # the model fields that decide the shapes of the weights; a checkpoint written with other values cannot resume
-_SHAPE_FIELDS = ("version", "n_layer", "n_embd", "head_size", "dim_ffn", "vocab_size", "compact_vocab")
+_SHAPE_FIELDS = ("version", "n_layer", "n_embd", "head_size", "dim_ffn", "vocab_size", "compact_vocab", "rank_w",
+                 "rank_a", "rank_v", "rank_g", "rank_mix", "rank_decay")
 
 
 class DivergedError(FloatingPointError, ValueError):
@@ -231,7 +232,8 @@ def _build_model(cfg: TrainConfig, device: torch.device, vocab: CompactVocab | N
         model.train()
         return model.to(device)
     rows = vocab.size if vocab is not None else m.vocab_size
-    config = model_config(m.version, m.n_layer, m.n_embd, rows, m.head_size, m.dim_ffn)
+    ranks = {name: getattr(m, name) for name in rank_fields(m.version)}
+    config = model_config(m.version, m.n_layer, m.n_embd, rows, m.head_size, m.dim_ffn, **ranks)
     model = RWKV(config, backend="chunked").to(device)
     return init_model(model, seed=cfg.train.seed, lr_init=cfg.optim.lr_init)
 
