@@ -115,32 +115,12 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
 
     Only the shapes are read, so `sd` may hold meta tensors. Whether every tensor is there with the
     shape these sizes imply is for `aviary.loading.check_state_dict` to say."""
+    from aviary.model import VERSIONS  # here, not at the top: aviary.model imports this module
+
     version = detect_version(sd)
     vocab_size, n_embd = _shape(sd, "emb.weight", 2)
     n_layer = block_count(sd)
     dim_ffn = _shape(sd, "blocks.0.ffn.key.weight", 2)[0]
-    fields: dict[str, int] = {}
-    if version == 4:
-        fields["head_size"] = n_embd
-    elif version in (5, 6):
-        n_head, head_size = _shape(sd, "blocks.0.att.time_faaaa", 2)
-        fields["head_size"] = head_size
-        if n_head * head_size != n_embd:
-            raise ConfigError(f"time_faaaa shape {(n_head, head_size)} does not match n_embd={n_embd}")
-    else:
-        n_head, head_size = _shape(sd, "blocks.0.att.r_k", 2)
-        fields["head_size"] = head_size
-        if n_head * head_size != n_embd:
-            raise ConfigError(f"r_k shape {(n_head, head_size)} does not match n_embd={n_embd}")
-    if version == 6:
-        fields["rank_mix"] = _shape(sd, "blocks.0.att.time_maa_w2", 3)[1]  # [5, rank, C]
-        fields["rank_decay"] = _shape(sd, "blocks.0.att.time_decay_w1", 2)[1]
-    if version == 7:
-        fields["rank_w"] = _shape(sd, "blocks.0.att.w1", 2)[1]
-        fields["rank_a"] = _shape(sd, "blocks.0.att.a1", 2)[1]
-        fields["rank_g"] = _shape(sd, "blocks.0.att.g1", 2)[1]
-        # layer 0's v1 exists in official files but is unused; read the rank from layer 1 when there is one
-        v1 = "blocks.1.att.v1" if n_layer > 1 else "blocks.0.att.v1"
-        fields["rank_v"] = _shape(sd, v1, 2)[1]
+    fields = VERSIONS[version].sizes_from_shapes(lambda key, ndim: _shape(sd, key, ndim), n_embd, n_layer)
     return ModelConfig(version=version, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size,
                        dim_ffn=dim_ffn, **fields)

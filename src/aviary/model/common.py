@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary.config import ModelConfig
+from aviary.config import ConfigError, ModelConfig
 from aviary.cpu.blocks import BlockRecord
 
-__all__ = ["LayerNorm", "VersionSpec", "group_norm", "head_wkv_shape", "lora_width", "token_shift",
-           "zero_head_wkv"]
+__all__ = ["LayerNorm", "ShapeOf", "VersionSpec", "group_norm", "head_sizes", "head_wkv_shape", "lora_width",
+           "token_shift", "zero_head_wkv"]
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one spec per version
@@ -29,6 +29,10 @@ class VersionSpec:
     time_mix, channel_mix: the mixers of a block, built as `time_mix(config, layer_id)`;
     wkv_shape:     config -> the shape S of one layer's wkv state for one sequence;
     empty_wkv:     (config, batch size, device) -> the state before any token, [B, *S] float32;
+    sizes_from_shapes: (shape_of, C, L) -> the sizes of a checkpoint's model that are not C, L, the ffn
+                   width or the vocabulary (head size, LoRA ranks), read from its tensors' shapes
+                   (`aviary.config.infer_config`); `shape_of(key, ndim)` is the shape of tensor `key`, or
+                   a ConfigError when it is missing or has another number of dimensions;
     default_sizes: width C -> the sizes of a new model of that width: `dim_ffn`, the LoRA ranks, and
                    `head_size` where the version fixes it (RWKV-4: C, one "head");
     init:          (model, generator, lr_init) -> None: the official initialisation, in place;
@@ -43,6 +47,7 @@ class VersionSpec:
     wkv_shape: Callable[[ModelConfig], tuple[int, ...]]
     empty_wkv: Callable[[ModelConfig, int, torch.device | str | None], torch.Tensor]
     default_sizes: Callable[[int], dict[str, int]]
+    sizes_from_shapes: Callable[[ShapeOf, int, int], dict[str, int]]
     init: Callable[[nn.Module, torch.Generator, float], None]
     param_group: Callable[[str, torch.Tensor, float], tuple[float, bool]]
     supports_rescale: bool
@@ -50,6 +55,17 @@ class VersionSpec:
 
     def __repr__(self) -> str:
         return f"VersionSpec(RWKV-{self.version})"
+
+
+ShapeOf = Callable[[str, int], tuple[int, ...]]  # (tensor name, expected ndim) -> its shape
+
+
+def head_sizes(shape_of: ShapeOf, key: str, C: int) -> dict[str, int]:
+    """`head_size` from a per-head parameter `key` of shape [H, N] (v5-v7), checked against the width C."""
+    n_head, head_size = shape_of(key, 2)
+    if n_head * head_size != C:
+        raise ConfigError(f"{key.rsplit('.', 1)[-1]} shape {(n_head, head_size)} does not match n_embd={C}")
+    return {"head_size": head_size}
 
 
 # ---- the math shared by every version ---------------------------------------------------------------

@@ -122,8 +122,13 @@ def init(model: nn.Module, g: torch.Generator, lr_init: float) -> None:
             init_orthogonal(lin.weight, 1.0, g, sqrt_ratio=True)
 
 
+def sizes_from_shapes(shape_of, C: int, L: int) -> dict[str, int]:
+    """RWKV-4 has no heads (head_size is C, one "head") and no LoRAs: nothing to read."""
+    return {"head_size": C}
+
+
 SPEC = VersionSpec(
     version=4, time_mix=TimeMix, channel_mix=ChannelMix, wkv_shape=wkv_shape, empty_wkv=empty_wkv,
-    default_sizes=default_sizes, init=init,
+    default_sizes=default_sizes, sizes_from_shapes=sizes_from_shapes, init=init,
     param_group=partial(group_rule_v4_v6, needs_weight=False),  # v4neo: every 2-D matrix is decayed
     supports_rescale=True, cpu_block=CPU_BLOCK)

@@ -27,6 +27,7 @@ from aviary.model.common import (
     VersionSpec,
     group_norm,
     group_rule_v4_v6,
+    head_sizes,
     head_wkv_shape,
     init_emb_head,
     init_fill,
@@ -145,7 +146,16 @@ def init(model: nn.Module, g: torch.Generator, lr_init: float) -> None:
         init_fill(ffn.time_maa_r, 1 - ddd ** (r1a0**3))
 
 
+def sizes_from_shapes(shape_of, C: int, L: int) -> dict[str, int]:
+    """The head size from the bonus `time_faaaa` [H, N]; the LoRA ranks from `time_maa_w2` [5, rank, C]
+    and `time_decay_w1` [C, rank]."""
+    return {**head_sizes(shape_of, "blocks.0.att.time_faaaa", C),
+            "rank_mix": shape_of("blocks.0.att.time_maa_w2", 3)[1],
+            "rank_decay": shape_of("blocks.0.att.time_decay_w1", 2)[1]}
+
+
 SPEC = VersionSpec(
     version=6, time_mix=TimeMix, channel_mix=ChannelMix, wkv_shape=head_wkv_shape, empty_wkv=zero_head_wkv,
-    default_sizes=default_sizes, init=init, param_group=partial(group_rule_v4_v6, needs_weight=True),
+    default_sizes=default_sizes, sizes_from_shapes=sizes_from_shapes, init=init,
+    param_group=partial(group_rule_v4_v6, needs_weight=True),
     supports_rescale=True, cpu_block=CPU_BLOCK)

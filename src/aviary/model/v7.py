@@ -30,6 +30,7 @@ from aviary.model.common import (
     VersionSpec,
     dims_above_one,
     group_norm,
+    head_sizes,
     head_wkv_shape,
     init_emb_head,
     init_fill,
@@ -186,8 +187,17 @@ def param_group(name: str, p: torch.Tensor, wd: float) -> tuple[float, bool]:
     return 1.0, False
 
 
+def sizes_from_shapes(shape_of, C: int, L: int) -> dict[str, int]:
+    """The head size from `r_k` [H, N]; the LoRA ranks from `w1`, `a1`, `g1`, `v1` [C, rank]. Layer 0's v1
+    exists in official files but is unused: the value-residual rank is read from layer 1 when there is one."""
+    v1 = "blocks.1.att.v1" if L > 1 else "blocks.0.att.v1"
+    return {**head_sizes(shape_of, "blocks.0.att.r_k", C),
+            "rank_w": shape_of("blocks.0.att.w1", 2)[1], "rank_a": shape_of("blocks.0.att.a1", 2)[1],
+            "rank_v": shape_of(v1, 2)[1], "rank_g": shape_of("blocks.0.att.g1", 2)[1]}
+
+
 SPEC = VersionSpec(
     version=7, time_mix=TimeMix, channel_mix=ChannelMix, wkv_shape=head_wkv_shape, empty_wkv=zero_head_wkv,
-    default_sizes=default_sizes, init=init, param_group=param_group,
+    default_sizes=default_sizes, sizes_from_shapes=sizes_from_shapes, init=init, param_group=param_group,
     supports_rescale=False,  # the reference runs v7 in fp16 without it
     cpu_block=CPU_BLOCK)
