@@ -59,14 +59,14 @@ ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
 L, D, V = 12, 768, 65536
 CONTEXTS = (128, 1024, 4096, 16384)
-# Idle OpenMP threads sleep instead of spinning. On this 2-core machine shared with other jobs, spinning
-# workers take the core the next op needs: one RWKV-7 fp32 decode step measured 950 ms with the default
-# policy and 72 ms with PASSIVE (58 ms on 1 thread). It applies to every engine alike (all are torch).
+# Idle OpenMP threads sleep instead of spinning: on a machine shared with other jobs, spinning workers take
+# the core the next op needs (docs/benchmarks.md, Design measurements item 1). It applies to every engine
+# alike (all are torch).
 OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 # Not for llama.cpp: ggml synchronises its threads with an OpenMP barrier after every op of the graph, and
-# PASSIVE puts them to sleep at each one (RWKV-7 L12-D768 on 2 threads: f32 54-64 ms/token with PASSIVE,
-# 26 ms without; q8_0 35 ms against 9). Its workers run with the variable unset, as llama.cpp's own tools do,
-# unless --llama-omp-wait-policy says otherwise.
+# PASSIVE puts them to sleep at each one, which makes it several times slower (docs/benchmarks.md, Design
+# measurements item 2). Its workers run with the variable unset, as llama.cpp's own tools do, unless
+# --llama-omp-wait-policy says otherwise.
 ISAS = ("avx512", "avx2", "generic", "torch")  # aviary.cpu.ISAS (not imported before AVIARY_CPU_ISA is set)
 
 TORCH_ONLY = "aviary fp32 torch-only"  # the same model with no C kernels (AVIARY_CPU_ISA=torch)

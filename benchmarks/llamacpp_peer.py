@@ -2,7 +2,8 @@
 llama.cpp through its Python binding (`pip install llama-cpp-python`, which builds llama.cpp from source:
 about 16 minutes on 2 cores; `CMAKE_ARGS="-DGGML_NATIVE=ON"` is its default, a build for this CPU).
 
-The conversion path (logits equal Aviary's to ~2e-4 in f32, so the comparison is of the same model):
+The conversion path (in f32 its logits equal Aviary's to rounding, so the comparison is of the same model;
+docs/benchmarks.md, Design measurements item 10):
 
     aviary convert model.pth folder/                  # Hugging Face / fla layout (RWKV-6 / RWKV-7)
     cp rwkv_vocab_v20230424.txt folder/               # the World vocabulary, shipped in aviary/tokenizer/data

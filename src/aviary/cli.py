@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Idle OpenMP threads that spin steal the core the next small op needs: on a shared 2-core machine one
-    # RWKV-7 decode step measured 950 ms spinning vs 72 ms passive (docs/benchmarks.md). OpenMP reads it
-    # when torch loads, which has not happened yet: `import aviary` is lazy (aviary/__init__.py) and the
-    # command modules import torch inside run(). An explicit OMP_WAIT_POLICY from the user wins.
+    # Idle OpenMP threads that spin steal the core the next small op needs on a shared CPU (docs/benchmarks.md,
+    # Design measurements item 1). OpenMP reads the variable when torch loads, which has not happened yet:
+    # `import aviary` is lazy (aviary/__init__.py) and the command modules import torch inside run(). An
+    # explicit OMP_WAIT_POLICY from the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # reported by the verb's parser, which knows the verb's options (argparse uses the top one)

@@ -2,9 +2,8 @@
 
 A CPU decode step reads every weight of the model once per token. With ordinary 4 KiB pages that is one
 TLB entry per 4 KiB: an L12-D768 model touches ~140,000 pages per token, and on a virtual machine every
-TLB miss is a two-level page walk. 2 MiB pages cut that 512-fold. Measured on the test machine (paired,
-one process, random L12-D768 RWKV-7, docs/benchmarks.md): single-stream decode 0.90x the time in fp32,
-0.83x in bf16, 0.92x in int8.
+TLB miss is a two-level page walk. 2 MiB pages cut that 512-fold, which makes single-stream decode
+measurably faster (docs/benchmarks.md, Inference item 8 and Design measurements item 8).
 
 `move_to_huge_pages(model)` copies each large CPU tensor of a module (parameters and buffers of at least
 `min_bytes`) into its own anonymous memory map, asks the kernel for huge pages on the whole 2 MiB pages

@@ -135,8 +135,9 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     backend:        how sequences run: "chunked" (parallel form) or "recurrent" (reference loop)
     quantize:       None, or "int8": int8 weight-only block linears and head (`RWKV.quantize`, aviary.quant)
     huge_pages:     on a CPU, copy the large weights onto transparent huge pages where Linux offers them
-                    (`aviary.hugepages`: 10-17 % faster single-stream decode here); False keeps them where
-                    they were loaded (a memory-mapped fp32 checkpoint then stays shared page cache)
+                    (`aviary.hugepages`: faster single-stream decode, docs/benchmarks.md, Design
+                    measurements item 8); False keeps them where they were loaded (a memory-mapped fp32
+                    checkpoint then stays shared page cache)
     Raises CheckpointError naming the file for anything it cannot read or understand.
     """
     torch_dtype = _dtype(dtype)

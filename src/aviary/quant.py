@@ -24,7 +24,8 @@ Three forms of the same product, as for the ops (`Int8Linear.kernel` picks; test
                              once at memory speed; the default for up to isa.MAX_ROWS[int8] rows
     `int8_linear_kernel`     torch's `aten._weight_int8pack_mm` (bf16 activations and scales, fp32
                              accumulation); the fallback where the C kernel was not built. It widens
-                             every weight to bf16 and is compute-bound at one row (4-9 GB/s here).
+                             every weight to bf16 and is compute-bound at one row, far below memory
+                             speed (docs/benchmarks.md, Design measurements item 9).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ where the C code's fields live in its `Block`.
 
 A decode step's block (LN1, time-mix, LN2, channel-mix: ~30-100 torch ops and 7-17 products a layer) runs
 as one C function per version (src/aviary/csrc/blocks.c), all the model's blocks in one call: a layer
-streams ~47 MB of weights (L12-D768 fp32), which evicts Python's own data from the caches, and ~30 us of
-Python between two C calls then took ~200 us.
+streams ~47 MB of weights (L12-D768 fp32), which evicts Python's own data from the caches, so Python run
+between two C calls is several times slower (docs/benchmarks.md, Inference item 7).
 
 The contract between a version and its C block is data. The C side names its pointer fields, in order
 (`_kernels.BLOCK_FIELDS[version]`); the version's model file declares a `BlockRecord` (`CPU_BLOCK`) that

@@ -32,12 +32,10 @@ WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the C code's wei
 # The instruction sets, fastest first. "torch" is no C kernels at all: every product is torch's.
 ISAS = ("avx512", "avx2", "generic", "torch")
 ENV_VAR = "AVIARY_CPU_ISA"
-# rows up to which the C kernel beats torch's matmul, per instruction set (docs/benchmarks.md, Inference item
-# 9; products of an RWKV-7 L12-D768 step against F.linear on AVX-512: float32 2.3x at 24 rows, 1.66x at 64,
-# 1.30x at 128; bf16 with the dot-product kernel 1.28x at 32, 0.95x at 64, and without it (widening to
-# float32) slower than torch's AVX512_BF16 matmul past 2 rows; int8 whole steps 0.32-0.41x at 32-64 rows
-# against dequantise-and-matmul). int8 reaches it through aviary.quant.Int8Linear. Where the CPU has no
-# AVX-512, torch's bf16 and int8 products have no fast instructions either, and the widening kernels keep 16.
+# rows up to which the C kernel beats torch's matmul, per instruction set (docs/benchmarks.md, Inference items
+# 1 and 9: bf16 without the dot-product kernel widens to float32 and loses to torch's AVX512_BF16 matmul past
+# 2 rows). int8 reaches it through aviary.quant.Int8Linear. Where the CPU has no AVX-512, torch's bf16 and
+# int8 products have no fast instructions either, and the widening kernels keep 16.
 _MAX_ROWS = {
     "avx512": {torch.float32: 64, torch.bfloat16: 2, torch.int8: 64},
     "avx512+bf16": {torch.float32: 64, torch.bfloat16: 32, torch.int8: 64},

@@ -2,14 +2,9 @@
 
 A decode step multiplies one row of activations (or the batch's few rows) by every weight matrix of
 the model, so its speed is how fast the weights stream from memory. torch's CPU kernels leave a lot of
-that on the table for one row: per 73 products of an RWKV-7 L12-D768 step, measured back to back,
-interleaved, 2 threads, AVX-512 (docs/benchmarks.md):
-
-    weights   rows   Aviary's kernel   best torch kernel (oneDNN packed / _weight_int8pack_mm)
-    float32    1        23.7 ms            29.2 ms
-    bfloat16   1        13.7 ms            22.2 ms
-    int8       1         8.3 ms            14.3 ms
-    float32   16        50.3 ms            58.8 ms     (35.5 ms since the blocked batch kernel; F.linear 95 ms)
+that on the table for one row, and `F.linear` more than torch's best (pre-packed oneDNN,
+`_weight_int8pack_mm`) for a batch: docs/benchmarks.md, Inference item 1 and "The machine's limits,
+corrected".
 
 `Linear` is an `nn.Linear` (same parameter, same state dict, same autograd) whose forward takes the C
 kernel when it can (CPU, float32 or bfloat16 weight, at most `MAX_ROWS[dtype]` rows for the instruction
@@ -38,9 +33,9 @@ PARALLEL_MIN_BYTES = 1 << 20  # weight bytes x rows below which one thread is us
 
 def _torch_bf16_matmul_is_fast() -> bool:
     """Whether torch's CPU bfloat16 matmul has bf16 instructions under it (oneDNN on AVX-512). Without them
-    (AVX2 CPUs, and ONEDNN_MAX_CPU_ISA=AVX2) a 512x768 by 768x3072 bf16 product took 138 ms against 52 ms
-    in float32 and 68 ms widened to float32 first (docs/benchmarks.md), so bf16 products past the C
-    kernels' rows are widened to float32 there."""
+    (AVX2 CPUs, and ONEDNN_MAX_CPU_ISA=AVX2) a bf16 product is slower than widening the weight to float32
+    first (docs/benchmarks.md, Design measurements item 6), so bf16 products past the C kernels' rows are
+    widened to float32 there."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # pragma: no cover - a torch without the check
@@ -169,9 +164,6 @@ def kernel_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     set to Aviary's kernel); None for anything else (a plain nn.Linear, a bias, a GPU...)."""
     get = getattr(module, "kernel_weight", None)
     return None if get is None else get()
-
-
-# rows up to which the C blocks run; measured faster than the torch blocks at 1, 16 and 32 rows in float32
 
 
 def product_weights(modules) -> list | None:

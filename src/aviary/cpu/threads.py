@@ -4,7 +4,7 @@ A one-token step is ~75 large matrix-vector products (memory-bound, worth every 
 ops on vectors of a few hundred numbers. torch parallelises some of the small ones too (small matmuls,
 bmm, group norm), and each parallel region wakes the sleeping worker threads: with
 OMP_WAIT_POLICY=PASSIVE (which `aviary` sets, because spinning workers are ruinous on a shared CPU)
-that wake costs tens of microseconds, about 10 ms of a 45 ms RWKV-7 step on the 2-core test machine.
+those wakes add up to a large share of a step (docs/benchmarks.md, Design measurements item 3).
 Inside `small_ops_on_one_thread()` torch runs on one thread. The big products step back up to the full
 count: Aviary's C kernels ask `kernel_threads()` (they have their own worker threads, `aviary/_kernels.c`),
 and a product that falls back to torch runs inside `all_threads()`.
@@ -43,7 +43,8 @@ def kernel_threads() -> int:
     """Threads for Aviary's C kernels: the remembered count inside `small_ops_on_one_thread` (a decode
     step), 1 elsewhere. Outside a decode step torch's own OpenMP threads are busy with torch's ops, and
     with OpenMP's default wait policy they spin between ops: the kernels' worker threads would then
-    fight them for the cores (a 3-token prefill took 6.7 s instead of 0.2 s)."""
+    fight them for the cores, and a short prefill became many times slower (docs/benchmarks.md, Inference
+    item 6)."""
     return getattr(_local, "threads", None) or 1
 
 

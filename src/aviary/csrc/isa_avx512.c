@@ -65,12 +65,10 @@ __attribute__((target("avx512f"), always_inline)) static inline __m512 hsum16(__
 /* M > 1 (a batch), for float32 weights and for bfloat16 and int8 weights widened to float32.
  *
  * Each weight still comes from memory once, but at 16 rows it is used 16 times, so the product needs as
- * much compute as memory traffic, and the two have to overlap. On the test machine (Zen 4, C
- * microbenchmarks, one core): a loop doing 16 FMAs per 64-byte line it streams from memory kept both its
- * full FMA rate (~110 GFLOPS) and ~14 GB/s when it read one or two runs of consecutive addresses and its
- * other loads hit L1; four runs at once dropped it to ~68 GFLOPS, other loads from L2 to ~64. The earlier
- * 4x4 tiles over whole rows read four runs and re-read 16 rows of x (48 KB at in = 768) from L2 for every
- * tile: ~50 GFLOPS per core from memory against ~100 on weights already in cache. So:
+ * much compute as memory traffic, and the two have to overlap. A core keeps both its full FMA rate and
+ * its streaming rate only while it reads one or two runs of consecutive addresses and its other loads hit
+ * L1; 4x4 tiles over whole rows read four runs and re-read 16 rows of x (48 KB at in = 768) from L2 for
+ * every tile (docs/benchmarks.md, Inference item 8, for the microbenchmarks). So:
  *   - outputs go in blocks of BLOCK_OUT rows; within a block, `in` is taken in chunks sized so that the
  *     chunk of x (all M rows) is X_CHUNK_BYTES and stays in L1 while each 4-row tile of the block uses it;
  *   - a tile (4 weight rows x 4 rows of x, 16 accumulators) sums one chunk; hsum16 folds its 16 sums into
@@ -78,12 +76,13 @@ __attribute__((target("avx512f"), always_inline)) static inline __m512 hsum16(__
  *   - while a block computes, the next block's weights (consecutive addresses) are prefetched into L2 in
  *     order, spread evenly over the block's steps.
  * Rows of x past the last multiple of 4 take tiles of 1-3 rows; a tail of `in` past the last multiple of
- * 16 is added per output in plain C. Block sizes were picked by paired timings (docs/benchmarks.md). */
+ * 16 is added per output in plain C. Block sizes were picked by paired timings (docs/benchmarks.md,
+ * Inference item 8). */
 #define BLOCK_OUT 8 /* weight rows per block */
 #define BLOCK_M 32 /* rows of x per pass (the stack holds BLOCK_M x BLOCK_OUT sums) */
 #define X_CHUNK_BYTES 16384 /* x's share of L1 */
 
-#define PF_HINT _MM_HINT_T1 /* into L2: prefetching into L1 as well was ~5 % slower at batch 16 (paired) */
+#define PF_HINT _MM_HINT_T1 /* into L2: into L1 as well was slower at batch 16 (docs/benchmarks.md, Inference item 8) */
 #define DEFINE_BLOCKED(NAME, WTYPE, WLOAD, WSCALAR)                                                            \
     /* Tile: weight rows w, w + in, w + 2 in, w + 3 in x R rows of x (stride in), over [i0, i1); adds the */  \
     /* 4R sums to acc[r * BLOCK_OUT + j]. */                                                                   \

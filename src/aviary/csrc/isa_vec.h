@@ -141,8 +141,8 @@ static float *F(x_buffer)(size_t floats) {
 
 /* acc[r * TW + j] += (lane-wise) sum over [0, n) of w_j * x_r, for j < J <= TW weight rows (stride ws) and
  * r < R <= TX rows of x (stride xs); n a multiple of VL. The lanes are summed once per output, at the end
- * (summing 12 vectors per chunk of 256 inputs cost ~15 % of a batch product). R and J are constants where
- * this is inlined. */
+ * (summing them per chunk was a visible share of a batch product: docs/benchmarks.md, Design measurements
+ * item 7). R and J are constants where this is inlined. */
 INLINE void tile(const float *w, int64_t ws, const float *x, int64_t xs, int64_t n, vf *acc, const int R,
                  const int J) {
     vf c[TX][TW];

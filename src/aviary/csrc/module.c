@@ -151,9 +151,9 @@ static int parse_layer(PyObject *item, block_layer *L, int n_fields, int n_mats)
 
 /* (layers, threads, min_bytes, step_min_numel): parse every layer, then run them one after another with
  * the GIL released, so no Python runs between them: between two calls the ~47 MB of weights a layer
- * streams (L12-D768 fp32) have pushed Python's own data out of the caches, and the next ~30 us of
- * Python took ~200 us. The caller chains them (layer i's x_out is layer i+1's x_in). scratch_per_row:
- * the floats a block needs per row of x. */
+ * streams (L12-D768 fp32) have pushed Python's own data out of the caches, and Python run there is several
+ * times slower (docs/benchmarks.md, Inference item 7). The caller chains them (layer i's x_out is layer
+ * i+1's x_in). scratch_per_row: the floats a block needs per row of x. */
 static PyObject *run_blocks(PyObject *args, const block_kind *kind) {
     const int n_fields = kind->n_fields, n_mats = kind->n_mats;
     PyObject *layers;

@@ -16,12 +16,13 @@
 #endif
 
 /* ---- threads -------------------------------------------------------------------------------------
- * The products of a decode step come every ~20-400 us, with one-thread small ops in between. A torch
- * (OpenMP) parallel region under OMP_WAIT_POLICY=PASSIVE wakes a sleeping worker each time, ~50 us:
- * 3-4 ms of a 32 ms RWKV-7 step. These workers instead wait for the next job by spinning for SPIN_NS
- * after each one (first with `pause`, then yielding the core to anything else runnable), and only then
- * sleep on a condition variable: a decode step keeps its helpers awake, and the machine gets its cores
- * back within SPIN_NS of the last job.
+ * The products of a decode step come in quick succession, with one-thread small ops in between. A torch
+ * (OpenMP) parallel region under OMP_WAIT_POLICY=PASSIVE wakes a sleeping worker each time, a cost that
+ * adds up over a step (docs/benchmarks.md, Inference item 6; the gaps: Design measurements item 4).
+ * These workers instead wait for the next job by spinning for SPIN_NS after each one (first with
+ * `pause`, then yielding the core to anything else runnable), and only then sleep on a condition
+ * variable: a decode step keeps its helpers awake, and the machine gets its cores back within SPIN_NS of
+ * the last job.
  *
  * A job is cut into a few chunks per thread, and every thread, the caller included, claims chunks one
  * at a time with a compare-and-swap on (job number, next chunk). The caller waits only for chunks that a

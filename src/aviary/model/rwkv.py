@@ -145,8 +145,9 @@ class RWKV(nn.Module):
         """tokens [B, T] (or [T]) int64 -> (logits [B, T, V] float32, or [B, 1, V] if last_only; state).
 
         inplace=True writes the new state into `state`'s tensors and returns that same object: no
-        allocation per step (a batch-16 RWKV-7 state is 37 MB, and a fresh one costs ~20 ms of page
-        faults a step here). Only for a state nothing else holds, and without autograd."""
+        allocation per step (a batch-16 RWKV-7 state is 37 MB, and the page faults of a fresh one are a
+        large part of a step: docs/benchmarks.md, Inference item 4). Only for a state nothing else holds,
+        and without autograd."""
         if tokens.dim() == 1:
             tokens = tokens[None]
         if tokens.dim() != 2 or tokens.shape[1] == 0:
@@ -178,8 +179,9 @@ class RWKV(nn.Module):
         if x.dtype == torch.bfloat16 and tokens.shape[1] > 1 and not training and x.is_cpu \
                 and not products.TORCH_BF16_FAST:
             # torch has no bf16 instructions on this CPU (AVX2): every bf16 op would convert on the fly, and
-            # the conversions made a 512-token prefill 1.2x the float32 one. Activations run in float32 (the
-            # bf16 weights are widened per product); the logits are float32 anyway (docs/benchmarks.md)
+            # the conversions made a bf16 prefill slower than the float32 one (docs/benchmarks.md, "CPU
+            # instruction sets: AVX2 and the portable path"). Activations run in float32 (the bf16 weights
+            # are widened per product); the logits are float32 anyway
             x = x.float()
         x = self.blocks[0].ln0(x)
         if inplace:  # layer i's slice is read (inside block) before it is overwritten
@@ -205,7 +207,7 @@ class RWKV(nn.Module):
         if last_only:
             x = x[:, -1:]
         # float_out: in a decode step the C kernel's float32 sums come back unrounded; rounding bf16 logits
-        # was ~90 % of a trained bf16 model's logit error (benchmarks/bench_precision.py)
+        # was most of a trained bf16 model's logit error (docs/benchmarks.md, "Precision on trained models")
         logits = self.head(self.ln_out(x), float_out=True).float()
         return logits, shift_out, wkv_out
 
@@ -259,8 +261,9 @@ def _layer_major_like(t: torch.Tensor) -> torch.Tensor:
     """An empty [B, L, ...] tensor like t whose memory is laid out layer by layer ([L, B, ...] transposed).
 
     Each layer reads and writes its slice [:, i]; batch-major memory makes that slice strided when B > 1,
-    and the WKV step then copies the whole slice in and out (26 ms of a 127 ms batch-16 RWKV-7 step).
-    Layer-major memory makes every slice contiguous, and the next step gets a state laid out the same
-    way. The shape and values are the same; only `is_contiguous()` differs (state files call .contiguous())."""
+    and the WKV step then copies the whole slice in and out, a large part of a batch step (docs/benchmarks.md,
+    Design measurements item 5). Layer-major memory makes every slice contiguous, and the next step gets a
+    state laid out the same way. The shape and values are the same; only `is_contiguous()` differs (state
+    files call .contiguous())."""
     return torch.empty((t.shape[1], t.shape[0], *t.shape[2:]), dtype=t.dtype, device=t.device).transpose(0, 1)
 

@@ -190,7 +190,8 @@ class _Server(uvicorn.Server):
 
 def _throttle_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     # CPython's accept loop retries up to `backlog` times per wake-up and reports each EMFILE with a traceback
-    # (a probe measured 116 MB of log in 35 s): report the first, then one line a minute with a count.
+    # (a flood of log: docs/benchmarks.md, Design measurements item 11): report the first, then one line a
+    # minute with a count.
     previous = loop.get_exception_handler()
     throttle = _Throttle()
 

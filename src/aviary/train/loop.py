@@ -436,11 +436,10 @@ def _finish(run: _Run, losses: list[float]) -> TrainResult:
 def _destroy_process_group() -> None:
     # A process that exits with its gloo group alive aborts now and then in C++ ("terminate called
     # without an active exception") while Python tears down, which turns a finished run into a failed
-    # one under torchrun (6 of 85 two-rank runs of a small DDP script here). The DDP/FSDP wrappers hold
+    # one under torchrun (docs/benchmarks.md, Design measurements item 12). The DDP/FSDP wrappers hold
     # the group and sit in reference cycles, so they are collected first: destroying the group while a
-    # wrapper still holds it leaves the same abort (0 of 60 with the collection). Only after a run that
-    # ended well, when every rank gets here: on an error the group is left alone, since destroying it
-    # could wait for ranks that never arrive.
+    # wrapper still holds it leaves the same abort. Only after a run that ended well, when every rank gets
+    # here: on an error the group is left alone, since destroying it could wait for ranks that never arrive.
     import gc
 
     import torch.distributed as dist
