@@ -12,7 +12,7 @@ import torch
 from aviary.config import ConfigError, ModelConfig, infer_config
 from aviary.hugepages import move_to_huge_pages
 from aviary.io import CheckpointError, read_state_dict, read_time_state
-from aviary.model import RWKV
+from aviary.model import RWKV, VERSIONS
 from aviary.model.rescale import apply_rescale, default_rescale
 from aviary.state import RWKVState, StateError, time_state_to_wkv
 
@@ -62,9 +62,10 @@ def check_state_dict(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
     config = infer_config(weights)
     want = expected_shapes(config)
     if time_state:
-        if config.version == 4:
-            raise ConfigError(f"RWKV-4 has no time_state, but the file holds {_listed(time_state, 3)}")
-        state_shape = (config.n_head, config.head_size, config.head_size)
+        spec = VERSIONS[config.version]
+        if not spec.state_tuning:
+            raise ConfigError(f"RWKV-{config.version} has no time_state, but the file holds {_listed(time_state, 3)}")
+        state_shape = spec.time_state_shape(config)
         want.update((f"blocks.{i}.att.time_state", state_shape) for i in range(config.n_layer))
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))

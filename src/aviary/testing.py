@@ -76,15 +76,16 @@ def random_state_dict(config: ModelConfig, seed: int = 0, time_state: bool = Fal
 
     time_state: also add `blocks.i.att.time_state` [H, N, N] ([H, V, K]) as a state-tuned file has.
     """
-    from aviary.model import RWKV
+    from aviary.model import RWKV, VERSIONS
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in RWKV(config).state_dict().items()}
     if time_state:
-        if config.version == 4:
-            raise ValueError("RWKV-4 has no time_state")
+        spec = VERSIONS[config.version]
+        if not spec.state_tuning:
+            raise ValueError(f"RWKV-{config.version} has no time_state")
         for i in range(config.n_layer):
-            shapes[f"blocks.{i}.att.time_state"] = torch.Size((config.n_head, config.head_size, config.head_size))
+            shapes[f"blocks.{i}.att.time_state"] = torch.Size(spec.time_state_shape(config))
     g = torch.Generator().manual_seed(seed)
     return {k: _fill(k, s, g).to(dtype) for k, s in shapes.items()}
 

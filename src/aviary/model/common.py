@@ -39,7 +39,14 @@ class VersionSpec:
     param_group:   (parameter name, parameter, weight decay) -> (lr multiplier, weight-decayed?): the
                    optimizer group rule of the reference's `configure_optimizers`;
     supports_rescale: whether the fp16 layer rescale applies (`aviary.model.rescale`);
-    cpu_block:     where the C decode block finds its fields in a Block (`aviary.cpu.blocks`)."""
+    cpu_block:     where the C decode block finds its fields in a Block (`aviary.cpu.blocks`);
+    state_tuning:  whether a checkpoint may carry `blocks.N.att.time_state` (official [H, V, K] layout of
+                   wkv_shape; `aviary.state.time_state_to_wkv` converts)."""
+
+    def time_state_shape(self, config: ModelConfig) -> tuple[int, ...]:
+        """The official shape of one layer's `att.time_state`: wkv_shape with its last two axes swapped."""
+        *head, k, v = self.wkv_shape(config)
+        return (*head, v, k)
 
     version: int
     time_mix: type[nn.Module]
@@ -52,6 +59,7 @@ class VersionSpec:
     param_group: Callable[[str, torch.Tensor, float], tuple[float, bool]]
     supports_rescale: bool
     cpu_block: BlockRecord
+    state_tuning: bool = True  # whether its wkv state can be an official state-tuning `time_state` (not v4's)
 
     def __repr__(self) -> str:
         return f"VersionSpec(RWKV-{self.version})"

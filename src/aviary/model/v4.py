@@ -131,4 +131,4 @@ SPEC = VersionSpec(
     version=4, time_mix=TimeMix, channel_mix=ChannelMix, wkv_shape=wkv_shape, empty_wkv=empty_wkv,
     default_sizes=default_sizes, sizes_from_shapes=sizes_from_shapes, init=init,
     param_group=partial(group_rule_v4_v6, needs_weight=False),  # v4neo: every 2-D matrix is decayed
-    supports_rescale=True, cpu_block=CPU_BLOCK)
+    supports_rescale=True, cpu_block=CPU_BLOCK, state_tuning=False)
