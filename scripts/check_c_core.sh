@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the numeric C core (src/aviary/csrc/*.c without module.c: no Python headers) with its self-test
-# (tests/c/selftest.c) and runs it: natively with the host compiler, then cross-compiled for aarch64 with
+# (tests/csrc/selftest.c) and runs it: natively with the host compiler, then cross-compiled for aarch64 with
 # Debian's aarch64-linux-gnu-gcc and run under qemu-user when those are installed. Also checks that the
 # generic path's hot loops compile to NEON (fmla on v registers, vector widening) on aarch64.
 #
@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
 done
 
 CSRC=src/aviary/csrc
-SELFTEST=tests/c/selftest.c
+SELFTEST=tests/csrc/selftest.c
 FAILED=()   # what failed
 SKIPPED=()  # what was not run, and why
 PASSED=()

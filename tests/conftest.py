@@ -1,6 +1,17 @@
-"""Suite-wide options. Fixtures stay in the test files that use them."""
+"""Suite-wide options and the fixtures that tests in more than one folder share. A fixture that one folder's
+tests share lives in that folder's conftest.py (tokenizer/, cpu/kernels/); one used by a single file stays in
+that file, as do fixtures that differ from file to file (several `model`s: their versions and sizes differ).
+
+The tests mirror the package: tests/X/ holds the tests of aviary/X/ (cli/ those of aviary/cli.py and
+aviary/commands/), tests/test_Y.py those of aviary/Y.py. There are no __init__.py files: pytest's default
+`prepend` import mode puts each test file's folder on sys.path and imports it by its basename, so basenames
+are unique across the suite. This file's folder, tests/, goes on sys.path the same way before any test is
+imported, which is how `from oracle import run_oracle` (tests/oracle.py, a helper module that is also run as
+a script) works from every folder."""
 
 from __future__ import annotations
+
+import pytest
 
 FUZZ_EXAMPLES_CI = 40
 
@@ -22,3 +33,14 @@ def pytest_configure(config):
         "aviary", max_examples=max(1, n), deadline=None, derandomize=(n == FUZZ_EXAMPLES_CI), database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     settings.load_profile("aviary")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small random-weight RWKV-7 with the World vocabulary size, `tiny-v7.safetensors` (seed 5), written
+    once per test module: for the CLI verbs (cli/) and the server (serve/, whose model id is the file's stem)."""
+    from aviary.testing import random_config, save_random_checkpoint  # here: the fuzz runs need no torch
+
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny-v7.safetensors"
+    save_random_checkpoint(path, random_config(7, n_layer=2, n_embd=64, head_size=32, vocab_size=65536), seed=5)
+    return path

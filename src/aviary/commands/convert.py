@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 # aviary.io.names.LAYOUTS, written out so that building the CLI's parser (`aviary --help`) does not import
-# torch; tests/test_cli.py checks that the two agree
+# torch; tests/cli/test_cli_io.py checks that the two agree
 LAYOUTS = ("official", "hf-rwkv4", "hf-rwkv5", "hf-rwkv6", "fla-rwkv7")
 
 

@@ -9,7 +9,7 @@
     path       `DecodePath`: what a model's decode step runs on (`model.decode_path`); `can_split_threads`
 
 The C code is in src/aviary/csrc/ (one file per concern; see its kernels.h). Every fast path has its
-torch reference beside it in aviary.model / aviary.ops, and tests/test_kernels.py compares them on every
+torch reference beside it in aviary.model / aviary.ops, and tests/cpu/kernels/ compares them on every
 instruction set the machine can execute.
 """
 

@@ -14,7 +14,7 @@ layer's pointers by the record, checks them once per set of tensors (cached per 
 dtype and version counter, so a swapped tensor or an in-place load_state_dict is seen) and runs the C
 blocks. It returns None, having done nothing, where they cannot run: a weight type or device without a
 kernel, gradients, sizes, more than BLOCK_MAX_ROWS rows, the "torch" instruction set. The caller then
-runs each torch `Block`, which stays the reference (tests/test_kernels.py compares).
+runs each torch `Block`, which stays the reference (tests/cpu/kernels/test_blocks.py compares).
 
 The C code computes in float32, for a bfloat16 model too: its products round their inputs to bf16 where
 the CPU multiplies in bf16 (as torch does), and the last block's output is rounded to bf16 once (torch's

@@ -27,7 +27,7 @@ static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
  * The state slices may be strided over the batch (a batch-major state): the shift and wkv row strides
  * are arguments; within a row they are contiguous. shift_out may be shift_in and wkv_out may be wkv_in:
  * each row is read before it is written. The reference is the torch path of the same modules, which
- * tests/test_kernels.py compares. */
+ * tests/cpu/kernels/test_blocks.py compares. */
 #define FIELD_NAME(name) #name,
 static void products_job(const void *ctx, int64_t lo, int64_t hi) {
     const products_t *a = ctx;

@@ -1,5 +1,5 @@
 /* Aviary's CPU decode kernels: the numeric core, free of Python (module.c is the only file that
- * includes Python.h), so it also builds alone (scripts/check_c_core.sh builds it with tests/c/selftest.c,
+ * includes Python.h), so it also builds alone (scripts/check_c_core.sh builds it with tests/csrc/selftest.c,
  * natively and cross-compiled for aarch64 under qemu).
  *
  * Files, by concern:

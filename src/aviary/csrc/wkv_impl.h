@@ -3,7 +3,7 @@
  * and, before including this, the per-channel gates F(v7_gates) and F(decays) (isa_vec.h's, or
  * isa_avx512.c's). Defines F(gla_job), F(delta_job), F(v6_tail_job), F(v7_tail_job); their arguments
  * and formulas are in kernels.h. References: aviary.ops.gla.gla_step, aviary.ops.delta.delta_rule_step,
- * and aviary/model/v5.py ... v7.py (tests/test_kernels.py compares). */
+ * and aviary/model/v5.py ... v7.py (tests/cpu/kernels/test_steps.py compares). */
 #include <math.h>
 
 /* One (batch, head) item of the gla step, with its decays wd = exp(logw) given: y [V] and S' [K, V]. */

@@ -1,5 +1,5 @@
 """Regenerate `pip_logits.safetensors`: the `rwkv` pip package's (0.8.32, `cpu fp32`) logits for tiny
-fixed-seed random checkpoints of RWKV-4/5/6/7 (and a state-tuned RWKV-7), so that `tests/test_golden.py`
+fixed-seed random checkpoints of RWKV-4/5/6/7 (and a state-tuned RWKV-7), so that `tests/model/test_golden.py`
 checks parity with the reference on machines without the pip package.
 
     python tests/data/golden/make_golden.py

@@ -3,7 +3,7 @@
  * few hand-computed values. No Python, no dependencies beyond libc and libm, so it also runs on a
  * cross-compiled target (scripts/check_c_core.sh builds it for aarch64 and runs it under qemu).
  *
- *   cc -O3 -pthread -Isrc/aviary/csrc tests/c/selftest.c src/aviary/csrc/{isa,isa_generic,isa_avx2,\
+ *   cc -O3 -pthread -Isrc/aviary/csrc tests/csrc/selftest.c src/aviary/csrc/{isa,isa_generic,isa_avx2,\
  *      isa_avx512,threads,blocks}.c -lm -o selftest && ./selftest
  *
  * Checks: rows[] (W [out, in]; float32, bfloat16, int8 with row scales) over shapes with tails and

@@ -24,12 +24,11 @@ from aviary.generation import Engine, SamplingParams, StateCache
 from aviary.serve.app import Limits, create_app
 from aviary.serve.chat_format import ChatMessage, prompt_tokens
 from aviary.serve.scheduler import Scheduler
-from aviary.testing import random_config, save_random_checkpoint
 
 uvicorn = pytest.importorskip("uvicorn")
 
 KEY = "test-key"
-MODEL = "tiny-v7"
+MODEL = "tiny-v7"  # the served model id: the stem of the `checkpoint` fixture's file (tests/conftest.py)
 
 
 class LiveServer:
@@ -52,13 +51,6 @@ class LiveServer:
     def close(self):
         self.server.should_exit = True
         self.thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve") / f"{MODEL}.safetensors"
-    save_random_checkpoint(path, random_config(7, n_layer=2, n_embd=64, head_size=32, vocab_size=65536), seed=5)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The numeric C core (src/aviary/csrc/*.c without module.c) built alone, without Python headers, with its C
-self-test (tests/c/selftest.c: every instruction-set table the CPU runs against double-precision reference
+self-test (tests/csrc/selftest.c: every instruction-set table the CPU runs against double-precision reference
 loops and hand-computed values): natively, and cross-compiled for aarch64 with Debian's
 gcc-aarch64-linux-gnu and run under qemu-user (`apt-get install gcc-aarch64-linux-gnu qemu-user`; these
 tests skip without them). scripts/check_c_core.sh does the same from the shell and also checks the NEON
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "src" / "aviary" / "csrc"
-SELFTEST = ROOT / "tests" / "c" / "selftest.c"
+SELFTEST = Path(__file__).resolve().with_name("selftest.c")
 CORE = sorted(p for p in CSRC.glob("*.c") if p.name != "module.c")
 LAST = re.compile(r"^selftest: (\d+) passed, (\d+) failed$")
 XCC = "aarch64-linux-gnu-gcc"

@@ -15,7 +15,7 @@ import pytest
 from aviary import cpu
 from aviary.testing import random_config, save_random_checkpoint
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load(name):

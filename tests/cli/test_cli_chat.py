@@ -13,14 +13,6 @@ from aviary.cli import main
 from aviary.commands.chat import Chat
 from aviary.generation import Engine, SamplingParams
 from aviary.state import RWKVState, StateError
-from aviary.testing import random_config, save_random_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chat") / "tiny-v7.safetensors"
-    save_random_checkpoint(path, random_config(7, n_layer=2, n_embd=64, head_size=32, vocab_size=65536), seed=5)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from aviary.loading import model_from_state_dict
 from aviary.testing import random_config, random_state_dict
 
-GOLDEN = Path(__file__).parent / "data" / "golden" / "pip_logits.safetensors"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden" / "pip_logits.safetensors"
 ATOL = 1e-4  # fp32; logits ~ +-4, measured max differences ~3e-6
 REGENERATE = "python tests/data/golden/make_golden.py"
 

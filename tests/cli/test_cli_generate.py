@@ -9,14 +9,7 @@ import aviary
 from aviary.cli import main
 from aviary.generation import SamplingParams, generate
 from aviary.state import RWKVState
-from aviary.testing import random_config, save_random_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gen") / "tiny-v7.safetensors"
-    save_random_checkpoint(path, random_config(7, n_layer=2, n_embd=64, head_size=32, vocab_size=65536), seed=5)
-    return path
+from aviary.testing import random_config
 
 
 def test_generate_prints_the_greedy_continuation(checkpoint, capsys):

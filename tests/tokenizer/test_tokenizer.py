@@ -19,22 +19,12 @@ from aviary.tokenizer import tokenizer_for_version as for_version
 from aviary.tokenizer.neox import NEOX_TOKENIZER
 from aviary.tokenizer.world import WORLD_VOCAB, load_vocab, parse_literal
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 MULTILINGUAL = SHARED_DATA / "tokenizer" / "multilingual.jsonl.xz"
 CORPUS = SHARED_DATA / "corpus" / "train.jsonl.xz"
 
 EIFFEL = "The Eiffel tower is in the city of"
 EIFFEL_IDS = [6699, 304, 25740, 109, 39990, 4600, 4596, 22590, 30449, 4706]
-
-
-@pytest.fixture(scope="module")
-def tok() -> WorldTokenizer:
-    return WorldTokenizer()
-
-
-@pytest.fixture(scope="module")
-def pytok() -> WorldTokenizer:
-    return WorldTokenizer(backend="python")
 
 
 @pytest.fixture(scope="module")
@@ -347,11 +337,6 @@ def test_100mb_input(tok):
 
 
 # --- the 20B tokenizer and load_tokenizer -----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def neox() -> NeoXTokenizer:
-    return NeoXTokenizer()
 
 
 def test_neox_matches_tokenizers(neox, multilingual):

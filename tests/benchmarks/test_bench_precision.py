@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from aviary.testing import random_config, save_random_checkpoint
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_precision.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_precision.py"
 
 
 @pytest.fixture(scope="module")

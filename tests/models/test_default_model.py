@@ -39,7 +39,7 @@ def test_its_training_config_builds_exactly_its_shapes():
     from aviary.train.config import load_config, rank_fields
     from aviary.train.init import model_config
 
-    m = load_config(Path(__file__).parents[1] / "configs" / "aviary-v7-tiny.yaml").model
+    m = load_config(Path(__file__).resolve().parents[2] / "configs" / "aviary-v7-tiny.yaml").model
     built = model_config(m.version, m.n_layer, m.n_embd, m.vocab_size, m.head_size, m.dim_ffn,
                          **{name: getattr(m, name) for name in rank_fields(m.version)})
     assert built == aviary.load(default_model_path()).config

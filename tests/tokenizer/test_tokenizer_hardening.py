@@ -10,24 +10,8 @@ import textwrap
 
 import pytest
 
-from aviary.tokenizer import NeoXTokenizer, WorldTokenizer
+from aviary.tokenizer import WorldTokenizer
 from aviary.tokenizer.world import MAX_TOKEN_ID, load_vocab
-
-
-@pytest.fixture(scope="module")
-def tok() -> WorldTokenizer:
-    return WorldTokenizer()
-
-
-@pytest.fixture(scope="module")
-def pytok() -> WorldTokenizer:
-    return WorldTokenizer(backend="python")
-
-
-@pytest.fixture(scope="module")
-def neox() -> NeoXTokenizer:
-    return NeoXTokenizer()
-
 
 # --- finding 4: a list changed by an id's __index__ while it is decoded -----------------------------------
 
