@@ -10,7 +10,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -24,33 +23,12 @@ from aviary.generation import Engine, SamplingParams, StateCache
 from aviary.serve.app import Limits, create_app
 from aviary.serve.chat_format import ChatMessage, prompt_tokens
 from aviary.serve.scheduler import Scheduler
+from live import LiveServer
 
 uvicorn = pytest.importorskip("uvicorn")
 
 KEY = "test-key"
 MODEL = "tiny-v7"  # the served model id: the stem of the `checkpoint` fixture's file (tests/conftest.py)
-
-
-class LiveServer:
-    """An ASGI app served on a free loopback port, in a thread, by the uvicorn server `aviary serve` runs."""
-
-    def __init__(self, app, limits=None):
-        from aviary.serve.connections import make_server
-
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = make_server(app, limits or Limits(), log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import select
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -27,6 +26,7 @@ from aviary.serve.app import Limits, create_app
 from aviary.serve.protocol import error_body
 from aviary.serve.scheduler import Scheduler
 from aviary.testing import random_config, random_state_dict, save_random_checkpoint
+from live import LiveServer
 
 pytest.importorskip("uvicorn")
 
@@ -46,42 +46,24 @@ def tokenizer():
     return aviary.load_tokenizer(version=7)
 
 
-class LiveServer:
-    """The app on a free loopback port, in a thread, served by `make_server` as `aviary serve` does."""
+class ServedModel(LiveServer):
+    """The test model behind `create_app` with these limits and keys, live on loopback."""
 
     def __init__(self, model, tokenizer, limits: Limits, api_key=KEYS):
         self.scheduler = Scheduler(Engine(model, tokenizer, cache=StateCache()), max_batch=8)
         app = create_app(self.scheduler, tokenizer, model_name=MODEL, limits=limits, api_key=api_key)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = connections.make_server(app, limits, log_level="warning", metrics=self.scheduler.metrics)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
-
-    @property
-    def open_connections(self) -> int:
-        return len(self.server.server_state.connections)
+        super().__init__(app, limits, metrics=self.scheduler.metrics)
 
     def closed(self, reason: str) -> float:
         return self.scheduler.metrics.value("connections_closed_total", reason=reason)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture
 def serve(model, tokenizer):
     servers = []
 
-    def start(limits: Limits | None = None, **kwargs) -> LiveServer:
-        servers.append(LiveServer(model, tokenizer, limits or Limits(), **kwargs))
+    def start(limits: Limits | None = None, **kwargs) -> ServedModel:
+        servers.append(ServedModel(model, tokenizer, limits or Limits(), **kwargs))
         return servers[-1]
 
     yield start
