@@ -26,6 +26,7 @@ import warnings
 COMMANDS: dict[str, str] = {
     "info": "aviary.commands.info",
     "convert": "aviary.commands.convert",
+    "merge": "aviary.commands.merge",
     "generate": "aviary.commands.generate",
     "chat": "aviary.commands.chat",
     "serve": "aviary.commands.serve",

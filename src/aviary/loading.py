@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from aviary.io import CheckpointError, read_state_dict, read_time_state
 from aviary.model import RWKV, VERSIONS
 from aviary.model.rescale import apply_rescale, default_rescale
 from aviary.state import RWKVState, StateError, time_state_to_wkv
+
+if TYPE_CHECKING:
+    from aviary.peft import Adapter
 
 __all__ = ["check_state_dict", "expected_shapes", "load", "load_start_state", "model_from_state_dict"]
 
@@ -128,7 +132,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], *, backend: str = "chunke
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
          backend: str = "chunked", rescale_every: int | None = None, quantize: str | None = None,
-         huge_pages: bool = True) -> RWKV:
+         huge_pages: bool = True, adapter: str | os.PathLike | Adapter | None = None) -> RWKV:
     """Load an RWKV-4/5/6/7 checkpoint: official `.pth`, safetensors, or a Hugging Face / fla folder.
 
     dtype:          float32 or bfloat16 (CPU and GPU), float16 (GPU; v4-v6 then halve the residual
@@ -139,10 +143,16 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
                     (`aviary.hugepages`: faster single-stream decode, docs/benchmarks.md, Design
                     measurements item 8); False keeps them where they were loaded (a memory-mapped fp32
                     checkpoint then stays shared page cache)
+    adapter:        a fine-tuning adapter (LoRA, PiSSA, MiSS, state; ours or RWKV-PEFT's file), as a path or an
+                    `aviary.peft.Adapter` (`read_adapter(path, alpha=...)` for RWKV-PEFT's LoRA files), merged into
+                    the weights here (`aviary.peft.merge`, in float32, stored in `dtype`): the model is then a plain
+                    one and decodes at full speed
     Raises CheckpointError naming the file for anything it cannot read or understand.
     """
     torch_dtype = _dtype(dtype)
     sd, _layout = read_state_dict(path)
+    if adapter is not None:
+        sd = _merge_adapter(sd, adapter, path, torch_dtype)
     try:
         model = model_from_state_dict(sd, backend=backend)
     except ConfigError as e:
@@ -160,6 +170,17 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     if huge_pages and torch.device(device).type == "cpu":
         move_to_huge_pages(model)
     return model
+
+
+def _merge_adapter(sd: dict[str, torch.Tensor], adapter, base_path, dtype: torch.dtype
+                   ) -> dict[str, torch.Tensor]:
+    from aviary.peft import Adapter, AdapterError, merge, read_adapter
+
+    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    try:
+        return merge(sd, adapter, dtype=dtype)
+    except (AdapterError, ConfigError) as e:
+        raise CheckpointError(adapter.path or "adapter", f"does not fit the model in {base_path}: {e}") from None
 
 
 def load_start_state(model: RWKV, path: str | os.PathLike, device: str | torch.device = "cpu") -> RWKVState | None:

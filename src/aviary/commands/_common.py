@@ -22,16 +22,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--state", default=None, metavar="FILE",
                        help="start from this state: a file saved by Aviary (chat /save, RWKVState.save) or an "
                             "official state-tuning file with blocks.N.att.time_state tensors")
+    group.add_argument("--adapter", default=None, metavar="FILE",
+                       help="a fine-tuning adapter (LoRA, PiSSA, MiSS or state tuning; Aviary's or RWKV-PEFT's "
+                            ".pth/.safetensors), merged into the weights when the model loads (docs/finetuning.md)")
+    group.add_argument("--adapter-alpha", type=float, default=None, metavar="ALPHA",
+                       help="LoRA alpha of an RWKV-PEFT LoRA adapter (its files do not record it)")
 
 
-def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """--input and --field: how each input file splits into documents (aviary.textio)."""
+def add_input_arguments(parser: argparse.ArgumentParser, chat: bool = False) -> None:
+    """--input and --field: how each input file splits into documents (aviary.textio); with `chat`, also
+    --input chat (JSONL conversations, `aviary data prepare`)."""
     from aviary.textio import FORMATS
 
-    parser.add_argument("--input", choices=FORMATS, default="auto",
+    parser.add_argument("--input", choices=(*FORMATS, "chat") if chat else FORMATS, default="auto",
                         help="how a file splits into documents: doc (the whole file), lines (each line), jsonl "
-                             "(one JSON object per line); default auto: *.jsonl, *.ndjson, *.json -> jsonl, "
-                             "any other -> doc (also when compressed: .gz .bz2 .xz .lzma .zst)")
+                             "(one JSON object per line)"
+                             + (', chat (one conversation per line: {"messages": [...]} or {"prompt", '
+                                '"completion"})' if chat else "")
+                             + "; default auto: *.jsonl, *.ndjson, *.json -> jsonl"
+                             + (" (chat if the first line is a conversation)" if chat else "")
+                             + ", any other -> doc (also when compressed: .gz .bz2 .xz .lzma .zst)")
     parser.add_argument("--field", default="text", help='the text field of jsonl documents (default "text")')
 
 
@@ -120,7 +130,13 @@ def load_model(args: argparse.Namespace, model: str | None):
 
     check_device(args.device)
     path = resolve_model_path(model)
-    net = aviary.load(path, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None:
+        from aviary.peft import read_adapter
+
+        alpha = getattr(args, "adapter_alpha", None)
+        adapter = read_adapter(adapter, **({} if alpha is None else {"alpha": alpha}))
+    net = aviary.load(path, device=args.device, dtype=args.dtype, quantize=args.quantize, adapter=adapter)
     tokenizer = aviary.load_tokenizer(args.tokenizer, version=net.config.version)
     state = load_start_state(net, args.state, args.device) if args.state else None
     return net, tokenizer, state

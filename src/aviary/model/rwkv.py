@@ -32,7 +32,7 @@ from aviary.cpu.threads import small_ops_on_one_thread
 from aviary.model import VERSIONS
 from aviary.model.common import LayerNorm, VersionSpec, token_shift
 from aviary.ops import BACKENDS
-from aviary.state import RWKVState, StateError, layer_major
+from aviary.state import RWKVState, StateError, layer_major, time_state_to_wkv
 
 __all__ = ["RWKV"]
 
@@ -107,11 +107,16 @@ class RWKV(nn.Module):
     # ---- state -------------------------------------------------------------------------------
 
     def init_state(self, batch_size: int = 1) -> RWKVState:
-        """The state before any token: zeros, or the state-tuned `time_state` when the checkpoint has one."""
+        """The state before any token: zeros, or the state-tuned `time_state` when the checkpoint has one. While
+        state tuning (`aviary.peft`), each time-mix's trainable `time_state` [H, V, K] is the start, and the
+        state returned is differentiable with respect to it."""
         cfg, device = self.config, self.device
         shift = torch.zeros(cfg.n_layer, batch_size, 2, cfg.n_embd, device=device).transpose(0, 1)
-        if self.initial_wkv is not None:
-            wkv = layer_major(self.initial_wkv.to(device)[None].expand(batch_size, *self.initial_wkv.shape))
+        start = self.initial_wkv
+        if hasattr(self.blocks[0].att, "time_state"):  # the parameters of state tuning
+            start = time_state_to_wkv(torch.stack([block.att.time_state for block in self.blocks]))  # [L, *S]
+        if start is not None:
+            wkv = layer_major(start.to(device)[None].expand(batch_size, *start.shape))
         else:
             one = self.spec.empty_wkv(cfg, batch_size, device)  # [B, *S]
             wkv = torch.stack([one] * cfg.n_layer, dim=0).transpose(0, 1)  # layer-major (aviary.state)
