@@ -15,6 +15,14 @@ A file is read according to its name:
 Documents are str, decoded as UTF-8 (strictly); with `decode=False`, "doc" and "lines" give the file's
 bytes as they are (`aviary tokenize`: any bytes, and a byte-exact round trip). JSONL text is always str.
 
+Conversations (`aviary data prepare`, format "chat") are JSON Lines too, one per line, in either shape:
+
+    {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
+    {"prompt": "...", "completion": "..."}          one user message and the assistant's reply
+
+`read_conversations` gives each as a list of `aviary.chat_format.ChatMessage`; `is_chat_file` says whether a
+JSON Lines file's first record is a conversation rather than a document with the text field.
+
 Every problem is a `DataError` naming the file and, where there is one, the line (`path:line: problem`):
 no such file, truncated or corrupt compressed data (with the last line read), a line that is not JSON or
 has no string `field`, text that is not UTF-8, a lone surrogate ("\\ud800" in JSON is no character, and
@@ -36,8 +44,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["COMPRESSION_SUFFIXES", "FORMATS", "DataError", "check_input", "input_format", "open_binary",
-           "read_documents"]
+from aviary.chat_format import ROLES, ChatMessage
+
+__all__ = ["COMPRESSION_SUFFIXES", "FORMATS", "DataError", "check_input", "input_format", "is_chat_file",
+           "open_binary", "read_conversations", "read_documents"]
 
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".lzma", ".zst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -145,28 +155,56 @@ _JSON_TYPES = {dict: "an object", list: "an array", bool: "a boolean", int: "a n
                type(None): "null"}
 
 
-def _jsonl_text(line: bytes, path: str | os.PathLike, lineno: int, field: str) -> str:
-    """The string `field` of one JSON Lines line."""
+def _json(line: bytes, path: str | os.PathLike, lineno: int) -> object:
+    """One JSON Lines line, parsed."""
     text = _utf8(line, path, lineno)
     if lineno == 1:
         text = text.removeprefix("\ufeff")
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(_name(path), f"not JSON ({e.msg} at column {e.colno})", lineno) from None
     except RecursionError:
         raise DataError(_name(path), "not JSON (nested too deeply)", lineno) from None
-    if not isinstance(obj, dict) or field not in obj:
-        raise DataError(_name(path), f"not a JSON object with a {field!r} field", lineno)
-    value = obj[field]
+
+
+def _string(value: object, what: str, path: str | os.PathLike, lineno: int) -> str:
+    """`value` if it is a string that is text (no lone surrogate); `what` names it in the error."""
     if not isinstance(value, str):
-        raise DataError(_name(path), f"field {field!r} is {_JSON_TYPES.get(type(value), 'no string')}, not a "
-                                     "string", lineno)
+        raise DataError(_name(path), f"{what} is {_JSON_TYPES.get(type(value), 'no string')}, not a string", lineno)
     bad = SURROGATE.search(value)
     if bad:
-        raise DataError(_name(path), f"field {field!r} has a lone surrogate {bad.group()!r} at character "
-                                     f"{bad.start()}, which is not text", lineno)
+        raise DataError(_name(path), f"{what} has a lone surrogate {bad.group()!r} at character {bad.start()}, "
+                                     "which is not text", lineno)
     return value
+
+
+def _jsonl_text(line: bytes, path: str | os.PathLike, lineno: int, field: str) -> str:
+    """The string `field` of one JSON Lines line."""
+    obj = _json(line, path, lineno)
+    if not isinstance(obj, dict) or field not in obj:
+        hint = " (it is a conversation: a file holds documents or conversations, not both)" if (
+            isinstance(obj, dict) and _is_conversation(obj)) else ""
+        raise DataError(_name(path), f"not a JSON object with a {field!r} field{hint}", lineno)
+    return _string(obj[field], f"field {field!r}", path, lineno)
+
+
+def _numbered_lines(f: BinaryIO, path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, line) of an open file; a read error (truncated or corrupt compressed data) is a
+    DataError naming the file and the last line read."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(_lines(f), 1):
+            yield lineno, line
+    except _read_errors() as e:
+        raise _read_error(path, e, lineno) from None
+
+
+def _read_error(path: str | os.PathLike, e: BaseException, lineno: int = 0) -> DataError:
+    suffix = compression(path)
+    what = f"not a readable {suffix} file (truncated or corrupt?)" if suffix else "cannot read it"
+    after = f" after line {lineno}" if lineno else ""
+    return DataError(_name(path), f"{what}{after}: {e}")
 
 
 def read_documents(path: str | os.PathLike, format: str = "auto", field: str = "text", *,
@@ -174,23 +212,88 @@ def read_documents(path: str | os.PathLike, format: str = "auto", field: str = "
     """The documents of one file, one at a time (see the module docstring for `format` and `decode`).
     Raises DataError naming the file and line."""
     fmt = input_format(path, format)
-    lineno = 0
     with open_binary(path) as f:
-        try:
-            if fmt == "doc":
+        if fmt == "doc":
+            try:
                 data = f.read()
-                yield _utf8(data, path) if decode else data
-                return
-            for lineno, line in enumerate(_lines(f), 1):
-                if fmt == "lines":
-                    yield _utf8(line, path, lineno) if decode else line
-                elif line.strip():
-                    yield _jsonl_text(line, path, lineno, field)
-        except _read_errors() as e:
-            suffix = compression(path)
-            what = f"not a readable {suffix} file (truncated or corrupt?)" if suffix else "cannot read it"
-            after = f" after line {lineno}" if lineno else ""
-            raise DataError(_name(path), f"{what}{after}: {e}") from None
+            except _read_errors() as e:
+                raise _read_error(path, e) from None
+            yield _utf8(data, path) if decode else data
+            return
+        for lineno, line in _numbered_lines(f, path):
+            if fmt == "lines":
+                yield _utf8(line, path, lineno) if decode else line
+            elif line.strip():
+                yield _jsonl_text(line, path, lineno, field)
+
+
+# ---- conversations -------------------------------------------------------------------------------
+
+
+def _is_conversation(obj: dict) -> bool:
+    return "messages" in obj or "prompt" in obj or "completion" in obj
+
+
+def _conversation(obj: object, path: str | os.PathLike, lineno: int) -> list[ChatMessage]:
+    """One record of a chat file -> its messages, checked: known roles, string contents, at least one
+    assistant message, and no empty reply."""
+    def fail(problem: str) -> DataError:
+        return DataError(_name(path), problem, lineno)
+
+    shapes = '{"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": ..., "completion": ...}'
+    if not isinstance(obj, dict) or not _is_conversation(obj):
+        raise fail(f"not a conversation: a chat file holds one {shapes} per line")
+    if "messages" in obj:
+        if "prompt" in obj or "completion" in obj:
+            raise fail("has both 'messages' and 'prompt'/'completion': give one conversation per line")
+        items = obj["messages"]
+        if not isinstance(items, list):
+            raise fail(f"'messages' is {_JSON_TYPES.get(type(items), 'a string')}, not an array")
+        if not items:
+            raise fail("'messages' is empty")
+        messages = []
+        for j, m in enumerate(items, 1):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise fail(f"message {j} is not an object with 'role' and 'content'")
+            if not isinstance(m["role"], str) or m["role"] not in ROLES:
+                raise fail(f"message {j} has role {m['role']!r}; the roles are {', '.join(ROLES)}")
+            messages.append(ChatMessage(m["role"], _string(m["content"], f"message {j}'s content", path, lineno)))
+    else:
+        missing = [k for k in ("prompt", "completion") if k not in obj]
+        if missing:
+            raise fail(f"has no {missing[0]!r}: a prompt/completion record needs both")
+        messages = [ChatMessage("user", _string(obj["prompt"], "'prompt'", path, lineno)),
+                    ChatMessage("assistant", _string(obj["completion"], "'completion'", path, lineno))]
+    replies = [j for j, m in enumerate(messages, 1) if ROLES[m.role] == "Assistant"]
+    if not replies:
+        raise fail("has no assistant message: nothing to train on")
+    empty = next((j for j in replies if not messages[j - 1].content.strip()), None)
+    if empty is not None:
+        raise fail(f"message {empty} is an empty assistant reply" if "messages" in obj else "'completion' is empty")
+    return messages
+
+
+def read_conversations(path: str | os.PathLike) -> Iterator[tuple[int, list[ChatMessage]]]:
+    """(line number, messages) of every conversation in a chat file (JSON Lines; blank lines skipped).
+    Raises DataError naming the file and line."""
+    with open_binary(path) as f:
+        for lineno, line in _numbered_lines(f, path):
+            if line.strip():
+                yield lineno, _conversation(_json(line, path, lineno), path, lineno)
+
+
+def is_chat_file(path: str | os.PathLike, field: str = "text") -> bool:
+    """Whether a JSON Lines file's first record is a conversation and has no `field` (a document). A file
+    that cannot be read or parsed is not one: reading it as documents then reports the problem."""
+    if str(path) == "-":
+        return False  # stdin cannot be read twice
+    try:
+        with open_binary(path) as f:
+            line = next((line for _, line in _numbered_lines(f, path) if line.strip()), None)
+        obj = _json(line, path, 1) if line is not None else None
+    except DataError:
+        return False
+    return isinstance(obj, dict) and field not in obj and _is_conversation(obj)
 
 
 def check_input(path: str | os.PathLike) -> None:

@@ -28,6 +28,7 @@ import dataclasses
 import sys
 import traceback
 
+from aviary.chat_format import ChatMessage, prompt_segments
 from aviary.commands._common import (
     add_model_arguments,
     add_sampling_arguments,
@@ -65,9 +66,7 @@ class Chat:
     def turn(self, message: str, out=None) -> str:
         """Send one user message, stream the reply to `out` (stdout), and keep the state for the next turn."""
         out = out or sys.stdout
-        message = " ".join(message.strip().split("\n\n"))  # a blank line would end the user's turn early
-        text = ("\n\n" if self.needs_separator else "") + f"{self.user}: {message}\n\n{self.assistant}:"
-        seq = self.engine.add(text, self.params, state=self.state)
+        seq = self.engine.add(self.prompt(message), self.params, state=self.state)
         try:
             while self.engine.has_work:
                 for _, piece in self.engine.step():
@@ -84,6 +83,15 @@ class Chat:
         self.needs_separator = not (seq.finish_reason == "stop" and seq.tokens
                                     and self.engine.tokenizer.decode_bytes(seq.tokens).endswith(b"\n\n"))
         return seq.text
+
+    def prompt(self, message: str) -> list[int]:
+        """The tokens of one user turn and the reply's "Assistant:", rendered as the server and chat training
+        data render them (`aviary.chat_format`, segment by segment); --user/--assistant rename the two."""
+        user, reply = prompt_segments([ChatMessage("user", message)])  # "User: message\n\n", "Assistant:"
+        segments = [self.user + user.removeprefix("User"), self.assistant + reply.removeprefix("Assistant")]
+        if self.needs_separator:  # the last reply did not end with its blank line
+            segments.insert(0, "\n\n")
+        return [t for segment in segments for t in self.engine.tokenizer.encode(segment)]
 
     def set(self, assignment: str) -> None:
         """`name=value` -> a new SamplingParams (validated; the old one stays on error)."""

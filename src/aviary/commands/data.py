@@ -4,17 +4,22 @@ end-of-document id 0 after every document), the format RWKV-LM and Megatron read
 `prepare` reads plain text files (one document per file) and JSONL files (*.jsonl, *.ndjson, *.json: one
 `{"text": ...}` document per line, --field for another field), optionally compressed (.gz, .bz2, .xz,
 .lzma, .zst), tokenizes them with the RWKV World tokenizer on all cores, and writes OUT.bin + OUT.idx.
---input lines makes every line a document; empty documents are skipped. The files are read as `aviary
+--input lines makes every line a document; empty documents are skipped. Chat JSONL (one
+`{"messages": [{"role", "content"}, ...]}` or `{"prompt", "completion"}` per line; found by its first line,
+or --input chat) is rendered in the RWKV World chat format, as `aviary chat` and `aviary serve` render it,
+and OUT.mask marks the assistant's replies: only those tokens are trained. The files are read as `aviary
 tokenize` reads them. Every input is checked first (exists, not empty, UTF-8), and the output appears only
 when it is complete (an error, Ctrl-C or SIGTERM leaves nothing behind). An existing dataset is replaced
 only with --force.
 
-`inspect` shows a dataset's documents, token counts and the sampling plan for a context length: how many
+`inspect` shows a dataset's documents, token counts, its loss mask (the share of tokens trained; in the
+documents shown, the trained tokens are [[bracketed]]) and the sampling plan for a context length: how many
 windows one epoch visits, and RWKV-LM's "magic prime" for the same data.
 
 examples:
   aviary data prepare ../shared/data/corpus/train.jsonl.xz data/corpus-train
   aviary data prepare notes/*.txt books.jsonl.gz data/mine --threads 8
+  aviary data prepare examples/data/chat-demo.jsonl data/chat-demo      # -> .bin, .idx and .mask
   aviary data inspect data/corpus-train --ctx-len 512 --show 2
 """
 
@@ -27,17 +32,17 @@ import threading
 
 from aviary.commands._common import add_input_arguments
 
-HELP = "tokenize text/JSONL into binidx training data, or inspect a binidx dataset"
+HELP = "tokenize text/JSONL/chat into binidx training data, or inspect a binidx dataset"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    p = sub.add_parser("prepare", help="text / JSONL files -> OUT.bin + OUT.idx")
+    p = sub.add_parser("prepare", help="text / JSONL / chat files -> OUT.bin + OUT.idx (+ OUT.mask for chat)")
     p.add_argument("paths", nargs="+", metavar="INPUT... OUT", help="input files, then the output prefix")
     p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--force", action="store_true", help="replace OUT.bin + OUT.idx if they exist")
-    add_input_arguments(p)
+    p.add_argument("--force", action="store_true", help="replace the dataset OUT if it exists")
+    add_input_arguments(p, chat=True)
     i = sub.add_parser("inspect", help="documents, token counts and the sampling plan of a binidx dataset")
     i.add_argument("prefix", metavar="DATA", help="binidx prefix (DATA.bin + DATA.idx)")
     i.add_argument("--ctx-len", type=int, default=512, help="context length for the sampling plan [512]")
@@ -64,22 +69,27 @@ def _sigterm_exits():
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from aviary.train.data import binidx_paths, prepare
+    from aviary.train.data import binidx_paths, mask_path, prepare
 
     if len(args.paths) < 2:
         raise ValueError("give at least one INPUT and the OUT prefix")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: must be >= 1")
     *inputs, out = args.paths
-    existing = [str(p) for p in binidx_paths(out) if p.exists()]
+    existing = [str(p) for p in (*binidx_paths(out), mask_path(out)) if p.exists()]
     if existing and not args.force:
         raise FileExistsError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
                               "pass --force to replace the dataset")
     with _sigterm_exits():
         r = prepare(inputs, out, num_threads=args.threads, progress=not args.quiet, format=args.input,
                     field=args.field)
-    print(f"wrote {r.bin_path} and {r.idx_path}: {r.documents:,} documents, {r.tokens:,} tokens "
+    files = f"{r.bin_path}, {r.idx_path} and {r.mask_path}" if r.mask_path else f"{r.bin_path} and {r.idx_path}"
+    print(f"wrote {files}: {r.documents:,} documents, {r.tokens:,} tokens "
           f"({r.characters / max(r.tokens, 1):.2f} characters per token)")
+    if r.mask_path:
+        texts = r.documents - r.conversations
+        print(f"{r.conversations:,} conversations; {r.targets:,} tokens ({r.targets / r.tokens:.1%}) are training "
+              "targets: the assistant's replies" + (f", and all of the {texts:,} text documents" if texts else ""))
     return 0
 
 
@@ -99,6 +109,12 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"dtype       {ds.dtype}")
     print(f"documents   {ds.n_documents:,}")
     print(f"tokens      {len(ds):,}")
+    if ds.has_mask:
+        targets = int(np.count_nonzero(ds.mask))
+        print(f"mask        {ds.mask_path.name}: {targets:,} tokens ({targets / len(ds):.1%}) are training targets, "
+              "the rest is context")
+    else:
+        print("mask        none: every token is a training target")
     if len(sizes):
         print(f"doc length  min {sizes.min():,}, median {int(np.median(sizes)):,}, max {sizes.max():,} tokens")
     T = args.ctx_len
@@ -115,18 +131,39 @@ def _inspect(args: argparse.Namespace) -> int:
             tok = WorldTokenizer()
         except ImportError:
             tok = None
+        if ds.has_mask:
+            print("\n(the training targets are shown [[like this]])")
         for i in range(min(args.show, ds.n_documents)):
             ids = ds.document(i)
             print(f"\n--- document {i}: {len(ids):,} tokens ---")
-            try:
-                text = tok.decode([int(t) for t in ids[: args.chars]]) if tok is not None else None
-            except ValueError:  # ids of another tokenizer
-                text = None
-            if text is None:
-                print(" ".join(map(str, ids[:60])), "...")
-            else:
-                print(text[: args.chars] + ("..." if len(text) > args.chars else ""))
+            print(_marked_text(tok, ids, ds.document_mask(i) if ds.has_mask else None, args.chars))
     return 0
+
+
+def _marked_text(tok, ids, mask, chars: int) -> str:
+    """The start of a document: its first `chars` tokens decoded (or as numbers, for ids of another
+    tokenizer) and cut at `chars` characters, with each run of target tokens in [[ ]] when there is a mask."""
+    import numpy as np
+
+    more = len(ids) > chars
+    ids = ids[:chars]
+    mask = np.zeros(len(ids), dtype=bool) if mask is None else mask[:chars]
+    cuts = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
+    runs = list(zip(np.split(ids, cuts), (bool(m[0]) for m in np.split(mask, cuts)), strict=True))
+    try:
+        if tok is None:
+            raise ValueError("no tokenizer")
+        texts = [tok.decode([int(t) for t in r]) for r, _ in runs]
+    except ValueError:  # ids of another tokenizer
+        texts, chars = [" ".join(map(str, r)) + " " for r, _ in runs], 6 * 60  # about 60 ids
+    out, left = [], chars
+    for (_, target), text in zip(runs, texts, strict=True):
+        if left <= 0:
+            more = True
+            break
+        piece, left = text[:left], left - len(text)
+        out.append(f"[[{piece}]]" if target else piece)
+    return "".join(out) + ("..." if more or left < 0 else "")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@
     GET  /metrics              Prometheus text: requests, tokens, queue depth, batch size, latencies
     GET  /v1/models            the one model this server runs
     POST /v1/completions       prompt -> text; "stream": true for server-sent events ending with [DONE]
-    POST /v1/chat/completions  messages -> reply, in the RWKV World chat format (chat_format.py)
+    POST /v1/chat/completions  messages -> reply, in the RWKV World chat format (aviary/chat_format.py)
 
 Everything a client can get wrong is answered with OpenAI's error JSON and a 4xx status: no or wrong key
 (401), an unknown route (404) or model (404), a body too large (413) or too slow to arrive (408), malformed
@@ -34,8 +34,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from aviary.chat_format import STOP, ChatMessage, prompt_tokens
 from aviary.generation.params import SETTINGS, SamplingParams
-from aviary.serve.chat_format import STOP, ChatMessage, prompt_tokens
 from aviary.serve.protocol import (
     ApiError,
     ChatRequest,
