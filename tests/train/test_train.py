@@ -149,11 +149,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_equal_one(corpus, tmp_path, strategy):
-    """torchrun with 2 gloo processes (micro 2 each) == 1 process with micro 2 x accumulate 2."""
-    one = train(tiny_config(corpus, tmp_path / "one", train__max_steps=6, train__micro_bsz=2, train__accumulate=2))
-    cfg = tiny_config(corpus, tmp_path / "two", train__max_steps=6, train__micro_bsz=2, train__strategy=strategy)
+@pytest.mark.parametrize("strategy, chunk_len", [("ddp", 0), ("fsdp", 0), ("fsdp", 16)])
+def test_two_processes_equal_one(corpus, tmp_path, strategy, chunk_len):
+    """torchrun with 2 gloo processes (micro 2 each) == 1 process with micro 2 x accumulate 2; also with the
+    samples in chunks (several backward passes per micro-batch under FSDP)."""
+    one = train(tiny_config(corpus, tmp_path / "one", train__max_steps=6, train__micro_bsz=2, train__accumulate=2,
+                            train__chunk_len=chunk_len))
+    cfg = tiny_config(corpus, tmp_path / "two", train__max_steps=6, train__micro_bsz=2, train__strategy=strategy,
+                      train__chunk_len=chunk_len)
     args = [f"--{s}.{k}={v}" for s, sec in cfg.to_dict().items() for k, v in sec.items() if v != ""]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

@@ -1,10 +1,14 @@
-"""Train an RWKV-4/5/6/7 model from scratch with the official recipe, or continue from a checkpoint.
+"""Train an RWKV-4/5/6/7 model from scratch with the official recipe, continue from a checkpoint, or fine-tune
+an adapter (LoRA, PiSSA, MiSS) or the starting state of one (--peft.method).
 
 CONFIG is a YAML or TOML file with the sections below; every field can also be set (or overridden) on the
 command line as `--section.field VALUE`. Data is binidx made by `aviary data prepare` (or by RWKV-LM's
-make_data.py). The run directory (--out.dir) receives log.jsonl, loss.png, checkpoints/ (written
-atomically, the last --out.keep_last kept) and, at the end, model.safetensors / model.pth in the official
-format. Running the same command again resumes exactly from the newest checkpoint.
+make_data.py); chat data carries a loss mask, and only its target tokens are trained. The run directory
+(--out.dir) receives log.jsonl, loss.png, checkpoints/ (written atomically, the last --out.keep_last kept;
+with --peft.method only the adapter and the optimizer state) and, at the end, model.safetensors / model.pth
+in the official format (the merged model after a fine-tune, with adapter.safetensors / adapter.pth beside
+it). Running the same command again resumes exactly from the newest checkpoint. --train.chunk_len runs long
+samples in chunks that carry the recurrent state (docs/training.md).
 
 Several processes: launch the same command with torchrun; DDP is used (FSDP with --train.strategy fsdp).
   torchrun --nproc-per-node 8 -m aviary train CONFIG
@@ -14,6 +18,9 @@ examples:
   aviary train configs/aviary-v7-tiny.yaml
   aviary train configs/aviary-v7-tiny.yaml --train.max_steps 100 --out.dir runs/try
   aviary train --model.load RWKV-x070-World-0.1B.pth --data.train data/mine --optim.lr_init 1e-5
+  aviary train configs/finetune-lora.yaml
+  aviary train --model.load RWKV-x070-World-0.1B.pth --data.train data/chat --peft.method state \
+      --optim.lr_init 1 --optim.lr_final 0.01 --data.ctx_len 4096 --train.chunk_len 512
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 command line as `--section.field VALUE`; `aviary train --help` is generated from the field docs here.
 
     model:  what to train (sizes, or a checkpoint to continue from)
+    peft:   fine-tune an adapter (LoRA, PiSSA, MiSS) or the initial state instead of every weight
     data:   binidx datasets and the context length
     optim:  AdamW, learning-rate schedule, L2Wrap, clipping (reference sections 8.2-8.4)
-    train:  batch, accumulation, length of the run, precision, parallelism
+    train:  batch, accumulation, length of the run, chunked ("infctx") samples, precision, parallelism
     out:    run directory, logging, validation, checkpoints, export
 """
 
@@ -51,6 +52,39 @@ class ModelSection:
                                     "sharing one row (exact; exports have the full vocabulary)")
 
 
+PEFT_METHODS = ("none", "lora", "pissa", "miss", "state")
+
+
+@dataclass
+class PeftSection:
+    method: str = _f("none", "none (train every weight), lora, pissa, miss (adapters on the targets below), or "
+                             "state (only each layer's initial WKV state, RWKV-5/6/7); needs model.load",
+                     PEFT_METHODS)
+    rank: int = _f(32, "adapter rank r (lora, pissa, miss)")
+    alpha: float = _f(32.0, "LoRA scale: the update is (alpha / rank) B A (lora only)")
+    dropout: float = _f(0.0, "dropout on the adapter's input (lora)")
+    targets: str = _f("att.receptance,att.key,att.value,att.output,ffn.key,ffn.value",
+                      "comma list of the linears that get an adapter (time-mix r, k, v, o and channel-mix k, v)")
+    parts: str = _f("", "comma list of name parts whose parameters are also trained (ln, time, emb, head)")
+    miss_mode: str = _f("bone", "MiSS variant", ("bone", "bat"))
+    pissa_niter: int = _f(4, "subspace iterations of PiSSA's truncated SVD")
+
+    def peft_config(self):
+        """The `aviary.peft.PeftConfig` of this section (None for method none)."""
+        if self.method == "none":
+            return None
+        from aviary.peft import PeftConfig
+
+        return PeftConfig(method=self.method, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          targets=comma_list(self.targets), parts=comma_list(self.parts), miss_mode=self.miss_mode,
+                          pissa_niter=self.pissa_niter)
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """"a, b,c" -> ("a", "b", "c")."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 @dataclass
 class DataSection:
     train: str = _f("", "training data: binidx prefix (NAME for NAME.bin + NAME.idx)")
@@ -86,6 +120,11 @@ class TrainSection:
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
     strategy: str = _f("ddp", "multi-process: ddp, or fsdp for models that do not fit one device",
                        ("ddp", "fsdp"))
+    chunk_len: int = _f(0, "run each sample in chunks of this many tokens, carrying the recurrent state from "
+                           "chunk to chunk (\"infctx\"); divides data.ctx_len, a multiple of 16; 0 = off")
+    chunk_mode: str = _f("full", "truncated: the state is detached between chunks; full: exact gradients through "
+                                 "the state, each chunk recomputed in the backward pass",
+                         ("truncated", "full"))
 
 
 @dataclass
@@ -111,13 +150,14 @@ def rank_fields(version: int) -> tuple[str, ...]:
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
-SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "train": TrainSection,
-            "out": OutSection}
+SECTIONS = {"model": ModelSection, "peft": PeftSection, "data": DataSection, "optim": OptimSection,
+            "train": TrainSection, "out": OutSection}
 
 
 @dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
+    peft: PeftSection = field(default_factory=PeftSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -167,6 +207,10 @@ class TrainConfig:
             problems.append(f"model.load: no such checkpoint {m.load}")
         if d.ctx_len <= 0 or d.ctx_len % 16:
             problems.append(f"data.ctx_len={d.ctx_len} must be a positive multiple of 16")
+        if t.chunk_len < 0 or (t.chunk_len and (t.chunk_len % 16 or d.ctx_len % t.chunk_len)):
+            problems.append(f"train.chunk_len={t.chunk_len} must be 0 (off) or a multiple of 16 that divides "
+                            f"data.ctx_len={d.ctx_len}")
+        problems += self._peft_problems()
         if t.micro_bsz <= 0 or t.accumulate <= 0:
             problems.append("train.micro_bsz and train.accumulate must be positive")
         if o.lr_init <= 0 or o.lr_final < 0:
@@ -204,6 +248,25 @@ class TrainConfig:
             problems.append(f"out.export: unknown formats {sorted(bad_formats)} (pth, safetensors)")
         if problems:
             raise ConfigError("bad training config: " + "; ".join(problems))
+
+    def _peft_problems(self) -> list[str]:
+        p, problems = self.peft, []
+        if p.method == "none" or p.method not in PEFT_METHODS:  # an unknown method: the choices check said so
+            return problems
+        if not self.model.load:
+            problems.append(f"peft.method={p.method} fine-tunes a trained model: set model.load to its checkpoint")
+        if self.train.strategy == "fsdp":
+            problems.append(f"peft.method={p.method} does not run under train.strategy fsdp (an adapter is small: "
+                            "use ddp)")
+        if p.method == "state" and not comma_list(p.parts) and self.train.chunk_len and \
+                self.train.chunk_mode == "truncated":
+            problems.append("peft.method=state with train.chunk_mode=truncated: only the first chunk would see the "
+                            "tuned start state; use train.chunk_mode full")
+        try:  # the sizes and names, by the adapter package's own rules
+            p.peft_config().validate()
+        except ValueError as e:
+            problems.append(f"peft: {e}")
+        return problems
 
 
 def _convert(value: Any, typ: type, name: str) -> Any:

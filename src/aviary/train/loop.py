@@ -1,8 +1,8 @@
 """`train(config)`: the training loop, for one process or many under `torchrun` (DDP or FSDP).
 
-    _setup               data, model, DDP/FSDP wrapping, optimizer, resume from the newest checkpoint
+    _setup               data, model (+ adapter), DDP/FSDP wrapping, optimizer, resume from the newest checkpoint
     _loop                until the last step: log every out.log_every steps, and after each
-      _train_step          one optimizer step
+      _train_step          one optimizer step (each micro-batch whole or in chunks: `chunks.micro_batch_backward`)
       _evaluate_and_save   validation every out.val_every steps, a checkpoint every out.save_every
     _finish              the last validation, export, the end of the log, loss.png
 
@@ -11,6 +11,16 @@ k = (step * accumulate + micro) * world * micro_bsz + rank * micro_bsz + j picks
 `WindowSampler`, so the set of windows of a step depends only on the global batch: one process with
 accumulate=2 and two processes with accumulate=1 see the same data and (up to float summation order)
 compute the same update.
+
+The loss of a step is the mean cross-entropy over its target tokens: every token, or those whose loss mask
+(`BinIdx.get_mask`, chat data) is on, counted over the whole global batch before the step, so that
+accumulation and the number of processes do not change the update with a mask either. A step without any
+target token has loss 0.
+
+Fine-tuning with `peft.method` (`aviary.peft`): the base model is loaded and frozen, the adapter added (the
+same one on every rank and on resume: it depends only on the weights, the config and train.seed), the
+optimizer sees only the adapter's tensors, checkpoints hold only those (with the optimizer state and a
+fingerprint of the base), and the run ends with the adapter file and the merged model.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,16 +43,19 @@ import torch.utils.checkpoint
 
 from aviary.devices import check_device
 from aviary.io.checkpoint import CheckpointError, first_sentence
-from aviary.train.checkpoint import export, latest_checkpoint, load_checkpoint, save_checkpoint
-from aviary.train.config import ConfigError, TrainConfig, rank_fields
+from aviary.train.checkpoint import EXPORT_DTYPES, export, latest_checkpoint, load_checkpoint, save_checkpoint
+from aviary.train.chunks import micro_batch_backward
+from aviary.train.config import ConfigError, TrainConfig, comma_list, rank_fields
 from aviary.train.data import BinIdx
 from aviary.train.init import init_model, model_config
-from aviary.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
+from aviary.train.optim import lr_at, make_optimizer, set_lr
 from aviary.train.sampler import WindowSampler
 from aviary.train.vocab import CompactVocab
 
 if TYPE_CHECKING:
     from aviary.model import RWKV
+    from aviary.peft import PeftConfig
+    from aviary.state import RWKVState
 
 __all__ = ["train", "TrainResult", "DivergedError"]
 
@@ -100,14 +114,18 @@ def _setup_distributed(device_name: str) -> tuple[_Dist, torch.device]:
     return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns), device
 
 
-def _all_mean(x: float, d: _Dist, device: torch.device) -> float:
+def _all_sum(x: float, d: _Dist, device: torch.device) -> float:
     if d.world == 1:
         return x
     import torch.distributed as dist
 
     t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item() / d.world
+    return t.item()
+
+
+def _all_mean(x: float, d: _Dist, device: torch.device) -> float:
+    return _all_sum(x, d, device) / d.world
 
 
 @dataclass
@@ -131,6 +149,8 @@ class _Run:
     total: int  # optimizer steps of the whole run
     t0: float  # when train() was called
     step: int = 0  # optimizer steps done (a resumed run starts at its checkpoint's)
+    peft: PeftConfig | None = None  # the adapter being trained, or None (every weight)
+    base: dict | None = None  # with peft: the base model's fingerprint (`_base_fingerprint`)
 
     @property
     def fsdp(self) -> bool:
@@ -176,10 +196,12 @@ def _setup(cfg: TrainConfig, d: _Dist, device: torch.device, t0: float) -> _Run:
     raw_model = _build_model(cfg, device, vocab)
     if cfg.model.load:  # the checkpoint decides the vocabulary
         _check_ids(data, raw_model.config.vocab_size)
+    peft = cfg.peft.peft_config()
+    base = _apply_peft(raw_model, peft, cfg.train.seed) if peft is not None else None
     raw_model.train()
     run_dir = Path(cfg.out.dir)
     ckpt = latest_checkpoint(run_dir)
-    payload = _resume_payload(ckpt, cfg, raw_model) if ckpt is not None else None
+    payload = _resume_payload(ckpt, cfg, raw_model, base) if ckpt is not None else None
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -191,11 +213,16 @@ def _setup(cfg: TrainConfig, d: _Dist, device: torch.device, t0: float) -> _Run:
     run = _Run(cfg=cfg, dist=d, device=device, run_dir=run_dir, data=data, valid=valid, sampler=sampler,
                vocab=vocab, raw_model=raw_model, model=model, optimizer=optimizer,
                logger=_Logger(run_dir, d.main, cfg.out.tensorboard),
-               total=_total_steps(cfg, sampler.n_windows, d.world), t0=t0)
+               total=_total_steps(cfg, sampler.n_windows, d.world), t0=t0, peft=peft, base=base)
     if payload is not None:
         _restore(run, ckpt, payload)
+    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    if d.main and peft is not None:
+        print(f"aviary train: {peft.method} fine-tuning of {cfg.model.load}: {trainable:,} trainable parameters "
+              f"({100 * trainable / raw_model.num_parameters:.3g} % of {raw_model.num_parameters:,})")
     if d.main and run.step == 0:
         run.logger.write({"step": 0, "tokens": 0, "event": "start", "parameters": raw_model.num_parameters,
+                          "trainable_parameters": trainable, "peft": peft.to_dict() if peft else None,
                           "model": raw_model.config.to_dict(), "windows": sampler.n_windows,
                           "total_steps": run.total, "global_batch": run.global_batch, "world_size": d.world,
                           "compact_vocab_rows": vocab.size if vocab is not None else None})
@@ -236,6 +263,30 @@ def _build_model(cfg: TrainConfig, device: torch.device, vocab: CompactVocab | N
     config = model_config(m.version, m.n_layer, m.n_embd, rows, m.head_size, m.dim_ffn, **ranks)
     model = RWKV(config, backend="chunked").to(device)
     return init_model(model, seed=cfg.train.seed, lr_init=cfg.optim.lr_init)
+
+
+def _apply_peft(model: RWKV, peft: PeftConfig, seed: int) -> dict:
+    """Add the adapter to the loaded base model in place (freezing the rest); returns the base's fingerprint."""
+    from aviary.peft import apply_peft
+
+    if peft.method == "state" and not model.spec.state_tuning:
+        raise ConfigError(f"peft.method=state: RWKV-{model.config.version} has no matrix state to tune "
+                          "(state tuning is for RWKV-5, 6 and 7); use lora, pissa or miss")
+    base = _base_fingerprint(model)
+    try:
+        apply_peft(model, peft, seed=seed)
+    except ValueError as e:  # a part that matches no parameter, a target this version lacks
+        raise ConfigError(f"peft: {e}") from None
+    return base
+
+
+def _base_fingerprint(model: RWKV) -> dict:
+    """What identifies the weights a fine-tuning checkpoint was trained on: the sizes, and float64 sums of the
+    weights and of their magnitudes (a checkpoint of the adapter alone is meaningless on another base)."""
+    with torch.no_grad():
+        sums = [(float(p.double().sum()), float(p.double().abs().sum())) for p in model.parameters()]
+    return {"model": model.config.to_dict(), "sum": math.fsum(s for s, _ in sums),
+            "abs_sum": math.fsum(a for _, a in sums)}
 
 
 def _enable_grad_checkpointing(model) -> None:
@@ -279,19 +330,35 @@ def _total_steps(cfg: TrainConfig, n_windows: int, world: int) -> int:
     return max(1, int(t.epochs * n_windows) // global_bsz)
 
 
-def _resume_payload(path: Path, cfg: TrainConfig, model) -> dict:
+# the peft fields that decide what an adapter checkpoint means, per method
+_PEFT_FIELDS = {"none": (), "state": ("parts",), "lora": ("rank", "alpha", "targets", "parts"),
+                "pissa": ("rank", "targets", "parts", "pissa_niter"), "miss": ("rank", "targets", "parts", "miss_mode")}
+
+
+def _resume_payload(path: Path, cfg: TrainConfig, model, base: dict | None) -> dict:
     """The newest checkpoint of the run directory, checked against this run's model before anything is
-    loaded from it: a checkpoint of another model size is a run directory reused by mistake."""
+    loaded from it: a checkpoint of another model size, another fine-tuning method or adapter size, or of an
+    adapter of another base model is a run directory reused by mistake. `base`: this run's base fingerprint
+    when it trains an adapter."""
     payload = load_checkpoint(path)
     fix = f"delete {path.parent} or choose another --out.dir"
-    saved = payload["config"].get("model") if isinstance(payload.get("config"), dict) else None
+    config = payload["config"] if isinstance(payload.get("config"), dict) else {}
+    saved = config.get("model")
     if isinstance(saved, dict) and not cfg.model.load and not saved.get("load"):
         changed = [f"model.{k} {saved[k]!r} -> {getattr(cfg.model, k)!r}" for k in _SHAPE_FIELDS
                    if k in saved and saved[k] != getattr(cfg.model, k)]
         if changed:
             raise CheckpointError(path, f"this run directory holds checkpoints of another model "
                                         f"({', '.join(changed)}); {fix}")
-    ours, theirs = model.state_dict(), payload["model"]
+    changed = _peft_changes(config.get("peft") if isinstance(config.get("peft"), dict) else {}, cfg)
+    if changed:
+        raise CheckpointError(path, f"this run directory holds checkpoints of another fine-tuning "
+                                    f"({', '.join(changed)}); {fix}")
+    if base is not None and not _same_base(payload.get("base"), base):
+        raise CheckpointError(path, f"this run directory holds an adapter trained on another base model than "
+                                    f"model.load={cfg.model.load}; {fix}")
+    ours = _trainable_state(model) if base is not None else model.state_dict()
+    theirs = payload["model"]
     missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
     shapes = [k for k in sorted(ours.keys() & theirs.keys()) if tuple(ours[k].shape) != tuple(theirs[k].shape)]
     if missing or extra or shapes:
@@ -300,6 +367,34 @@ def _resume_payload(path: Path, cfg: TrainConfig, model) -> dict:
                  if names]
         raise CheckpointError(path, f"does not fit this run's model ({'; '.join(found)}); {fix}")
     return payload
+
+
+def _peft_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """'peft.rank 8 -> 16' for each field that makes the saved adapter another one than this run's."""
+    now = cfg.peft
+    method = saved.get("method", "none")
+    if method != now.method:
+        return [f"peft.method {method} -> {now.method}"]
+
+    def norm(name: str, value: Any) -> Any:
+        return ",".join(comma_list(value)) if name in ("targets", "parts") and isinstance(value, str) else value
+
+    return [f"peft.{k} {saved[k]!r} -> {getattr(now, k)!r}" for k in _PEFT_FIELDS.get(method, ())
+            if k in saved and norm(k, saved[k]) != norm(k, getattr(now, k))]
+
+
+def _same_base(saved: Any, ours: dict) -> bool:
+    if not isinstance(saved, dict) or saved.get("model") != ours["model"]:
+        return False
+    tol = 1e-6 * max(ours["abs_sum"], 1e-30)  # float64 sums: equal up to summation order on another device
+    return all(isinstance(saved.get(k), float) and abs(saved[k] - ours[k]) <= tol for k in ("sum", "abs_sum"))
+
+
+def _trainable_state(model: RWKV) -> dict[str, torch.Tensor]:
+    """What a fine-tuning checkpoint holds of the model: the adapter's tensors (RWKV-PEFT's names)."""
+    from aviary.peft import adapter_state_dict
+
+    return adapter_state_dict(model)
 
 
 def _restore(run: _Run, path: Path, payload: dict) -> None:
@@ -311,7 +406,12 @@ def _restore(run: _Run, path: Path, payload: dict) -> None:
             set_state_dict(run.raw_model, run.optimizer, model_state_dict=payload["model"],
                            optim_state_dict=payload["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
-            run.raw_model.load_state_dict(payload["model"])
+            if run.peft is not None:
+                from aviary.peft import load_adapter_state_dict
+
+                load_adapter_state_dict(run.raw_model, payload["model"])
+            else:
+                run.raw_model.load_state_dict(payload["model"])
             run.optimizer.load_state_dict(payload["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:  # torch's words for "this state does not fit"
         raise CheckpointError(path, f"does not fit this run ({type(e).__name__}: {first_sentence(e)}); delete "
@@ -354,19 +454,24 @@ def _loop(run: _Run) -> list[float]:
 def _train_step(run: _Run) -> tuple[float, float, float]:
     """One optimizer step over `accumulate` micro-batches. Returns the loss (mean over ranks), the learning
     rate and the gradient norm before clipping (NaN when clipping is off); raises DivergedError on inf/NaN."""
-    cfg, d, o = run.cfg, run.dist, run.cfg.optim
-    micro, accum = cfg.train.micro_bsz, cfg.train.accumulate
+    cfg, d, o, t = run.cfg, run.dist, run.cfg.optim, run.cfg.train
     lr = lr_at(run.step, run.total, o.lr_init, o.lr_final, o.warmup_steps, o.schedule)
     set_lr(run.optimizer, lr)
-    loss_sum = 0.0
-    for a in range(accum):
-        first = ((run.step * accum + a) * d.world + d.rank) * micro  # global sample number (module docstring)
-        x, y = _batch(run.data, run.sampler, first, micro, run.device, run.vocab)
-        sync = a == accum - 1 or d.world == 1 or run.fsdp  # DDP all-reduces in the last micro-batch only
-        with contextlib.nullcontext() if sync else run.model.no_sync():
-            loss = _loss(run.model, x, y, cfg, run.device, run.vocab)
-            (loss / accum).backward()
-        loss_sum += loss.item() / accum
+    batches = []
+    for a in range(t.accumulate):
+        first = ((run.step * t.accumulate + a) * d.world + d.rank) * t.micro_bsz  # global sample (module doc)
+        batches.append(_batch(run.data, run.sampler, first, t.micro_bsz, run.device, run.vocab))
+    # each target token weighs 1 / (target tokens of the global batch); DDP and FSDP average over ranks
+    targets = sum(float(w.sum()) for _, _, w in batches)
+    targets = _all_sum(targets, d, run.device) if run.data.has_mask else targets * d.world
+    scale = d.world / max(targets, 1.0)
+    ddp = d.world > 1 and not run.fsdp
+    loss_sum = torch.zeros((), device=run.device)
+    for a, (x, y, weight) in enumerate(batches):
+        loss_sum += micro_batch_backward(
+            partial(_forward, run.model, cfg, run.vocab), x, y, weight * scale, chunk_len=t.chunk_len,
+            mode=t.chunk_mode, l2wrap=o.l2wrap, no_sync=run.model.no_sync if ddp else contextlib.nullcontext,
+            sync=not ddp or a == t.accumulate - 1)  # DDP all-reduces in the last backward only
     if o.grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), o.grad_clip))
     else:
@@ -374,7 +479,7 @@ def _train_step(run: _Run) -> tuple[float, float, float]:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    step_loss = _all_mean(loss_sum, d, run.device)
+    step_loss = _all_mean(loss_sum.item(), d, run.device)
     if not math.isfinite(step_loss):
         raise DivergedError(f"loss became {step_loss} at step {run.step}; lower optim.lr_init?")
     return step_loss, lr, grad_norm
@@ -391,13 +496,18 @@ def _evaluate_and_save(run: _Run, bar) -> None:
             bar.write(f"step {step}: validation loss {val_loss:.4f}")
     if step % out.save_every == 0 or step == run.total:
         msd, osd = _state_dicts(run)
+        payload = {"model": msd, "optimizer": osd, "step": step, "config": run.cfg.to_dict()}
+        if run.base is not None:
+            payload["base"] = run.base
         if run.dist.main:
-            save_checkpoint(run.run_dir, step, {"model": msd, "optimizer": osd, "step": step,
-                                                "config": run.cfg.to_dict()}, out.keep_last)
+            save_checkpoint(run.run_dir, step, payload, out.keep_last)
 
 
 def _state_dicts(run: _Run) -> tuple[dict, dict]:
-    """Full (gathered, on the CPU under FSDP) model and optimizer state dicts; every rank must call this."""
+    """Full (gathered, on the CPU under FSDP) model and optimizer state dicts; every rank must call this.
+    With an adapter, the "model" is the adapter's tensors only."""
+    if run.peft is not None:  # (never under FSDP: TrainConfig.validate)
+        return _trainable_state(run.raw_model), run.optimizer.state_dict()
     if run.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -418,13 +528,20 @@ def _finish(run: _Run, losses: list[float]) -> TrainResult:
         run.logger.write({"step": run.step, "tokens": run.tokens, "val_loss": val_loss})
     exported: list[Path] = []
     formats = [f for f in out.export.split(",") if f]
-    if formats:
+    if formats and run.peft is not None and d.main:  # the adapter, and the model with it merged in (no FSDP)
+        from aviary.peft import merged_state_dict, save_adapter
+
+        msd = merged_state_dict(run.raw_model)
+        for fmt in formats:
+            exported += save_adapter(run.raw_model, run.peft, run.run_dir / f"adapter.{fmt}",
+                                     dtype=EXPORT_DTYPES[out.export_dtype])
+    elif formats and run.peft is None:
         msd = _state_dicts(run)[0] if run.fsdp else run.raw_model.state_dict()
         if run.vocab is not None:
             msd = run.vocab.expand(msd)
-        if d.main:
-            for fmt in formats:
-                exported.append(export(msd, run.run_dir / f"model.{fmt}", out.export_dtype))
+    if formats and d.main:
+        for fmt in formats:
+            exported.append(export(msd, run.run_dir / f"model.{fmt}", out.export_dtype))
     if d.main:
         run.logger.write({"step": run.step, "tokens": run.tokens, "event": "end",
                           "wall_s": round(time.time() - run.t0, 1), "val_loss": val_loss})
@@ -456,31 +573,36 @@ def _rows(data: BinIdx, offsets: list[int], T: int, device, vocab: CompactVocab 
     return vocab.map(t) if vocab is not None else t
 
 
+def _masks(data: BinIdx, offsets: list[int], T: int, device) -> torch.Tensor:
+    """[B, T] float32: 1 where the target of a position is a training target (the window at o predicts
+    tokens o+1 .. o+T), 0 where the loss mask is off; all 1 for data without a mask."""
+    if not data.has_mask:
+        return torch.ones(len(offsets), T, device=device)
+    return torch.from_numpy(np.stack([data.get_mask(o + 1, T) for o in offsets])).to(device, torch.float32)
+
+
 def _batch(data: BinIdx, sampler: WindowSampler, first: int, n: int, device,
-           vocab: CompactVocab | None) -> tuple[torch.Tensor, torch.Tensor]:
-    t = _rows(data, [sampler(first + j) for j in range(n)], sampler.ctx_len, device, vocab)
-    return t[:, :-1], t[:, 1:]
+           vocab: CompactVocab | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, targets [n, ctx_len] and the targets' loss mask (`_masks`) of global samples first .. first+n-1."""
+    offsets = [sampler(first + j) for j in range(n)]
+    t = _rows(data, offsets, sampler.ctx_len, device, vocab)
+    return t[:, :-1], t[:, 1:], _masks(data, offsets, sampler.ctx_len, device)
 
 
-def _logits(model, x, cfg: TrainConfig, device, vocab: CompactVocab | None) -> torch.Tensor:
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+def _forward(model, cfg: TrainConfig, vocab: CompactVocab | None, x: torch.Tensor, state: RWKVState | None = None,
+             last_only: bool = False) -> tuple[torch.Tensor, RWKVState]:
+    """model(x, state) under the run's precision: float32 logits (over the full vocabulary rows) and the state."""
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     with autocast:
-        logits, _ = model(x)
+        logits, state = model(x, state, last_only=last_only)
     logits = logits.float()
-    return vocab.logits(logits) if vocab is not None else logits
-
-
-def _loss(model, x, y, cfg: TrainConfig, device, vocab: CompactVocab | None) -> torch.Tensor:
-    logits = _logits(model, x, cfg, device, vocab)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-    if cfg.optim.l2wrap > 0 and torch.is_grad_enabled():
-        loss = L2Wrap.apply(loss, logits, cfg.optim.l2wrap)
-    return loss
+    return (vocab.logits(logits) if vocab is not None else logits), state
 
 
 @torch.no_grad()
 def evaluate(model, data: BinIdx, cfg: TrainConfig, d: _Dist, device, vocab: CompactVocab | None = None) -> float:
-    """Mean loss over `out.val_samples` windows spread evenly over the held-out stream (fixed every time)."""
+    """Mean loss per target token (every token, or those of data's loss mask) over `out.val_samples` windows
+    spread evenly over the held-out stream (fixed every time); in chunks of train.chunk_len when set."""
     T = cfg.data.ctx_len
     n_windows = (len(data) - 1) // T
     n = min(cfg.out.val_samples, n_windows)
@@ -488,18 +610,23 @@ def evaluate(model, data: BinIdx, cfg: TrainConfig, d: _Dist, device, vocab: Com
         n -= n % d.world
     picks = [int(i * n_windows / n) * T for i in range(n)]
     mine = picks[d.rank::d.world]
-    total, count = 0.0, 0
+    piece = cfg.train.chunk_len or T
+    total, count = 0.0, 0.0
     was_training = model.training
     model.eval()
     for i in range(0, len(mine), cfg.train.micro_bsz):
-        chunk = mine[i:i + cfg.train.micro_bsz]
-        rows = _rows(data, chunk, T, device, vocab)
-        logits, y = _logits(model, rows[:, :-1], cfg, device, vocab), rows[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-        if vocab is not None:  # an id unseen in training: its own share of the lumped row's probability
-            nll = nll + (y.reshape(-1) == vocab.K) * math.log(vocab.n_shared)
-        total += nll.sum().item() / T
-        count += len(chunk)
+        offsets = mine[i:i + cfg.train.micro_bsz]
+        rows, mask = _rows(data, offsets, T, device, vocab), _masks(data, offsets, T, device)
+        state = None
+        for s in range(0, T, piece):
+            logits, state = _forward(model, cfg, vocab, rows[:, s:s + piece], state)
+            y = rows[:, s + 1:s + piece + 1].reshape(-1)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="none")
+            if vocab is not None:  # an id unseen in training: its own share of the lumped row's probability
+                nll = nll + (y == vocab.K) * math.log(vocab.n_shared)
+            w = mask[:, s:s + piece].reshape(-1)
+            total += float((nll * w).sum())
+            count += float(w.sum())
     model.train(was_training)
     if d.world > 1:
         import torch.distributed as dist
@@ -507,7 +634,7 @@ def evaluate(model, data: BinIdx, cfg: TrainConfig, d: _Dist, device, vocab: Com
         t = torch.tensor([total, count], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         total, count = t.tolist()
-    return total / count if count else float("nan")  # no windows: no loss (never 0.0)
+    return total / count if count else float("nan")  # no windows or no targets: no loss (never 0.0)
 
 
 class _Logger:

@@ -68,24 +68,31 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class L2Wrap(torch.autograd.Function):
-    """Returns `loss` unchanged; in the backward pass adds factor * max_logit / (B*T) at each position's
-    argmax logit (the gradient of factor * mean(max_logit^2) / 2), pushing logits toward 0.
+    """Returns `loss` unchanged; in the backward pass adds factor * weight * max_logit at each position's
+    argmax logit (the gradient of factor * sum(weight * max_logit^2) / 2), pushing logits toward 0.
+
+    weight: the loss's weight of each position [B, T] (0 where the loss mask is off, and the loss's
+    normalisation), or None for RWKV-LM's 1 / (B*T) on every position.
 
     Deviation from RWKV-LM's Python `L2Wrap`: the added gradient is multiplied by the incoming
     grad_output, as the train_temp CUDA kernel does, so it stays right when the loss is scaled
     (gradient accumulation, loss scaling)."""
 
     @staticmethod
-    def forward(ctx, loss: torch.Tensor, logits: torch.Tensor, factor: float = 1e-4):
-        ctx.save_for_backward(logits)
+    def forward(ctx, loss: torch.Tensor, logits: torch.Tensor, factor: float = 1e-4,
+                weight: torch.Tensor | None = None):
+        ctx.save_for_backward(logits, weight)
         ctx.factor = factor
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (logits,) = ctx.saved_tensors
-        rows = logits.numel() // logits.shape[-1]  # B*T
+        logits, weight = ctx.saved_tensors
         maxx, ids = torch.max(logits, -1, keepdim=True)
-        gy = torch.zeros_like(logits)
-        gy.scatter_(-1, ids, maxx * (ctx.factor / rows))
-        return grad_output, gy * grad_output, None
+        if weight is None:
+            scale = maxx * (ctx.factor / (logits.numel() // logits.shape[-1]))  # / (B*T)
+        else:
+            scale = maxx * ctx.factor * weight.reshape(maxx.shape).to(maxx.dtype)
+        gy = torch.zeros_like(logits)  # the only [B, T, V] tensor of the backward: logits are large
+        gy.scatter_(-1, ids, scale * grad_output)
+        return grad_output, gy, None, None
