@@ -7,7 +7,7 @@ Memory is the process's resident set: its peak during two steps (`getrusage` ru_
 just before them (the model built and the inputs allocated), so the number is what training adds: gradients,
 optimizer state, activations, logits, stored chunk states. Tokens/s is the second step's.
 
-    python benchmarks/bench_finetune.py methods              # v7 L12 C768, vocab 65536, ctx 256, batch 2
+    python benchmarks/bench_finetune.py methods              # v7 L12 C768, vocab 65536, ctx 256, batch 1
     python benchmarks/bench_finetune.py chunks               # v7 L6 C256, chunk 128, samples of 1, 4, 16 chunks
     python benchmarks/bench_finetune.py chunks --json out.json
 """
@@ -22,8 +22,9 @@ import sys
 import time
 
 SETUPS = {  # what each table measures, and its defaults
-    "methods": {"n_layer": 12, "n_embd": 768, "ctx": 256, "rows": ["none:1:full", "lora:1:full", "state:1:full"]},
-    "chunks": {"n_layer": 6, "n_embd": 256, "ctx": 128,
+    "methods": {"n_layer": 12, "n_embd": 768, "ctx": 256, "batch": 1,
+                "rows": ["none:1:full", "lora:1:full", "state:1:full"]},
+    "chunks": {"n_layer": 6, "n_embd": 256, "ctx": 128, "batch": 2,
                "rows": ["none:1:full", "none:4:full", "none:4:truncated", "none:4:one pass", "none:16:full",
                         "none:16:truncated", "none:16:one pass"]},
 }
@@ -82,7 +83,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, help="tokens per sample (methods) or per chunk (chunks)")
     ap.add_argument("--rows", help="comma list of METHOD:CHUNKS:MODE (default: the table's)")
     ap.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha = rank)")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, help="sequences per step (methods: 1, RWKV-PEFT's micro-batch in its "
+                    "memory table; chunks: 2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--child", help=argparse.SUPPRESS)

@@ -9,6 +9,9 @@ actually delivers, not to a datasheet.
     python benchmarks/bench_train.py                       # defaults: v7 L4 C256, ctx 256, batch 4
     python benchmarks/bench_train.py --threads 2 --precision bf16 --json out.json
 
+Fine-tuning (LoRA and state tuning against full fine-tuning, and chunked samples) has its own table, with
+peak memory per method in a fresh process: benchmarks/bench_finetune.py.
+
 The JSON also records `aviary.cpu.backend_info()` ("backend") and the model's decode path ("decode_path", what
 a one-token step of this model would run on; training's forward and backward are torch's).
 """
