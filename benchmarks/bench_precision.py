@@ -35,6 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import backend_info, decode_path  # noqa: E402
 
+from aviary.eval.precision import compare_logits as compare  # noqa: E402  (the measurement `aviary eval compare` makes)
+from aviary.eval.precision import segment_targets as _targets  # noqa: E402
+from aviary.eval.precision import token_segments as _token_segments  # noqa: E402
+
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "corpus" / "valid.jsonl.xz"
 
 
@@ -51,20 +55,11 @@ def read_documents(path: Path) -> list[str]:
 
 
 def token_segments(docs: list[str], tokenizer, n_tokens: int, segment: int) -> list[list[int]]:
-    """The first `segment` tokens of evenly spaced documents (all of a shorter one) until n_tokens in all."""
-    want = -(-n_tokens // segment)
-    step = max(1, len(docs) // want)
-    segments, total = [], 0
-    for doc in docs[::step] + docs:  # evenly spaced first; the rest if those run short
-        if total >= n_tokens:
-            break
-        ids = tokenizer.encode(doc)[:min(segment, n_tokens - total)]
-        if len(ids) >= 2:
-            segments.append(ids)
-            total += len(ids)
-    if total < n_tokens:
-        raise SystemExit(f"the text holds only {total} tokens in segments of at least 2; ask for fewer --tokens")
-    return segments
+    """aviary.eval.precision.token_segments, with a shortage of text as this script's exit message."""
+    try:
+        return _token_segments(docs, tokenizer, n_tokens, segment)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def decode_logits(model, ids: list[int]) -> torch.Tensor:
@@ -85,31 +80,6 @@ def prefill_logits(model, ids: list[int], chunk: int) -> torch.Tensor:
             logits, state = model(torch.tensor([ids[i:i + chunk]]), state)
             out.append(logits[0].float())
     return torch.cat(out)
-
-
-def compare(x: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dict:
-    """x and ref: logits [T, V]; targets [T] (-1 where there is no next token). KL(ref || x) in nats; the
-    log-softmaxes in float64, 256 rows at a time (a KL of 1e-7 is below float32's rounding of the terms)."""
-    kl, nll_x, nll_ref = [], [], []
-    for i in range(0, x.shape[0], 256):
-        lx, lr = torch.log_softmax(x[i:i + 256].double(), -1), torch.log_softmax(ref[i:i + 256].double(), -1)
-        kl.append((lr.exp() * (lr - lx)).sum(-1))
-        t = targets[i:i + 256]
-        has = t >= 0
-        nll_x.append(-lx[has].gather(-1, t[has, None])[:, 0])
-        nll_ref.append(-lr[has].gather(-1, t[has, None])[:, 0])
-    kl_all = torch.cat(kl)
-    d = x - ref
-    return {"positions": int(x.shape[0]), "max_abs": float(d.abs().max()),
-            "rel_rms": float(d.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()),
-            "top1_agree": float((x.argmax(-1) == ref.argmax(-1)).float().mean()),
-            "kl_mean": float(kl_all.mean()), "kl_max": float(kl_all.max()),
-            "loss": float(torch.cat(nll_x).mean()), "loss_ref": float(torch.cat(nll_ref).mean())}
-
-
-def _targets(segments: list[list[int]]) -> torch.Tensor:
-    """The next token of every position of the concatenated segments; -1 at each segment's last position."""
-    return torch.tensor([t for ids in segments for t in ids[1:] + [-1]])
 
 
 def aviary_logits(model, segments, chunk: int) -> dict[str, torch.Tensor]:

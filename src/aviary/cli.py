@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "tokenize": "aviary.commands.tokenize",
     "data": "aviary.commands.data",
     "train": "aviary.commands.train",
+    "eval": "aviary.commands.eval",
 }
 
 # what `main` reports in one line with exit code 2 (see the module docstring)
