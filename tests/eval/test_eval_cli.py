@@ -15,16 +15,6 @@ import aviary
 from aviary.cli import main
 from aviary.eval.precision import compare, compare_logits, token_segments
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: on a shared 2-core machine a second thread only waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 4
 
 

@@ -12,27 +12,15 @@ import torch
 from aviary.eval.last_word import encode_passage, lambada, read_passages, split_passage
 from aviary.eval.positions import bin_edges, bin_losses, loss_by_position
 from aviary.eval.ppl import document_nll, perplexity
-from aviary.model import RWKV
-from aviary.testing import ByteTokenizer, random_config, random_state_dict
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: on a shared 2-core machine a second thread only waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from aviary.testing import ByteTokenizer
+from eval_helpers import tiny_model
 
 DOCS = ["The quick brown fox jumps over the lazy dog. " * 3, "Short one.", "Ünïcödé bytes count too: 世界"]
 
 
 @pytest.fixture(scope="module")
 def model():
-    config = random_config(7, n_layer=2, n_embd=64, head_size=32, vocab_size=300)
-    net = RWKV(config)
-    net.load_state_dict(random_state_dict(config, seed=3), strict=True)
-    return net.eval()
+    return tiny_model(7, seed=3)
 
 
 def plain_nll(model, ids: list[int]) -> torch.Tensor:

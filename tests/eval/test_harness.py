@@ -16,16 +16,14 @@ from aviary.eval.harness import task_manager  # noqa: E402
 from aviary.eval.harness_lm import AviaryLM  # noqa: E402
 from aviary.model import RWKV  # noqa: E402
 from aviary.testing import ByteTokenizer, random_config, random_state_dict  # noqa: E402
+from eval_helpers import tiny_model  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
 def model():
-    config = random_config(7, n_layer=2, n_embd=64, head_size=32, vocab_size=300)
-    net = RWKV(config)
-    net.load_state_dict(random_state_dict(config, seed=3), strict=True)
-    return net.eval()
+    return tiny_model(7, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,12 @@ import pytest
 import torch
 
 from aviary.eval.scoring import continuation_scores, token_losses
-from aviary.model import RWKV
-from aviary.testing import random_config, random_state_dict
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: on a shared 2-core machine a second thread only waits (3-5x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from eval_helpers import tiny_model
 
 
 @pytest.fixture(scope="module", params=[7, 4])
 def model(request):
-    config = random_config(request.param, n_layer=2, n_embd=64, head_size=32, vocab_size=300)
-    net = RWKV(config)
-    net.load_state_dict(random_state_dict(config, seed=1), strict=True)
-    return net.eval()
+    return tiny_model(request.param, seed=1)
 
 
 def plain_log_probs(model, ids: list[int]) -> torch.Tensor:
