@@ -128,6 +128,29 @@ def test_cli_lora_run_exports_adapter_and_merged_model(corpus, base, tmp_path, c
     assert not torch.allclose(aviary.load(base)(tokens)[0], want, atol=1e-3)  # it did train
 
 
+
+def test_a_finetuning_run_validates_before_its_first_step(corpus, base, tmp_path):
+    """With model.load and data.valid, log.jsonl has a val_loss at step 0: the base model's, on the windows the
+    last validation uses, so before and after compare. A run from scratch and a resumed run add none."""
+    import json
+
+    from aviary.train.loop import _Dist, evaluate
+
+    def val_losses(run_dir: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        return {r["step"]: r["val_loss"] for r in records if "val_loss" in r and "event" not in r}
+
+    cfg = finetune_config(corpus, tmp_path / "ft", base, train__max_steps=4, out__save_every=2)
+    r = train(cfg)
+    vals = val_losses(tmp_path / "ft")
+    assert list(vals) == [0, 4] and vals[4] == r.val_loss < vals[0]
+    assert vals[0] == evaluate(aviary.load(base), BinIdx(corpus[1]), cfg, _Dist(), torch.device("cpu"))
+    cfg.train.max_steps = 6  # resumed from step 4: no second step-0 record
+    train(cfg)
+    assert list(val_losses(tmp_path / "ft")) == [0, 4, 6]
+    train(tiny_config(corpus, tmp_path / "scratch", train__max_steps=2))
+    assert list(val_losses(tmp_path / "scratch")) == [2]
+
 # ---- masked losses ----------------------------------------------------------------------------------------
 
 

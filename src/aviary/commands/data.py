@@ -38,7 +38,8 @@ HELP = "tokenize text/JSONL/chat into binidx training data, or inspect a binidx 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("prepare", help="text / JSONL / chat files -> OUT.bin + OUT.idx (+ OUT.mask for chat)")
-    p.add_argument("paths", nargs="+", metavar="INPUT... OUT", help="input files, then the output prefix")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="the input files, then the output prefix OUT (OUT.bin + OUT.idx [+ OUT.mask])")
     p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true", help="replace the dataset OUT if it exists")

@@ -131,7 +131,8 @@ class TrainSection:
 class OutSection:
     dir: str = _f("runs/default", "run directory: checkpoints, log.jsonl, loss.png, exports")
     log_every: int = _f(10, "steps between log.jsonl lines")
-    val_every: int = _f(0, "steps between validation losses; 0 = only at the end")
+    val_every: int = _f(0, "steps between validation losses; 0 = only at the end (a fine-tuning run, model.load, also "
+                                    "validates before its first step)")
     val_samples: int = _f(64, "held-out windows per validation (leave data.valid empty for no validation)")
     save_every: int = _f(100, "steps between checkpoints")
     keep_last: int = _f(2, "checkpoints to keep")

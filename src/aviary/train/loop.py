@@ -4,6 +4,7 @@
     _loop                until the last step: log every out.log_every steps, and after each
       _train_step          one optimizer step (each micro-batch whole or in chunks: `chunks.micro_batch_backward`)
       _evaluate_and_save   validation every out.val_every steps, a checkpoint every out.save_every
+                           (a fine-tuning run, model.load, also validates once before its first step)
     _finish              the last validation, export, the end of the log, loss.png
 
 One optimizer step reads `micro_bsz * accumulate * world_size` windows. Global sample number
@@ -432,6 +433,11 @@ def _loop(run: _Run) -> list[float]:
     bar = tqdm(total=run.total, initial=run.step, disable=not (run.dist.main and out.progress), unit="step",
                dynamic_ncols=True)
     losses: list[float] = []
+    if run.step == 0 and run.valid is not None and run.cfg.model.load:  # fine-tuning: where it starts from
+        val_loss = evaluate(run.model, run.valid, run.cfg, run.dist, run.device, run.vocab)
+        run.logger.write({"step": 0, "tokens": 0, "val_loss": val_loss})
+        if run.dist.main:
+            bar.write(f"step 0: validation loss {val_loss:.4f}")
     window_t, window_tokens = time.time(), 0  # tokens/s over the steps since the last log line
     while run.step < run.total:
         loss, lr, grad_norm = _train_step(run)
