@@ -1,0 +1,1 @@
+"""The papers' experiments, reproduced on Aviary models (see docs/evaluation.md)."""
