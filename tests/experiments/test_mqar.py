@@ -1,9 +1,22 @@
-"""MQAR: the generator's invariants and a smoke training run that learns above chance."""
+"""MQAR: the generator's invariants, the models' scored-position loss, and a smoke training run that learns above
+chance."""
+
+import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from aviary.experiments.mqar import IGNORE, PRESETS, mqar_batch, run
+from aviary.experiments.mqar import IGNORE, MODELS, PRESETS, MQARResult, RWKVMixer, best_by_cell, build_model, \
+    main, mqar_batch, plot, run, scored_loss, write_table
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("seq_len,n_pairs,vocab", [(64, 4, 8192), (128, 8, 8192), (32, 8, 256), (256, 16, 8192)])
@@ -49,12 +62,72 @@ def test_generator_rejects_bad_shapes():
 
 
 def test_smoke_preset_learns_above_chance():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        p = PRESETS["smoke"]
-        acc = run(p["versions"][0], p["d_models"][0], p["seq_lens"][0], p["lrs"][0], p["steps"], **p["kwargs"])
-    finally:
-        torch.set_num_threads(threads)
+    p = PRESETS["smoke"]
+    r = run(p["models"][0], p["d_models"][0], p["seq_lens"][0], p["lrs"][0], p["steps"], **p["kwargs"])
     chance = 1 / (p["kwargs"]["vocab"] // 2)
-    assert acc > 10 * chance, acc
+    assert r.accuracy > 10 * chance, r
+    assert r.curve and r.curve[-1] == (r.steps, r.accuracy)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_trains_a_step_on_scored_positions(name):
+    model = build_model(name, 32, 64, 16, seed=1)
+    x, y = mqar_batch(4, 16, 2, vocab=64, generator=torch.Generator().manual_seed(0))
+    loss = scored_loss(model, x, y)
+    # the loss at the scored rows alone equals the full-logit cross-entropy with the other rows ignored
+    model.eval()
+    with torch.no_grad():
+        full = F.cross_entropy(model(x).reshape(-1, 64), y.reshape(-1), ignore_index=IGNORE)
+        torch.testing.assert_close(scored_loss(model, x, y), full)
+    model.train()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.grad is not None)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
+def test_rwkv_mixer_is_the_aviary_model(version):
+    """With its MLP, the MQAR model is exactly the Aviary model (same logits); without it, the chunked and the
+    recurrent backends give the same logits."""
+    full = RWKVMixer(version, 64, 100, mlp=True, seed=2)
+    x = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), full.rwkv(x)[0], rtol=1e-5, atol=1e-5)
+        chunked = RWKVMixer(version, 64, 100, seed=2)
+        recurrent = RWKVMixer(version, 64, 100, seed=2, backend="recurrent")
+        torch.testing.assert_close(chunked(x), recurrent(x), rtol=1e-5, atol=1e-5)
+    assert not hasattr(chunked.rwkv.blocks[0], "ffn")
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(ValueError, match="unknown model 'rwkv8'"):
+        build_model("rwkv8", 32, 64, 16)
+
+
+def _result(model, d, T, lr, acc):
+    return MQARResult(model, d, T, T // 16, lr, 10, acc, 1.0, 1.0, [(10, acc)])
+
+
+def test_best_by_cell_table_and_figure(tmp_path):
+    results = [_result("rwkv7", 64, 128, 1e-3, 0.5), _result("rwkv7", 64, 128, 3e-3, 0.9),
+               _result("rwkv4", 64, 128, 1e-3, 0.2), _result("rwkv4", 128, 128, 1e-3, 0.7)]
+    best = {(r.model, r.d_model): r.accuracy for r in best_by_cell(results)}
+    assert best == {("rwkv7", 64): 0.9, ("rwkv4", 64): 0.2, ("rwkv4", 128): 0.7}
+    write_table(results, tmp_path / "t.json")
+    write_table(results, tmp_path / "t.csv")
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert len(data["runs"]) == 4 and len(data["best"]) == 3
+    assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("model,d_model,seq_len")
+    plot(results, tmp_path / "one.png")                               # two widths: lines
+    plot(results[:3], tmp_path / "two.png")                           # one width: bars
+    assert (tmp_path / "one.png").stat().st_size > 1000 and (tmp_path / "two.png").stat().st_size > 1000
+
+
+def test_command_line(tmp_path, capsys):
+    main(["--preset", "smoke", "--steps", "5", "--models", "rwkv5,attention", "--out-dir", str(tmp_path), "-q",
+          "--jobs", "2"])                                              # two worker processes
+    out = capsys.readouterr().out
+    assert "Attention" in out and "Eagle (RWKV-5)" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"mqar.csv", "mqar.json", "mqar.png"}
+    with pytest.raises(SystemExit):
+        main(["--models", "gpt5"])
