@@ -257,7 +257,9 @@ def _conversation(obj: object, path: str | os.PathLike, lineno: int) -> list[Cha
                 raise fail(f"message {j} is not an object with 'role' and 'content'")
             if not isinstance(m["role"], str) or m["role"] not in ROLES:
                 raise fail(f"message {j} has role {m['role']!r}; the roles are {', '.join(ROLES)}")
-            messages.append(ChatMessage(m["role"], _string(m["content"], f"message {j}'s content", path, lineno)))
+            reasoning = _string(m.get("reasoning_content", ""), f"message {j}'s reasoning_content", path, lineno)
+            content = _string(m["content"], f"message {j}'s content", path, lineno)
+            messages.append(ChatMessage(m["role"], content, reasoning))  # reasoning: a think block in g1
     else:
         missing = [k for k in ("prompt", "completion") if k not in obj]
         if missing:

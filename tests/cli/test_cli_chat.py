@@ -184,3 +184,49 @@ def test_a_broken_state_tuning_file_is_refused(checkpoint, model, monkeypatch, c
     torch.save({f"blocks.{i}.att.time_state": wkv[i] for i in range(cfg.n_layer)}, tmp_path / "tuned.pth")
     code, out, err = chat(checkpoint, monkeypatch, capsys, "Hello", args=("--state", str(tmp_path / "tuned.pth")))
     assert code == 2 and "tuned.pth" in err and "time_state" in err and "Traceback" not in err
+
+
+class ScriptedChatEngine:
+    """What `Chat` uses of an Engine: each reply is the next script, one piece a step, then a stop."""
+
+    vocab_size = 65536
+
+    def __init__(self, tokenizer, scripts):
+        self.tokenizer, self.scripts, self.prompts = tokenizer, list(scripts), []
+        self.has_work = False
+
+    def add(self, prompt, params, state=None):
+        from aviary.generation.engine import SequenceOutput
+
+        self.prompts.append(self.tokenizer.decode(prompt))
+        self.seq, self.pieces, self.has_work = SequenceOutput(prompt, params), self.scripts.pop(0), True
+        return self.seq
+
+    def step(self):
+        piece = self.pieces.pop(0)
+        self.seq.tokens += self.tokenizer.encode(piece)
+        if not self.pieces:
+            self.seq.finish_reason, self.has_work = "stop", False
+        return [(self.seq, "" if piece == "\n\n" else piece)]  # the stop string: in the tokens, not the text
+
+    def cancel(self, seq):
+        self.has_work = False
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_g1_reasoning_is_shown_apart_and_the_system_prompt_goes_first(color):
+    from aviary.commands.chat import DIM, RESET
+
+    tok = aviary.load_tokenizer(version=7)
+    engine = ScriptedChatEngine(tok, [[">", "\nAdd.", "\n</th", "ink>\n", "Five.", "\n\n"], ["> Nine.", "\n\n"]])
+    c = Chat(engine, SamplingParams(), None, chat_format="g1", system="Be brief.", color=color)
+    out = io.StringIO()
+    assert c.turn("2 + 3?", out=out) == "Five."
+    shown = f" {DIM}Add.{RESET}\n Five.\n" if color else " <think> Add. </think>\nFive.\n"
+    assert out.getvalue() == shown.replace("\n Five", "\nFive")
+    assert engine.prompts[-1] == "System: Be brief.\n\nUser: 2 + 3?\n\nAssistant: <think"
+    c.effort = "none"
+    assert c.turn("4 + 5?", out=io.StringIO()) == "Nine."  # the system prompt only once; the reply's \n\n ended it
+    assert engine.prompts[-1] == "User: 4 + 5?\n\nAssistant: <think>\n</think"
+    c.reset()
+    assert tok.decode(c.prompt("hi")) == "System: Be brief.\n\nUser: hi\n\nAssistant: <think>\n</think"

@@ -86,6 +86,25 @@ def test_prompt_completion_is_one_user_and_one_assistant_turn(tmp_path):
     assert int(mask.sum()) == len(" Hello!\n\n")
 
 
+@pytest.mark.parametrize("chat_format, rendered, replies, shown", [
+    ("g1", "User: Sum 2 and 3.\n\nAssistant: <think>\nTwo plus three.\n</think>\nFive.\n\n",
+     ">\nTwo plus three.\n</think>\nFive.\n\n", "Assistant: <think[[>\nTwo plus three."),
+    ("raven", "Bob: Sum 2 and 3.\n\nAlice: Five.\n\n", " Five.\n\n", "Alice:[[ Five."),
+])
+def test_another_chat_format_and_reasoning_to_train_on(tmp_path, capsys, chat_format, rendered, replies, shown):
+    """--chat-format renders the conversations; in g1 a reply's reasoning_content is trained, after " <think"."""
+    record = {"messages": [{"role": "user", "content": "Sum 2 and 3."},
+                           {"role": "assistant", "content": "Five.", "reasoning_content": "Two plus three."}]}
+    ds = prepared(tmp_path, [record], chat_format=chat_format)
+    ids, mask = ds.document(0), ds.document_mask(0)
+    assert ids.tolist() == fake_encode([rendered])[0] + [0]
+    assert "".join(rendered[i] for i in np.flatnonzero(mask[:-1])) == replies
+    src = write_jsonl(tmp_path / "cli.jsonl", [record])
+    assert main(["data", "prepare", str(src), str(tmp_path / "cli"), "--quiet", "--chat-format", chat_format]) == 0
+    assert main(["data", "inspect", str(tmp_path / "cli"), "--show", "1", "--ctx-len", "4"]) == 0
+    assert shown in capsys.readouterr().out
+
+
 def test_chat_and_text_files_in_one_dataset(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("plain")

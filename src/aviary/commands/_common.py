@@ -45,6 +45,17 @@ def add_input_arguments(parser: argparse.ArgumentParser, chat: bool = False) -> 
     parser.add_argument("--field", default="text", help='the text field of jsonl documents (default "text")')
 
 
+def add_chat_format_argument(parser, recorded: bool = True) -> None:
+    """--chat-format: how chat messages become a prompt (aviary.chat_format; standard library only)."""
+    from aviary.chat_format import FORMATS
+
+    names = "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values())
+    default = ("the format recorded with the model (a MODEL.aviary.json sidecar, safetensors metadata, or an "
+               "official G1/Raven file name), else world") if recorded else "world"
+    parser.add_argument("--chat-format", choices=list(FORMATS), default=None, metavar="NAME",
+                        help=f"the chat format ({names}; default: {default})")
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 200) -> None:
     """One option per SamplingParams field that has flags (aviary.generation.params.SETTINGS), with the
     reference pipeline's defaults (SamplingParams.reference()) and `max_tokens` for -n."""

@@ -6,11 +6,11 @@ end-of-document id 0 after every document), the format RWKV-LM and Megatron read
 .lzma, .zst), tokenizes them with the RWKV World tokenizer on all cores, and writes OUT.bin + OUT.idx.
 --input lines makes every line a document; empty documents are skipped. Chat JSONL (one
 `{"messages": [{"role", "content"}, ...]}` or `{"prompt", "completion"}` per line; found by its first line,
-or --input chat) is rendered in the RWKV World chat format, as `aviary chat` and `aviary serve` render it,
-and OUT.mask marks the assistant's replies: only those tokens are trained. The files are read as `aviary
-tokenize` reads them. Every input is checked first (exists, not empty, UTF-8), and the output appears only
-when it is complete (an error, Ctrl-C or SIGTERM leaves nothing behind). An existing dataset is replaced
-only with --force.
+or --input chat) is rendered in the chat format --chat-format names (world by default; g1, raven), as
+`aviary chat` and `aviary serve` render it, and OUT.mask marks the assistant's replies: only those tokens are
+trained. The files are read as `aviary tokenize` reads them. Every input is checked first (exists, not
+empty, UTF-8), and the output appears only when it is complete (an error, Ctrl-C or SIGTERM leaves nothing
+behind). An existing dataset is replaced only with --force.
 
 `inspect` shows a dataset's documents, token counts, its loss mask (the share of tokens trained; in the
 documents shown, the trained tokens are [[bracketed]]) and the sampling plan for a context length: how many
@@ -30,7 +30,7 @@ import contextlib
 import signal
 import threading
 
-from aviary.commands._common import add_input_arguments
+from aviary.commands._common import add_chat_format_argument, add_input_arguments
 
 HELP = "tokenize text/JSONL/chat into binidx training data, or inspect a binidx dataset"
 
@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true", help="replace the dataset OUT if it exists")
     add_input_arguments(p, chat=True)
+    add_chat_format_argument(p, recorded=False)
     i = sub.add_parser("inspect", help="documents, token counts and the sampling plan of a binidx dataset")
     i.add_argument("prefix", metavar="DATA", help="binidx prefix (DATA.bin + DATA.idx)")
     i.add_argument("--ctx-len", type=int, default=512, help="context length for the sampling plan [512]")
@@ -83,7 +84,7 @@ def _prepare(args: argparse.Namespace) -> int:
                               "pass --force to replace the dataset")
     with _sigterm_exits():
         r = prepare(inputs, out, num_threads=args.threads, progress=not args.quiet, format=args.input,
-                    field=args.field)
+                    field=args.field, chat_format=args.chat_format or "world")
     files = f"{r.bin_path}, {r.idx_path} and {r.mask_path}" if r.mask_path else f"{r.bin_path} and {r.idx_path}"
     print(f"wrote {files}: {r.documents:,} documents, {r.tokens:,} tokens "
           f"({r.characters / max(r.tokens, 1):.2f} characters per token)")

@@ -1,7 +1,7 @@
 """Serving: an OpenAI-compatible HTTP server (`aviary serve`) over a continuous-batching scheduler.
 
     scheduler.py    the thread that owns the Engine: bounded queue, admission, batched steps, cancellation
-    chat_format.py  re-exports aviary.chat_format: chat messages -> the RWKV World prompt, in segments
+    chat_format.py  re-exports aviary.chat_format: chat messages -> a prompt (world, g1, raven), in segments
     protocol.py     the OpenAI request bodies (strict) and error JSON
     app.py          the Starlette app: routes, auth, limits, server-sent events
     connections.py  the uvicorn server it runs on: read deadlines, a connection cap, the open-file limit

@@ -150,6 +150,7 @@ class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    reasoning_content: str | None = None  # an assistant reply's reasoning, as this server returned it
 
     def text(self) -> str:
         if self.content is None:
@@ -157,6 +158,10 @@ class Message(_Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class ChatTemplateKwargs(_Strict):
+    enable_thinking: bool | None = None
 
 
 class ChatRequest(_Sampling):
@@ -170,6 +175,15 @@ class ChatRequest(_Sampling):
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
     store: Literal[False] | None = None
+    # thinking, for chat formats with reasoning (aviary.chat_format): "none" or enable_thinking false turns it
+    # off; "low"/"medium"/"high" add the format's think-length hint. Ignored by formats without reasoning.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None  # vLLM's field; enable_thinking is the one it takes
+
+    def effort(self) -> str | None:
+        """The reasoning effort both fields ask for ("none": thinking off)."""
+        off = self.chat_template_kwargs is not None and self.chat_template_kwargs.enable_thinking is False
+        return "none" if off else self.reasoning_effort
 
     def unsupported(self) -> str | None:
         if self.response_format not in (None, {"type": "text"}):

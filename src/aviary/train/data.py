@@ -16,8 +16,9 @@ document boundaries (reference section 8.5): inputs x = tokens[o:o+T], targets y
 weighted by mask[o+1:o+T+1]. Without NAME.mask (plain text, RWKV-LM's own files) every token is a target.
 `prepare` turns text files and JSONL (`{"text": ...}` per line, optionally compressed) into that format
 with the World tokenizer, and chat JSONL (`{"messages": [...]}`, `{"prompt", "completion"}`) too: each
-conversation rendered in the RWKV World chat format by `aviary.chat_format` (the server's function, segment by
-segment), masked so that only the assistant's replies are targets. The files are read by `aviary.textio`.
+conversation rendered in a chat format of `aviary.chat_format` (RWKV World unless `chat_format` names
+another; the server's function, segment by segment), masked so that only the assistant's replies are targets.
+The files are read by `aviary.textio`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aviary.chat_format import chat_segments
+from aviary.chat_format import ChatFormat, get_format
 from aviary.textio import DataError, check_input, input_format, is_chat_file, read_conversations, read_documents
 
 __all__ = ["BinIdx", "DataError", "prepare", "read_documents", "write_binidx", "binidx_paths", "mask_path"]
@@ -315,12 +316,13 @@ def file_format(path: str | os.PathLike, format: str = "auto", field: str = "tex
 Segments = list[tuple[str, bool]]
 
 
-def _documents(path: str | os.PathLike, fmt: str, field: str) -> Iterable[tuple[Segments, bool]]:
+def _documents(path: str | os.PathLike, fmt: str, field: str,
+               chat_format: ChatFormat) -> Iterable[tuple[Segments, bool]]:
     if fmt == CHAT:
         # only the replies are targets; the end-of-document id is not: a reply ends with its blank line
         # (the server's stop string), and the model never has to write the id after it
         for _, messages in read_conversations(path):
-            yield chat_segments(messages, reply_prompt=False), False
+            yield chat_format.segments(messages, reply_prompt=False), False
     else:
         for text in read_documents(path, fmt, field):
             if text:
@@ -329,16 +331,17 @@ def _documents(path: str | os.PathLike, fmt: str, field: str) -> Iterable[tuple[
 
 def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, num_threads: int | None = None,
             encode_batch: Callable[[list[str]], list[list[int]]] | None = None, batch_docs: int = 256,
-            progress: bool = True, format: str = "auto", field: str = "text") -> PrepareReport:
+            progress: bool = True, format: str = "auto", field: str = "text",
+            chat_format: str | ChatFormat = "world") -> PrepareReport:
     """Tokenize text/JSONL/chat files into OUT.bin + OUT.idx (uint16, 0 after each document), and OUT.mask
     when an input holds conversations.
 
     Every input is checked (exists, non-empty, UTF-8) before any tokenizing starts. `format` and `field`
     say how a file splits into documents (`aviary.textio.read_documents`; "chat" or a JSONL file whose
     first record is a conversation: `file_format`); empty documents are skipped. A conversation is rendered
-    by `aviary.chat_format.chat_segments`, each segment tokenized on its own, and only its assistant replies
-    are targets in OUT.mask; text documents in the same dataset are targets throughout. `encode_batch`
-    defaults to the World tokenizer's `encode_batch` on `num_threads` threads (all cores when None).
+    in `chat_format` (`aviary.chat_format.ChatFormat.segments`), each segment tokenized on its own, and only
+    its assistant replies are targets in OUT.mask; text documents in the same dataset are targets throughout.
+    `encode_batch` defaults to the World tokenizer's `encode_batch` on `num_threads` threads (all cores when None).
     """
     from tqdm import tqdm
 
@@ -348,6 +351,7 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, num_
     for p in inputs:
         check_input(p)
         formats.append(file_format(p, format, field))  # an unknown format: refused before any tokenizing too
+    chat_format = get_format(chat_format)
     encode = encode_batch or _default_encoder(num_threads)
     total_bytes = sum(Path(p).stat().st_size for p in inputs)
     writer = BinIdxWriter(out, mask=CHAT in formats)
@@ -374,7 +378,7 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, num_
                   disable=None if progress else True) as bar:
             for p, fmt in zip(inputs, formats, strict=True):
                 batch: list[tuple[Segments, bool]] = []
-                for doc in _documents(p, fmt, field):
+                for doc in _documents(p, fmt, field, chat_format):
                     batch.append(doc)
                     if len(batch) >= batch_docs:
                         flush(batch, fmt == CHAT)
