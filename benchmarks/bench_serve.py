@@ -1,8 +1,10 @@
 """Load test of `aviary serve` on loopback: throughput and time to first token at several concurrencies,
-then server memory over a soak of concurrent streams.
+then server memory over a soak of concurrent streams; or (--sessions) the second turn of conversations whose
+histories grow, against the first.
 
     python benchmarks/bench_serve.py                       # random-weight RWKV-7 written to a temp dir
     python benchmarks/bench_serve.py --model model.pth --levels 1 8 32 64 --soak-s 120 --json out.json
+    python benchmarks/bench_serve.py --sessions            # second-turn prefill vs history length
 
 It starts `python -m aviary serve` as a child process on 127.0.0.1 (a free port), so the server's memory is
 its own and the client does not share its interpreter. For each concurrency c it sends max(8, 2c) streaming
@@ -11,6 +13,13 @@ early and is counted as it is), c at a time, and reports aggregate generated tok
 p50/p99, next to c = 1, which is serving the same requests one at a time. Then it keeps `--soak-streams`
 streams open for `--soak-s` seconds and samples the server's resident memory every few seconds.
 Everything is bounded: requests per level, a wall-clock cap per level, and the soak duration.
+
+--sessions: for each history length H (--history-tokens, about H tokens of earlier turns in the chat format),
+`--conversations` distinct conversations each send a first turn (the history and a question: all of it is
+prefilled) and then their second turn (the same messages, the model's reply and a new question), one request
+at a time, streamed. It reports the time to first token of both turns and what the server computed for the
+second (prompt tokens minus `cached_tokens`): with the prefix cache keeping the state after the first turn,
+that is the reply and the new question only, whatever H.
 
 The JSON records `aviary.cpu.backend_info()` ("backend", this process: the same environment as the server's,
 AVIARY_CPU_ISA included) and the server model's decode path ("decode_path"), taken by loading the model once
@@ -112,6 +121,36 @@ def request_body(args, i: int) -> dict:
             "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True}}
 
 
+SERVER_SERIES = ("aviary_steps_total", "aviary_step_rows_total", "aviary_step_seconds_sum",
+                 "aviary_prefill_seconds_sum", "aviary_prefill_seconds_count",
+                 "aviary_time_to_first_token_seconds_sum", "aviary_time_to_first_token_seconds_count")
+
+
+def server_counts(base: str) -> dict[str, float]:
+    """The server's running totals of SERVER_SERIES (0 for a series it does not have)."""
+    import httpx
+
+    text = httpx.get(base + "/metrics", timeout=10).text
+    values = dict.fromkeys(SERVER_SERIES, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values
+
+
+def server_side(before: dict[str, float], after: dict[str, float]) -> dict:
+    """What the server did between two `server_counts`: decode steps, prefill passes, its own mean TTFT."""
+    d = {k: after[k] - before[k] for k in SERVER_SERIES}
+    steps, passes = max(d["aviary_steps_total"], 1), max(d["aviary_prefill_seconds_count"], 1)
+    return {"steps": int(d["aviary_steps_total"]), "mean_batch": round(d["aviary_step_rows_total"] / steps, 1),
+            "step_ms": round(1000 * d["aviary_step_seconds_sum"] / steps, 1),
+            "prefill_passes": int(d["aviary_prefill_seconds_count"]),
+            "prefill_ms": round(1000 * d["aviary_prefill_seconds_sum"] / passes, 1),
+            "ttft_mean_s": round(d["aviary_time_to_first_token_seconds_sum"]
+                                 / max(d["aviary_time_to_first_token_seconds_count"], 1), 3)}
+
+
 async def run_level(args, base: str, concurrency: int) -> dict:
     import httpx
 
@@ -126,10 +165,12 @@ async def run_level(args, base: str, concurrency: int) -> dict:
                 i = queue.pop()
                 await one_request(client, base + "/v1/completions", request_body(args, i + 1000 * concurrency), stats)
 
+        counts = server_counts(base)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": stats.requests, "planned": n_requests,
+            "server": server_side(counts, server_counts(base)),
             "tokens": stats.tokens, "wall_s": round(wall, 2), "tokens_per_s": round(stats.tokens / wall, 1),
             "ttft_p50_s": round(percentile(stats.ttft, 50), 3), "ttft_p99_s": round(percentile(stats.ttft, 99), 3),
             "errors": len(stats.errors), "error_samples": stats.errors[:3]}
@@ -167,6 +208,78 @@ async def soak(args, base: str, pid: int) -> dict:
             "rss_mb_samples": [(t, round(m, 1)) for t, m in samples]}
 
 
+def history_messages(tokens: int, conversation: int) -> list[dict]:
+    """A system prompt and earlier user/assistant turns of about `tokens` tokens (a word "w123 " is about 3
+    tokens of the World vocabulary; turns of about 300 tokens)."""
+    messages = [{"role": "system", "content": f"You are assistant number {conversation}."}]
+    words = 0
+    while words * 3 < tokens:
+        n = min(100, max(1, (tokens - words * 3) // 3))
+        text = " ".join(f"w{(conversation * 7919 + words + k) % 1000}" for k in range(n))
+        messages.append({"role": "user" if len(messages) % 2 else "assistant", "content": text})
+        words += n
+    if messages[-1]["role"] == "user":
+        messages.append({"role": "assistant", "content": "Noted."})
+    return messages
+
+
+async def chat_turn(client, url: str, messages: list[dict], args) -> dict:
+    """One streamed chat request: time to the first generated text (or the end, if the reply is empty), the
+    reply, and the usage."""
+    body = {"model": "bench", "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0, first, reply, usage = time.perf_counter(), None, "", None
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            usage = chunk.get("usage") or usage
+            for choice in chunk["choices"]:
+                if choice["delta"].get("content") or choice["finish_reason"]:
+                    first = first if first is not None else time.perf_counter() - t0
+                    reply += choice["delta"].get("content") or ""
+    return {"ttft_s": first, "reply": reply, "usage": usage}
+
+
+async def sessions(args, base: str) -> list[dict]:
+    import httpx
+
+    rows = []
+    async with httpx.AsyncClient(timeout=args.request_timeout_s) as client:
+        url = base + "/v1/chat/completions"
+        for h in args.history_tokens:
+            turns = []
+            for c in range(args.conversations):
+                messages = history_messages(h, 100 * h + c) + [{"role": "user", "content": f"Question {c}?"}]
+                one = await chat_turn(client, url, messages, args)
+                messages += [{"role": "assistant", "content": one["reply"] or "."},
+                             {"role": "user", "content": "And the next one?"}]
+                two = await chat_turn(client, url, messages, args)
+                turns.append((one, two))
+            def median(values):
+                return round(percentile(values, 50), 4)
+
+            def computed(turn):
+                return turn["usage"]["prompt_tokens"] - turn["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+            rows.append({"history_tokens": h, "conversations": args.conversations,
+                         "turn1_prompt_tokens": median([one["usage"]["prompt_tokens"] for one, _ in turns]),
+                         "turn1_computed_tokens": median([computed(one) for one, _ in turns]),
+                         "turn1_ttft_s": median([one["ttft_s"] for one, _ in turns]),
+                         "turn2_prompt_tokens": median([two["usage"]["prompt_tokens"] for _, two in turns]),
+                         "turn2_computed_tokens": median([computed(two) for _, two in turns]),
+                         "turn2_ttft_s": median([two["ttft_s"] for _, two in turns])})
+            r = rows[-1]
+            print(f"{h:>8} {r['turn1_prompt_tokens']:>9} {r['turn1_computed_tokens']:>9} {r['turn1_ttft_s']:>9} "
+                  f"{r['turn2_prompt_tokens']:>9} {r['turn2_computed_tokens']:>9} {r['turn2_ttft_s']:>9}", flush=True)
+    return rows
+
+
 def write_model(directory: str, args) -> str:
     from aviary.testing import random_config, save_random_checkpoint
 
@@ -194,6 +307,10 @@ def main() -> int:
     p.add_argument("--soak-streams", type=int, default=64)
     p.add_argument("--sample-every-s", type=float, default=5)
     p.add_argument("--json", default="runs/bench_serve.json", help="write the results here")
+    p.add_argument("--sessions", action="store_true",
+                   help="instead of the levels and the soak: second-turn prefill against the history's length")
+    p.add_argument("--history-tokens", type=int, nargs="+", default=[0, 500, 2000, 6000])
+    p.add_argument("--conversations", type=int, default=3, help="conversations per history length (--sessions)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,8 +345,14 @@ def main() -> int:
                        "temperature": args.temperature, "rss_mb_idle": round(idle_mb, 1),
                        "backend": backend_info(), "decode_path": path_info, "levels": []}
             asyncio.run(run_level(args, base, 4))  # warm-up (allocations, caches), not reported
-            print(f"{'conc':>5} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'vs 1-at-a-time':>14} "
-                  f"{'TTFT p50':>9} {'TTFT p99':>9} {'errors':>6}")
+            if args.sessions:
+                args.levels, args.soak_s = [], 0
+                print(f"{'history':>8} {'t1 prompt':>9} {'t1 ran':>9} {'t1 TTFT':>9} {'t2 prompt':>9} {'t2 ran':>9} "
+                      f"{'t2 TTFT':>9}   (tokens; seconds; medians of {args.conversations})")
+                results["sessions"] = asyncio.run(sessions(args, base))
+            else:
+                print(f"{'conc':>5} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'vs 1-at-a-time':>14} "
+                      f"{'TTFT p50':>9} {'TTFT p99':>9} {'errors':>6}")
             for c in args.levels:
                 r = asyncio.run(run_level(args, base, c))
                 results["levels"].append(r)
@@ -237,7 +360,7 @@ def main() -> int:
                 r["speedup_vs_sequential"] = round(r["tokens_per_s"] / one, 2) if one else None
                 print(f"{c:>5} {r['requests']:>5} {r['tokens']:>7} {r['wall_s']:>7} {r['tokens_per_s']:>8} "
                       f"{(str(r['speedup_vs_sequential']) + 'x') if one else '-':>14} {r['ttft_p50_s']:>9} "
-                      f"{r['ttft_p99_s']:>9} {r['errors']:>6}", flush=True)
+                      f"{r['ttft_p99_s']:>9} {r['errors']:>6}   server: {r['server']}", flush=True)
             if args.soak_s > 0:
                 s = asyncio.run(soak(args, base, server.pid))
                 results["soak"] = s

@@ -6,12 +6,21 @@
 Each sequence has its own state row, so prompts of different lengths decode together without padding,
 a sequence can join the batch at any step (`add`) and leaves it when it finishes. The `Engine` is the
 whole loop; `generate` / `stream` below are the one-call front ends, and a server's scheduler drives
-`add` and `step` itself.
+`add` and `step` itself, and prefills many prompts as one batch (`begin_prefill`, `run_prefills`).
+
+Batched prefill cannot pad: a recurrent state takes in every token it is given, padding included, so a
+padded prompt's state is not its own (left padding too: the pads come first and shift the state). Prompts of
+different lengths are aligned by splitting instead: each model call runs every unfinished prompt for the same
+number of tokens, up to the nearest place where one of them ends (or is cached, or reaches its share of a
+token budget); that one leaves, the rest go on. The calls are never more than a one-at-a-time prefill's,
+the tokens run are the same, and the head runs only for the prompts that end in a call.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
+import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -22,7 +31,7 @@ from aviary.generation.cache import StateCache
 from aviary.generation.sampling import Penalties, SamplingParams, sample_batch
 from aviary.state import RWKVState
 
-__all__ = ["Engine", "GenerationError", "SequenceOutput", "generate", "stream"]
+__all__ = ["Engine", "GenerationError", "Prefill", "SequenceOutput", "generate", "stream"]
 
 
 class GenerationError(ValueError):
@@ -50,6 +59,26 @@ class SequenceOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class Prefill:
+    """A prompt on its way into the batch (`Engine.begin_prefill`): its first `done` tokens have run, giving
+    `state` (None: the engine's start state, nothing run yet) and, where a run stopped at the prompt's end or at a
+    cache point, `logits` [V] for the next token. `Engine.run_prefills` advances it, `Engine.add(...,
+    prefilled=)` puts it in the batch once `finished`."""
+
+    tokens: list[int]
+    cache_key: Hashable | None = None  # where its prefixes are cached (start state and client); None: not cached
+    marks: tuple[int, ...] = ()  # token counts after which the state is cached as well (message ends)
+    done: int = 0
+    cached_tokens: int = 0  # of `done`, the tokens the prefix cache served
+    state: RWKVState | None = None
+    logits: torch.Tensor | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.tokens)
 
 
 class _Running:
@@ -90,7 +119,10 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer: TokenizerLike, *, cache: StateCache | None = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, start_state: RWKVState | None = None):
+        """`start_state` (a batch of one): where every prompt starts unless `add` is given a state (a state-tuned
+        or prompt state); default the model's own initial state, as it is now. Prefix-cache entries are keyed
+        by it too, so engines with different start states can share a cache without mixing."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model
@@ -98,7 +130,12 @@ class Engine:
         self.cache = cache
         self.prefill_chunk = prefill_chunk
         self.vocab_size = model.config.vocab_size
+        if start_state is not None:
+            model.check_state(start_state, 1)
+        self.start_state = (model.init_state(1) if start_state is None else start_state).detach().to(model.device)
+        self._start_key = _fingerprint(self.start_state) if cache is not None else None
         self._running: list[_Running] = []  # rows of the batch, in order
+        self._joining: list[tuple[_Running, RWKVState, torch.Tensor]] = []  # added since the last step
         self._state: RWKVState | None = None  # [B] batch state of the running sequences
         self._logits: torch.Tensor | None = None  # [B, V] next-token logits of the running sequences
         self._bytes_cache: dict[int, bytes] = {}
@@ -117,82 +154,141 @@ class Engine:
             raise GenerationError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {self.vocab_size})")
         return tokens
 
-    @torch.no_grad()
     def prefill(self, tokens: Sequence[int], state: RWKVState | None = None, cache_at: Sequence[int] = (),
                 namespace: Hashable = None) -> tuple[torch.Tensor, RWKVState, int]:
-        """Run `tokens` from `state` (or from the start, through the prefix cache).
+        """Run `tokens` from `state`, or from the start state through the prefix cache (`begin_prefill`).
+        Returns (logits [V] for the next token, state after the tokens, number of tokens taken from the cache)."""
+        p = self.begin_prefill(tokens, state, cache_at, namespace)
+        self.run_prefills([p])
+        return p.logits, p.state, p.cached_tokens
 
-        `cache_at`: token counts (message boundaries of a chat, say) after which the state is cached too,
-        so a later prompt that shares only that prefix starts from it. The whole prompt is always cached.
-        `namespace`: the prefix-cache namespace to look up and store in (a server's client; see StateCache).
-        Returns (logits [V] for the next token, state after the tokens, number of tokens taken from the cache).
-        """
-        tokens = list(tokens)
-        done, logits = 0, None
-        if state is None and self.cache is not None:
-            hit = self.cache.lookup(tokens, namespace)
-            if hit is not None:
-                done, state, logits = hit.length, hit.state, hit.logits
-        device = self.model.device
-        marks = sorted({n for n in cache_at if done < n < len(tokens)} if self.cache is not None else ())
-        start = done
-        while start < len(tokens):
-            end = min([start + self.prefill_chunk, *(n for n in marks if n > start)])
-            chunk = torch.tensor([tokens[start:end]], dtype=torch.long, device=device)
-            out, state = self.model(chunk, state, last_only=True)
-            logits = out[0, -1]
-            if end in marks:
-                self.cache.put(tokens[:end], state, logits.float(), namespace)
-            start = end
-        if state is None:  # unreachable with a non-empty prompt; kept for the type checker
-            raise GenerationError("nothing to prefill")
-        if self.cache is not None and done < len(tokens):
-            self.cache.put(tokens, state, logits, namespace)
-        return logits.float(), state, done
+    def begin_prefill(self, prompt: str | Sequence[int], state: RWKVState | None = None, cache_at: Sequence[int] = (),
+                      namespace: Hashable = None) -> Prefill:
+        """A prompt's prefill, nothing run yet. From `state` (a batch of one: a chat history; the prefix cache is
+        neither read nor written, its keys do not cover a caller's state), else from the start state after the
+        longest prefix of the prompt cached in `namespace` (a server's client; see StateCache). `cache_at`: token
+        counts (message ends of a chat) after which the state is cached too, so a later prompt sharing only that
+        prefix starts from it; the whole prompt is always cached."""
+        tokens = self.encode(prompt)
+        if state is not None:
+            self.model.check_state(state, 1)
+            return Prefill(tokens, state=state)
+        if self.cache is None:
+            return Prefill(tokens)
+        p = Prefill(tokens, cache_key=(self._start_key, namespace))
+        hit = self.cache.lookup(tokens, p.cache_key)
+        if hit is not None:
+            p.done = p.cached_tokens = hit.length
+            p.state, p.logits = hit.state, hit.logits
+        p.marks = tuple(sorted({n for n in cache_at if p.done < n < len(tokens)}))
+        return p
+
+    @torch.no_grad()
+    def run_prefills(self, prefills: Sequence[Prefill], max_tokens: int | None = None) -> int:
+        """Advance unfinished prefills by `max_tokens` tokens in all at most (None: to their ends), earliest in
+        `prefills` first, as one batch (see the module docstring). Returns the number of tokens run.
+
+        Each call runs every prompt still going by m tokens, m up to the nearest stop of any of them: its end,
+        a cache point, `prefill_chunk` tokens, its share of the budget. States and logits equal those of a
+        prefill one at a time to float32 rounding (the parallel form summed in other chunks)."""
+        budget = math.inf if max_tokens is None else max_tokens
+        goals: dict[Prefill, int] = {}  # where each prompt stops in this run
+        for p in prefills:
+            if budget <= 0:
+                break
+            if not p.finished:
+                goals[p] = p.done + min(len(p.tokens) - p.done, budget)
+                budget -= goals[p] - p.done
+        rows = list(goals)
+        if not rows:
+            return 0
+        state = RWKVState.cat([self.start_state if p.state is None else p.state for p in rows])  # [B], ours
+        ran = 0
+        while rows:
+            m = min(min(goals[p], p.done + self.prefill_chunk, *(n for n in p.marks if n > p.done)) - p.done
+                    for p in rows)
+            chunk = torch.tensor([p.tokens[p.done:p.done + m] for p in rows], dtype=torch.long,
+                                 device=self.model.device)  # [B, m]
+            need = [i for i, p in enumerate(rows) if p.done + m == len(p.tokens) or p.done + m in p.marks]
+            if len(need) == len(rows):
+                logits, state = self.model(chunk, state, last_only=True)
+            else:  # the head only for the prompts whose logits are used
+                logits, state = self.model(chunk, state, last_only=True, rows=need)
+            ran += m * len(rows)
+            for p in rows:
+                p.done += m
+            for j, i in enumerate(need):
+                p = rows[i]
+                p.logits = logits[j, 0].float().clone()  # its own memory: the cache counts V floats, not the call's
+                if p.cache_key is not None:
+                    self.cache.put(p.tokens[:p.done], state.select(i), p.logits, p.cache_key)
+            keep = [i for i, p in enumerate(rows) if p.done < goals[p]]
+            if len(keep) < len(rows):
+                for i, p in enumerate(rows):
+                    if p.done == goals[p]:
+                        p.state = state.select(i)
+                rows = [rows[i] for i in keep]
+                state = state.select(keep) if keep else None
+        return ran
 
     # ---- the batch ---------------------------------------------------------------------------
 
     @property
     def has_work(self) -> bool:
-        return bool(self._running)
+        return bool(self._running or self._joining)
 
     @property
     def batch_size(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self._joining)
 
-    def add(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, tag: object = None,
+    def add(self, prompt: str | Sequence[int] | None, params: SamplingParams | None = None, *, tag: object = None,
             state: RWKVState | None = None, seed_offset: int = 0, cache_at: Sequence[int] = (),
-            namespace: Hashable = None) -> SequenceOutput:
+            namespace: Hashable = None, prefilled: Prefill | None = None) -> SequenceOutput:
         """Prefill a prompt and put it in the batch; it decodes from the next `step`.
 
-        `state` continues from a given state (batch of one: a chat history, a state-tuned start);
-        without it the prefix cache is used. `seed_offset` is added to the seed (for n samples of one prompt).
-        `cache_at` and `namespace` are passed to `prefill`.
+        `state` continues from a given state (batch of one: a chat history); without it the prompt starts from
+        the start state, through the prefix cache. `seed_offset` is added to the seed (for n samples of one
+        prompt). `cache_at` and `namespace` are passed to `begin_prefill`. `prefilled`: a finished `Prefill`
+        to start from instead of running the prompt (which is then ignored); several sequences may share one.
         """
         params = params or SamplingParams()
         params.check_vocab(self.vocab_size)
-        if state is not None:
-            self.model.check_state(state, 1)
-        tokens = self.encode(prompt)
-        out = SequenceOutput(tokens, params, tag)
-        logits, seq_state, out.cached_tokens = self.prefill(tokens, state, cache_at, namespace)
+        if prefilled is None:
+            prefilled = self.begin_prefill(prompt, state, cache_at, namespace)
+            self.run_prefills([prefilled])
+        elif not prefilled.finished:
+            raise ValueError(f"the prefill has run {prefilled.done} of its {len(prefilled.tokens)} tokens")
+        out = SequenceOutput(prefilled.tokens, params, tag, cached_tokens=prefilled.cached_tokens)
         run = _Running(out, self.vocab_size, params.make_generator(seed_offset))
         if params.max_new_tokens == 0:
             out.finish_reason = "length"
-            out.final_state = seq_state
+            out.final_state = prefilled.state
             return out
-        self._running.append(run)
-        # the batch state is the engine's own (decode updates it in place): never the caller's or the cache's
-        self._state = seq_state.clone() if self._state is None else RWKVState.cat([self._state, seq_state])
-        self._logits = logits[None] if self._logits is None else torch.cat([self._logits, logits[None]])
+        self._joining.append((run, prefilled.state, prefilled.logits))
         return out
+
+    def _join(self) -> None:
+        """Put the sequences added since the last step into the batch, with one concatenation for all of them.
+        The batch state is the engine's own (decode updates it in place): a copy, never the caller's or the
+        cache's."""
+        if not self._joining:
+            return
+        runs, states, logits = zip(*self._joining, strict=True)
+        self._joining = []
+        self._running += runs
+        self._state = RWKVState.cat([*([self._state] if self._state is not None else []), *states])
+        self._logits = torch.cat([*([self._logits] if self._logits is not None else []),
+                                  *(x[None] for x in logits)])
 
     def cancel(self, seq: SequenceOutput, reason: str = "cancelled") -> None:
         """Drop a sequence from the batch (a client went away)."""
+        joining = [j for j in self._joining if j[0].out is not seq]
         keep = [i for i, r in enumerate(self._running) if r.out is not seq]
-        if len(keep) != len(self._running):
+        if len(keep) != len(self._running) or len(joining) != len(self._joining):
             seq.finish_reason = seq.finish_reason or reason
-            self._keep(keep)
+            self._joining = joining
+            if len(keep) != len(self._running):
+                self._keep(keep)
 
     def _keep(self, rows: list[int]) -> None:
         self._running = [self._running[i] for i in rows]
@@ -214,6 +310,7 @@ class Engine:
 
         Returns (sequence, newly released text) for every sequence that produced text or finished.
         """
+        self._join()
         if not self._running:
             return []
         logits = self._logits.clone()  # [B, V]
@@ -265,6 +362,14 @@ class Engine:
                 keep.append(i)
         if len(keep) != len(self._running):
             self._keep(keep)
+
+
+def _fingerprint(state: RWKVState) -> str:
+    """A digest of a state's values: the prefix cache's key for a start state."""
+    digest = hashlib.blake2b(digest_size=16)
+    for t in (state.shift, state.wkv):
+        digest.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _undecodable_ids(tokenizer: TokenizerLike, vocab_size: int) -> list[int]:

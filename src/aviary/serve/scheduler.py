@@ -1,14 +1,19 @@
 """Continuous batching: one thread owns the `Engine` and runs every active request in one batch.
 
-    submit(job) --bounded queue--> [scheduler thread]  admit: prefill new prompts (prefix cache first)
-                                                       step:  one token for every running sequence
+    submit(job) --bounded queue--> [scheduler thread]  admit:   while the batch has room (prefix cache first)
+                                                       prefill: the admitted prompts together, as one batch,
+                                                                `max_prefill_tokens` at most; finished ones join
+                                                       step:    one token for every running sequence
                                    job.sink(event) <-- text pieces, then Done (usage) or Failed
 
-A request (`Job`) is one or more sequences: its prompts times `n` samples. New jobs are admitted between
-steps while the batch has room (`max_batch` sequences) and the step's prefill budget lasts, so a long
-prompt delays the running streams by one prefill at most; finished sequences leave the batch at once.
-`cancel(job)` (a client went away) drops its sequences at the next step. Events go to `job.sink`, called
-on the scheduler thread: it must not block (the web layer hands them to its event loop).
+A request (`Job`) is one or more sequences: its prompts times `n` samples. Waiting jobs are admitted while
+the batch has room (`max_batch` sequences, counting the rows of jobs still prefilling). Every turn of the loop
+prefills the admitted prompts together (`Engine.run_prefills`: one batch, exact for every prompt, oldest first)
+for `max_prefill_tokens` tokens at most, then runs one decode step; so a long prompt is prefilled over
+several steps while the running streams keep going, and a burst of short ones is prefilled in one pass.
+Finished sequences leave the batch at once. `cancel(job)` (a client went away) drops its sequences at the
+next step. Events go to `job.sink`, called on the scheduler thread: it must not block (the web layer hands
+them to its event loop).
 
 There is no web code here: the scheduler is driven the same way from tests, benchmarks or another front end.
 """
@@ -23,6 +28,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from aviary.generation import Engine, SamplingParams, SequenceOutput
+from aviary.generation.engine import Prefill
 from aviary.serve.metrics import Metrics
 
 __all__ = ["Done", "Failed", "Job", "Piece", "QueueFull", "Scheduler", "SchedulerClosed"]
@@ -75,6 +81,7 @@ class Job:
     cache_at: list[list[int]] | None = None  # per prompt: extra token counts to cache (chat message ends)
     namespace: Hashable = None  # the client's prefix-cache namespace: it never starts from another client's prefix
     seqs: list[SequenceOutput] = field(default_factory=list)
+    prefills: list[Prefill] = field(default_factory=list)  # one per prompt, while they are prefilled
     submitted_at: float = 0.0
     first_token_at: float | None = None
     cancelled: bool = False
@@ -102,6 +109,7 @@ class Scheduler:
         self._pending: collections.deque[Job] = collections.deque()
         self._cancelled: list[Job] = []
         self._active: set[Job] = set()
+        self._prefilling: list[Job] = []  # admitted, prompts not all prefilled yet; oldest first
         self._closed = False
         self._thread: threading.Thread | None = None
         self._register_metrics()
@@ -167,7 +175,8 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._closed or self._pending or self._cancelled or self.engine.has_work):
+                while not (self._closed or self._pending or self._cancelled or self._prefilling
+                           or self.engine.has_work):
                     self._cond.wait()
                 if self._closed:
                     break
@@ -177,6 +186,8 @@ class Scheduler:
                 self._drop(job, "cancelled")
             for job in admitted:
                 self._admit(job)
+            if self._prefilling:
+                self._prefill()
             if self.engine.has_work:
                 self._step()
         with self._cond:
@@ -187,37 +198,66 @@ class Scheduler:
             self._drop(job, "failed")
 
     def _take_admissible(self) -> list[Job]:
-        """Jobs to prefill now, in arrival order: while the batch has room and the prefill budget lasts."""
-        admitted, rows, budget = [], self.engine.batch_size, self.max_prefill_tokens
-        while self._pending:
-            job = self._pending[0]
-            if rows + job.width > self.max_batch or (admitted and budget <= 0):
-                break
-            self._pending.popleft()
+        """Jobs to start prefilling now, in arrival order, while the batch has room for their rows."""
+        admitted, rows = [], self.engine.batch_size + sum(job.width for job in self._prefilling)
+        while self._pending and rows + self._pending[0].width <= self.max_batch:
+            job = self._pending.popleft()
             admitted.append(job)
             rows += job.width
-            budget -= sum(len(p) for p in job.prompts)
         return admitted
 
     def _admit(self, job: Job) -> None:
+        """Look its prompts up in the prefix cache; the prefill runs with the others' (`_prefill`)."""
         if job.cancelled:  # cancelled between leaving the queue and now
             self.metrics.inc("requests_total", status="cancelled")
             job.finished = True
             return
         self._active.add(job)
         try:
-            for i, prompt in enumerate(job.prompts):
-                cache_at = job.cache_at[i] if job.cache_at else ()
+            job.prefills = [self.engine.begin_prefill(prompt, cache_at=job.cache_at[i] if job.cache_at else (),
+                                                      namespace=job.namespace) for i, prompt in enumerate(job.prompts)]
+        except Exception as e:  # a bad prompt that got past the web layer's checks: fail this job only
+            log.exception("prefill failed")
+            self._deliver(job, Failed(f"prefill failed: {e}"))
+            self._drop(job, "failed")
+            return
+        self._prefilling.append(job)
+
+    def _prefill(self) -> None:
+        """One pass of batched prefill over the admitted prompts, oldest first, within the token budget; the jobs
+        whose prompts are all done join the batch."""
+        t0 = time.perf_counter()
+        try:
+            ran = self.engine.run_prefills([p for job in self._prefilling for p in job.prefills],
+                                           self.max_prefill_tokens)
+        except Exception as e:  # never leave clients hanging: fail every job of the pass
+            log.exception("prefill failed")
+            for job in list(self._prefilling):
+                self._deliver(job, Failed(f"prefill failed: {e}"))
+                self._drop(job, "failed")
+            return
+        if ran:
+            self.metrics.observe("prefill_seconds", time.perf_counter() - t0)
+            self.metrics.inc("prefill_tokens_total", ran)
+        ready = [job for job in self._prefilling if all(p.finished for p in job.prefills)]
+        self._prefilling = [job for job in self._prefilling if job not in ready]
+        for job in ready:
+            self._join(job)
+
+    def _join(self, job: Job) -> None:
+        """Put a prefilled job's sequences in the batch (n rows per prompt, all from its one prefill)."""
+        try:
+            for i, prefill in enumerate(job.prefills):
                 for j in range(job.n):
                     index = i * job.n + j
-                    seq = self.engine.add(prompt, job.params, tag=(job, index), seed_offset=j, cache_at=cache_at,
-                                          namespace=job.namespace)
+                    seq = self.engine.add(None, job.params, tag=(job, index), seed_offset=j, prefilled=prefill)
                     job.seqs.append(seq)
                     if seq.finished:  # max_tokens == 0
                         self._on_piece(job, index, seq, "")
+            job.prefills = []
             self._finish_if_done(job)
-        except Exception as e:  # a bad prompt that got past the web layer's checks: fail this job only
-            log.exception("prefill failed")
+        except Exception as e:  # settings the engine refuses that got past the web layer's checks
+            log.exception("joining the batch failed")
             self._deliver(job, Failed(f"prefill failed: {e}"))
             self._drop(job, "failed")
 
@@ -278,6 +318,9 @@ class Scheduler:
     def _drop(self, job: Job, status: str) -> None:
         if job.finished or job not in self._active:
             return
+        if job in self._prefilling:
+            self._prefilling.remove(job)
+        job.prefills = []
         for seq in job.seqs:
             if not seq.finished:
                 self.engine.cancel(seq)
@@ -294,6 +337,7 @@ class Scheduler:
         m.counter("cached_prompt_tokens_total", "Prompt tokens served from the prefix-state cache.")
         m.counter("completion_tokens_total", "Generated tokens (cancelled requests included).")
         m.counter("steps_total", "Decode steps run.")
+        m.counter("prefill_tokens_total", "Prompt tokens run through the model (cached ones are not).")
         m.counter("step_rows_total", "Sequences decoded, summed over steps (divide by steps_total: mean batch).")
         m.gauge("queue_depth", "Requests waiting to be admitted.", lambda: self.queue_depth)
         m.gauge("batch_size", "Sequences in the running batch.", lambda: self.batch_size)
@@ -304,3 +348,4 @@ class Scheduler:
         m.histogram("time_to_first_token_seconds", "From submission to the first generated text.")
         m.histogram("request_seconds", "From submission to the last token, completed requests.")
         m.histogram("step_seconds", "Duration of one batched decode step.")
+        m.histogram("prefill_seconds", "Duration of one batched prefill pass (at most max_prefill_tokens tokens).")
