@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "data": "aviary.commands.data",
     "train": "aviary.commands.train",
     "eval": "aviary.commands.eval",
+    "embed": "aviary.commands.embed",
 }
 
 # what `main` reports in one line with exit code 2 (see the module docstring)

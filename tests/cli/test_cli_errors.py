@@ -143,6 +143,13 @@ CASES = [
     pytest.param([*T, "--optim.grad_clip", "nan"], "optim.grad_clip", id="train-grad-clip-nan"),
     pytest.param([*T, "--out.val_samples", "0"], "out.val_samples", id="train-val-samples-0"),
     pytest.param([*T, "--train.micro_bsz", "eight"], "train.micro_bsz", id="train-bad-number"),
+    pytest.param(["embed", "{good.pth}"], "no texts", id="embed-no-texts"),
+    pytest.param(["embed", "{good.pth}", "hello"], "vocabulary", id="embed-token-outside-vocab"),
+    pytest.param(["embed", "{good.pth}", "x", "-o", "{dir}/out.csv"], "--output", id="embed-bad-output"),
+    pytest.param(["embed", "{good.pth}", "x", "--batch-size", "0"], "--batch-size", id="embed-batch-size-0"),
+    pytest.param(["embed", "{good.pth}", "--file", "{binary.txt}"], "binary.txt", id="embed-binary-file"),
+    pytest.param(["embed", "{good.pth}", "--file", "{cut.jsonl.xz}"], "cut.jsonl.xz", id="embed-truncated-xz"),
+    pytest.param(["embed", "{good.pth}", "x", "--method", "emb-rwkv"], "good.pth", id="embed-not-emb-rwkv"),
 ]
 
 

@@ -1,9 +1,12 @@
 """Serve a model over HTTP with an OpenAI-compatible API (completions and chat, streaming or not).
 
-Every decode step runs all active requests as one batch; new requests are prefilled and join at the
-next step, finished ones leave. Prompts that start with a text the server has seen (a system prompt, an
-earlier part of a conversation) start from the cached recurrent state instead of recomputing it.
-Chat messages are formatted as the RWKV World chat prompt ("User: ...\\n\\nAssistant:").
+Every decode step runs all active requests as one batch; new requests are prefilled together (one batch,
+exact for each prompt) and join at the next step, finished ones leave. Prompts that start with a text the
+server has seen (a system prompt, an earlier part of a conversation: the next turn of a chat starts from the
+state after the previous one) start from the cached recurrent state instead of recomputing it. --state FILE
+is where every conversation starts (a state-tuned or prompt state), --adapter FILE is merged at load.
+Chat messages are formatted in the model's chat format (--chat-format: world "User: ...\\n\\nAssistant:", g1
+with its reasoning returned in reasoning_content, raven "Bob: ...\\n\\nAlice:"; docs/serving.md, "Chat formats").
 
 The server listens on 127.0.0.1 only, unless --host says otherwise; set AVIARY_API_KEY (or give
 --api-key-file) before exposing it, and put a reverse proxy in front (docs/serving.md, "Running it on a
@@ -12,6 +15,7 @@ network"). Point any OpenAI client at http://HOST:PORT/v1.
 examples:
   aviary serve
   aviary serve RWKV-x070-World-1.5B.pth --port 8000 --max-batch 64
+  aviary serve model.pth --state persona.state --adapter lora.pth --adapter-alpha 32
   AVIARY_API_KEY="$(cat key.txt)" aviary serve model.pth --host 0.0.0.0
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "MODEL-NAME", "messages": [{"role": "user", "content": "Hi!"}], "stream": true}'
@@ -26,7 +30,7 @@ import os
 import socket
 import sys
 
-from aviary.commands._common import add_model_arguments, load_model, resolve_model_path
+from aviary.commands._common import add_chat_format_argument, add_model_arguments, load_model, resolve_model_path
 
 HELP = "an OpenAI-compatible HTTP server with continuous batching and prefix-state caching"
 
@@ -46,12 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--model-name", default=None,
                         help="the model id clients send and /v1/models lists (default: the file name)")
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_chat_format_argument(server)
     limits = parser.add_argument_group("batching and limits")
     limits.add_argument("--max-batch", type=int, default=32, metavar="N",
                         help="sequences decoded together at most (default 32)")
     limits.add_argument("--max-queue", type=int, default=128, metavar="N",
                         help="requests waiting for a slot at most; beyond it clients get 429 (default 128)")
     limits.add_argument("--max-prompt-tokens", type=int, default=8192, metavar="N", help="(default 8192)")
+    limits.add_argument("--max-prefill-tokens", type=int, default=4096, metavar="N",
+                        help="prompt tokens prefilled (together, as one batch) between two decode steps at most: a "
+                             "longer prompt is prefilled over several steps while the running streams go on "
+                             "(default 4096)")
     limits.add_argument("--max-tokens", type=int, default=2048, metavar="N",
                         help="the largest max_tokens a request may ask for, and chat's default (default 2048)")
     limits.add_argument("--max-request-bytes", type=int, default=1 << 20, metavar="N",
@@ -134,7 +143,7 @@ def server_limits(args: argparse.Namespace):
     """The Limits the options ask for, every number checked."""
     from aviary.serve.app import Limits
 
-    for name in ("max_batch", "max_prompt_tokens", "max_request_bytes"):
+    for name in ("max_batch", "max_prompt_tokens", "max_request_bytes", "max_prefill_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_queue < 0 or args.max_tokens < 0 or args.cache_mb < 0:
@@ -153,6 +162,7 @@ def server_limits(args: argparse.Namespace):
 def build(args: argparse.Namespace, limits=None):
     """(Starlette app, scheduler) from the parsed options; the app starts the scheduler when it starts.
     The options it uses are checked before the model loads (`run` checks the address first)."""
+    from aviary.chat_format import format_for
     from aviary.generation import Engine, StateCache
     from aviary.serve.app import create_app
     from aviary.serve.scheduler import Scheduler
@@ -166,13 +176,15 @@ def build(args: argparse.Namespace, limits=None):
             raise ValueError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
+    chat_format = format_for(args.chat_format, path)  # a bad sidecar file fails before the model loads
+    # --state: every conversation starts from it (a file that does not fit the model is a StateError here)
     model, tokenizer, state = load_model(args, path)
-    if state is not None:
-        raise ValueError("aviary serve does not take --state yet: every request starts from the model's state")
     cache = StateCache(int(args.cache_mb * 2**20)) if args.cache_mb > 0 else None
-    scheduler = Scheduler(Engine(model, tokenizer, cache=cache), max_batch=args.max_batch, max_queue=args.max_queue)
+    scheduler = Scheduler(Engine(model, tokenizer, cache=cache, start_state=state), max_batch=args.max_batch,
+                          max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)
     name = args.model_name or os.path.splitext(os.path.basename(path.rstrip("/")))[0]
-    return create_app(scheduler, tokenizer, model_name=name, limits=limits, api_key=keys), scheduler
+    return create_app(scheduler, tokenizer, model_name=name, limits=limits, api_key=keys,
+                      chat_format=chat_format), scheduler
 
 
 def run(args: argparse.Namespace) -> int:

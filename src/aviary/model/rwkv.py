@@ -14,12 +14,13 @@ always the reference). `model.decode_path` says which runs. Parameter names are 
 so official checkpoints load with `strict=True`.
 
 What is built on a model lives in its own layer: generation in `aviary.generation` (`model.generate` and
-`model.stream` are conveniences), int8 in `aviary.quant`, the fp16 rescale in `aviary.model.rescale`, the
-decode thread policy and path in `aviary.cpu`.
+`model.stream` are conveniences), sentence embeddings in `aviary.embeddings` (`model.embed`), int8 in
+`aviary.quant`, the fp16 rescale in `aviary.model.rescale`, the decode thread policy and path in `aviary.cpu`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
@@ -145,9 +146,13 @@ class RWKV(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
 
-    def forward(self, tokens: torch.Tensor, state: RWKVState | None = None, *,
-                last_only: bool = False, inplace: bool = False) -> tuple[torch.Tensor, RWKVState]:
+    def forward(self, tokens: torch.Tensor, state: RWKVState | None = None, *, last_only: bool = False,
+                inplace: bool = False, rows: Sequence[int] | None = None) -> tuple[torch.Tensor, RWKVState]:
         """tokens [B, T] (or [T]) int64 -> (logits [B, T, V] float32, or [B, 1, V] if last_only; state).
+
+        rows (with last_only): the batch rows whose logits are wanted, logits [len(rows), 1, V]; the head,
+        most of a small model's cost, is not run for the others (a batched prefill of prompts that end at
+        different places).
 
         inplace=True writes the new state into `state`'s tensors and returns that same object: no
         allocation per step (a batch-16 RWKV-7 state is 37 MB, and the page faults of a fresh one are a
@@ -175,10 +180,10 @@ class RWKV(nn.Module):
 
         split = self.split_decode_threads and T == 1 and tokens.device.type == "cpu"
         with small_ops_on_one_thread() if split else nullcontext():
-            logits, shift_out, wkv_out = self._run(tokens, state, backend, last_only, inplace)
+            logits, shift_out, wkv_out = self._run(tokens, state, backend, last_only, inplace, rows)
         return logits, (state if inplace else RWKVState(self.config.version, shift_out, wkv_out))
 
-    def _run(self, tokens, state, backend, last_only, inplace):
+    def _run(self, tokens, state, backend, last_only, inplace, rows=None):
         x = self.emb(tokens.to(self.emb.weight.device))  # [B, T, C]
         training = torch.is_grad_enabled()
         if x.dtype == torch.bfloat16 and tokens.shape[1] > 1 and not training and x.is_cpu \
@@ -211,6 +216,10 @@ class RWKV(nn.Module):
                     x = x / 2
         if last_only:
             x = x[:, -1:]
+            if rows is not None:
+                x = x[list(rows)]
+                if not len(x):
+                    return x.new_zeros(0, 1, self.config.vocab_size, dtype=torch.float32), shift_out, wkv_out
         # float_out: in a decode step the C kernel's float32 sums come back unrounded; rounding bf16 logits
         # was most of a trained bf16 model's logit error (docs/benchmarks.md, "Precision on trained models")
         logits = self.head(self.ln_out(x), float_out=True).float()
@@ -248,6 +257,13 @@ class RWKV(nn.Module):
 
         return stream(self, self._tokenizer(tokenizer), prompt, state=state, max_new_tokens=max_new_tokens,
                       **sampling)
+
+    def embed(self, texts, *, method: str = "mean", tokenizer=None, **options):
+        """One vector per text ([N, D] float32, L2-normalised) by `aviary.embeddings.embed`: method mean, last,
+        state or emb-rwkv; `options` are embed's (batch_size, normalize, chunk_len, task, state_stats)."""
+        from aviary.embeddings import embed
+
+        return embed(self, self._tokenizer(tokenizer), texts, method=method, **options)
 
     def _tokenizer(self, tokenizer):
         from aviary.tokenizer import load_tokenizer

@@ -4,7 +4,9 @@
     GET  /metrics              Prometheus text: requests, tokens, queue depth, batch size, latencies
     GET  /v1/models            the one model this server runs
     POST /v1/completions       prompt -> text; "stream": true for server-sent events ending with [DONE]
-    POST /v1/chat/completions  messages -> reply, in the RWKV World chat format (aviary/chat_format.py)
+    POST /v1/chat/completions  messages -> reply, in the server's chat format (aviary/chat_format.py: world, g1,
+                               raven); a G1 reply's reasoning comes apart from its answer, in reasoning_content
+    POST /v1/embeddings        input -> vectors (aviary/serve/embeddings.py)
 
 Everything a client can get wrong is answered with OpenAI's error JSON and a 4xx status: no or wrong key
 (401), an unknown route (404) or model (404), a body too large (413) or too slow to arrive (408), malformed
@@ -34,8 +36,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from aviary.chat_format import STOP, ChatMessage, prompt_tokens
+from aviary.chat_format import ChatFormat, ChatMessage, get_format
 from aviary.generation.params import SETTINGS, SamplingParams
+from aviary.serve.embeddings import Embeddings
 from aviary.serve.protocol import (
     ApiError,
     ChatRequest,
@@ -68,8 +71,10 @@ def _error_response(e: ApiError) -> JSONResponse:
 
 
 class _Api:
-    def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, limits: Limits, api_keys: list[str]):
+    def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, limits: Limits, api_keys: list[str],
+                 chat_format: str | ChatFormat = "world"):
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
+        self.chat_format = get_format(chat_format)
         self.limits = limits
         self.api_keys = [key.encode() for key in api_keys]
         self.vocab_size = scheduler.engine.vocab_size
@@ -207,12 +212,14 @@ class _Api:
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise ApiError(400, "Give max_tokens or max_completion_tokens, not both.", param="max_tokens",
                            code="invalid_value")
-        messages = [ChatMessage(m.role, m.text()) for m in req.messages]
-        tokens, boundaries = prompt_tokens(messages, self.tokenizer)
+        chat_format, effort = self.chat_format, req.effort()
+        messages = [ChatMessage(m.role, m.text(), m.reasoning_content or "") for m in req.messages]
+        tokens, boundaries = chat_format.tokens(messages, self.tokenizer, effort=effort)
         self.check_prompt(tokens, "messages")
-        params = self.sampling(req, req.max_completion_tokens if req.max_tokens is None else req.max_tokens, STOP)
+        max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
+        params = self.sampling(req, max_tokens, chat_format.stop)  # a reply never runs into the next turn
         job = Job([tokens], params, sink=None, n=req.n or 1, cache_at=[boundaries], namespace=tenant)
-        return await self.respond(request, req, job, _ChatFormat())
+        return await self.respond(request, req, job, _ChatFormat(chat_format, effort))
 
     # ---- running a job ------------------------------------------------------------------------
 
@@ -247,9 +254,9 @@ class _Api:
             while True:
                 event = await events.get()
                 if isinstance(event, Piece):
-                    text = fmt.clean(event.index, event.text)
-                    if text or event.finish_reason:
-                        choice = fmt.chunk_choice(event.index, text, event.finish_reason)
+                    delta = fmt.feed(event.index, event.text, event.finish_reason is not None)
+                    if delta or event.finish_reason:
+                        choice = fmt.chunk_choice(event.index, delta, event.finish_reason)
                         yield _sse({**meta, "object": fmt.chunk_object, "choices": [choice]})
                 elif isinstance(event, Done):
                     if include_usage:
@@ -269,19 +276,19 @@ class _Api:
             events.put_nowait(None)
 
         watcher = asyncio.create_task(watch_disconnect())
-        texts, reasons = [""] * job.width, [None] * job.width
+        reasons = [None] * job.width
         try:
             while True:
                 event = await events.get()
                 if event is None:  # the client went away (closed, or timed out)
                     return PlainTextResponse("", status_code=499)  # nobody reads it
                 if isinstance(event, Piece):
-                    texts[event.index] += fmt.clean(event.index, event.text)
+                    fmt.feed(event.index, event.text, event.finish_reason is not None)
                     reasons[event.index] = event.finish_reason or reasons[event.index]
                 elif isinstance(event, Failed):
                     raise ApiError(500, event.message, type="server_error", code="generation_failed")
                 else:
-                    choices = [fmt.choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+                    choices = [fmt.choice(i, r) for i, r in enumerate(reasons)]
                     return JSONResponse({**meta, "object": fmt.object, "choices": choices, "usage": _usage(event)})
         finally:
             watcher.cancel()
@@ -289,49 +296,67 @@ class _Api:
 
 
 class _TextFormat:
-    """`/v1/completions` objects."""
+    """`/v1/completions` objects. `feed` takes each new piece of a choice's text and returns its delta (the
+    fields of a streamed chunk that changed); `choice` is the whole choice, once every piece is in."""
 
     prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
-    def clean(self, index: int, text: str) -> str:
-        return text
+    def __init__(self):
+        self.texts: dict[int, str] = {}
+
+    def feed(self, index: int, text: str, final: bool) -> dict:
+        self.texts[index] = self.texts.get(index, "") + text
+        return {"text": text} if text else {}
 
     def first_chunk(self, index: int) -> dict | None:
         return None
 
-    def chunk_choice(self, index: int, text: str, finish_reason: str | None) -> dict:
-        return self.choice(index, text, finish_reason)
+    def chunk_choice(self, index: int, delta: dict, finish_reason: str | None) -> dict:
+        return {"index": index, "text": delta.get("text", ""), "logprobs": None, "finish_reason": finish_reason}
 
-    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(self, index: int, finish_reason: str | None) -> dict:
+        return {"index": index, "text": self.texts.get(index, ""), "logprobs": None, "finish_reason": finish_reason}
 
 
 class _ChatFormat(_TextFormat):
-    """`/v1/chat/completions` objects. The reply's leading space (after "Assistant:") is not part of it."""
+    """`/v1/chat/completions` objects. Each choice's text goes through the chat format's `ReplySplitter`: the
+    reasoning (formats with a think block) to `reasoning_content`, the answer to `content`, both without the
+    whitespace around them (the reply's leading space after "Assistant:" is not part of it)."""
 
     prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self):
-        self.started: set[int] = set()
+    def __init__(self, chat_format: ChatFormat, effort: str | None):
+        self.chat_format, self.effort = chat_format, effort
+        self.reasons = chat_format.think is not None and effort != "none"  # reasoning_content in the reply
+        self.splitters: dict = {}
+        self.parts: dict[int, list[str]] = {}
 
-    def clean(self, index: int, text: str) -> str:
-        if index not in self.started:
-            text = text.lstrip()
-            if text:
-                self.started.add(index)
-        return text
+    def feed(self, index: int, text: str, final: bool) -> dict:
+        if index not in self.splitters:
+            self.splitters[index] = self.chat_format.splitter(self.effort)
+            self.parts[index] = ["", ""]
+        splitter, parts = self.splitters[index], self.parts[index]
+        reasoning, content = splitter.feed(text)
+        if final:
+            more = splitter.finish()
+            reasoning, content = reasoning + more[0], content + more[1]
+        parts[0] += reasoning
+        parts[1] += content
+        return {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
 
     def first_chunk(self, index: int) -> dict | None:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
 
-    def chunk_choice(self, index: int, text: str, finish_reason: str | None) -> dict:
-        delta = {"content": text} if text else {}
+    def chunk_choice(self, index: int, delta: dict, finish_reason: str | None) -> dict:
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
-    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
+    def choice(self, index: int, finish_reason: str | None) -> dict:
+        reasoning, content = self.parts.get(index, ("", ""))
+        message = {"role": "assistant", "content": content}
+        if self.reasons:
+            message["reasoning_content"] = reasoning or None
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
 
 
 def _validate(model, data: dict):
@@ -352,15 +377,16 @@ def _sse(payload: dict) -> str:
 
 
 def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, limits: Limits | None = None,
-               api_key: str | Sequence[str] | None = None) -> Starlette:
+               api_key: str | Sequence[str] | None = None, chat_format: str | ChatFormat = "world") -> Starlette:
     """The ASGI app. It starts the scheduler's thread on startup and stops it on shutdown.
 
     `api_key`: one key or several (each its own prefix-cache tenant); None or () serves without a key.
+    `chat_format`: how chat messages become a prompt (`aviary.chat_format.FORMATS`: world, g1, raven).
     """
     keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
     if not all(isinstance(key, str) and key.strip() == key and key for key in keys):
         raise ValueError("an API key is empty or has surrounding whitespace")
-    api = _Api(scheduler, tokenizer, model_name, limits or Limits(), keys)
+    api = _Api(scheduler, tokenizer, model_name, limits or Limits(), keys, chat_format)
 
     def endpoint(name: str, handler):
         async def call(request: Request):
@@ -392,6 +418,7 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, limits: Limi
         Route("/v1/models/{name:path}", endpoint("models", api.model), methods=["GET"]),
         Route("/v1/completions", endpoint("completions", api.completions), methods=["POST"]),
         Route("/v1/chat/completions", endpoint("chat", api.chat), methods=["POST"]),
+        Route("/v1/embeddings", endpoint("embeddings", Embeddings(api)), methods=["POST"]),
     ]
 
     from contextlib import asynccontextmanager
