@@ -108,10 +108,13 @@ def delta_rule_chunked(r, logw, k, v, a, b, state, chunk_len: int = 32):
     decay_chunk = torch.exp(c[:, :, :, -1, :])[..., None]  # [B, H, n, K, 1]
     S = state
     ys = []
-    for i in range(n):
-        u = w_s[:, :, i] @ S + z[:, :, i]  # [B, H, L, V]
-        ys.append(r_dec[:, :, i] @ S + p_rb[:, :, i] @ u + y_local[:, :, i])
-        S = decay_chunk[:, :, i] * S + b_end[:, :, i] @ u + k_end[:, :, i] @ v[:, :, i]
+    # per-chunk views by unbind, not x[:, :, i]: the backward of each indexing op fills a zero tensor of the whole
+    # input, which made fwd+bwd grow as T^2 (docs/evaluation.md, "Speed and memory"); unbind's backward stacks once
+    per_chunk = (x.unbind(2) for x in (w_s, z, r_dec, p_rb, y_local, decay_chunk, b_end, k_end, v))
+    for w_i, z_i, r_i, p_i, y_i, d_i, b_i, k_i, v_i in zip(*per_chunk, strict=True):
+        u = w_i @ S + z_i  # [B, H, L, V]
+        ys.append(r_i @ S + p_i @ u + y_i)
+        S = d_i * S + b_i @ u + k_i @ v_i
     y = torch.stack(ys, dim=2).permute(0, 2, 3, 1, 4).reshape(B, n * L, H, V)
     return y[:, :T], S
 

@@ -85,9 +85,13 @@ def gla_chunked(r, k, v, logw, u, state, chunk_len: int = 16):
     w_chunk = torch.exp(c[:, :, :, -1, :])  # [B, H, n, K]
     S = state
     ys = []
-    for i in range(n):
-        ys.append(y[:, :, i] + (r[:, :, i] * torch.exp(c_prev[:, :, i])) @ S)
-        S = w_chunk[:, :, i, :, None] * S + k_end[:, :, i].transpose(-1, -2) @ v[:, :, i]
+    # per-chunk views by unbind, not x[:, :, i]: the backward of each indexing op fills a zero tensor of the whole
+    # input, which made fwd+bwd grow as T^2 (docs/evaluation.md, "Speed and memory"); unbind's backward stacks once
+    r_from_state = r * torch.exp(c_prev)
+    for y_i, rs_i, w_i, k_i, v_i in zip(y.unbind(2), r_from_state.unbind(2), w_chunk.unbind(2), k_end.unbind(2),
+                                        v.unbind(2), strict=True):
+        ys.append(y_i + rs_i @ S)
+        S = w_i[..., None] * S + k_i.transpose(-1, -2) @ v_i
     y = torch.stack(ys, dim=2).permute(0, 2, 3, 1, 4).reshape(B, n * L, H, V)
     return y[:, :T], S
 
