@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "data": "aviary.commands.data",
     "train": "aviary.commands.train",
     "eval": "aviary.commands.eval",
+    "experiment": "aviary.commands.experiment",
     "embed": "aviary.commands.embed",
 }
 

@@ -131,6 +131,15 @@ CASES = [
                  id="eval-positions-binary"),
     pytest.param(["eval", "compare", "-m", "{good.pth}", "--dtypes", "fp8"], "fp8", id="eval-compare-bad-dtype"),
     pytest.param(["eval"], "ACTION", id="eval-no-action"),
+    pytest.param(["experiment"], "EXPERIMENT", id="experiment-none"),
+    pytest.param(["experiment", "bogus"], "bogus", id="experiment-unknown"),
+    pytest.param(["experiment", "mqar", "--models", "gpt5"], "gpt5", id="experiment-mqar-unknown-model"),
+    pytest.param(["experiment", "mqar", "--steps", "0"], "--steps", id="experiment-mqar-steps-0"),
+    pytest.param(["experiment", "long-context", "--docs", "{dir}/missing.jsonl"], "missing.jsonl",
+                 id="experiment-long-context-missing-docs"),
+    pytest.param(["experiment", "speed", "--ops", "wkv9"], "wkv9", id="experiment-speed-unknown-op"),
+    pytest.param(["experiment", "mqar", "--device", "cuda"], "CUDA", id="experiment-mqar-no-cuda",
+                 marks=pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")),
     pytest.param(["train", "{dir}/missing.yaml"], "missing.yaml", id="train-missing-config"),
     pytest.param(["train", "{binary.yaml}"], "binary.yaml", id="train-binary-config"),
     pytest.param([*T, "--train.device", "tpu"], "train.device", id="train-device-name"),
@@ -163,7 +172,7 @@ def test_bad_input_is_one_line_and_exit_code_2(files, capsys, argv, needle):
     lines = err.strip().splitlines()
     assert "Traceback" not in err, err
     assert code == 2 and len(lines) == 1, (code, err)
-    assert re.match(rf"aviary {verb}( \w+)?: error: \S", lines[0]), lines[0]
+    assert re.match(rf"aviary {verb}( [\w-]+)?: error: \S", lines[0]), lines[0]
     assert needle in lines[0], lines[0]
 
 

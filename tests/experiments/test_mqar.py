@@ -7,8 +7,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aviary.experiments.mqar import IGNORE, MODELS, PRESETS, MQARResult, RWKVMixer, best_by_cell, build_model, \
-    main, mqar_batch, plot, run, scored_loss, write_table
+from aviary.experiments.mqar import (
+    IGNORE,
+    MODELS,
+    PRESETS,
+    MQARResult,
+    RWKVMixer,
+    best_by_cell,
+    build_model,
+    main,
+    mqar_batch,
+    plot,
+    run,
+    scored_loss,
+    write_table,
+)
 
 
 @pytest.fixture(autouse=True)

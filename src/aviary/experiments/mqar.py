@@ -238,8 +238,11 @@ def sweep_cell(model: str, d_model: int, seq_len: int, lrs, steps: int, *, enoug
 
 
 def _cell_in_worker(args: tuple) -> list[MQARResult]:
+    from aviary.cpu.malloc import keep_freed_memory
+
     cell, lrs, steps, kwargs = args
     torch.set_num_threads(1)
+    keep_freed_memory()
     return sweep_cell(*cell, lrs, steps, log=None, **kwargs)
 
 
@@ -353,14 +356,14 @@ def _csv_list(kind):
     return lambda s: [kind(v) for v in s.split(",") if v]
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        prog="python -m aviary.experiments.mqar",
-        description="MQAR (Zoology's multi-query associative recall) on 2-layer RWKV-4..7, attention and Mamba: "
-                    "a learning-rate sweep per (model, width, length), the best accuracy of each cell as a table "
-                    "and a figure laid out like the Finch paper's.",
-        epilog="Presets: smoke (one RWKV-7 run, ~1 min), cpu (T=128, d=64, every model, ~1 h on 2 cores), "
-               "gpu (Zoology's grid, T 64-512 x d 64-512; needs --device cuda). Options override the preset.")
+DESCRIPTION = ("MQAR (Zoology's multi-query associative recall) on 2-layer RWKV-4..7, attention and Mamba: a "
+               "learning-rate sweep per (model, width, length), the best accuracy of each cell as a table and a "
+               "figure laid out like the Finch paper's.")
+EPILOG = ("Presets: smoke (one RWKV-7 run, ~1 min), cpu (T=128, d=64, every model, ~1 h on 2 cores with --jobs 2), "
+          "gpu (Zoology's grid, T 64-512 x d 64-512; needs --device cuda). Options override the preset.")
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     ap.add_argument("--models", type=_csv_list(str), help=f"override, e.g. rwkv5,attention (from {', '.join(MODELS)})")
     ap.add_argument("--d-models", type=_csv_list(int), help="override the widths, e.g. 64,128")
@@ -376,9 +379,27 @@ def main(argv: list[str] | None = None) -> None:
                     help="run this many cells at once, each in its own one-thread process (on a CPU: the core count)")
     ap.add_argument("--out-dir", help="write mqar.csv, mqar.json and mqar.png here")
     ap.add_argument("-q", "--quiet", action="store_true", help="no per-check progress lines")
-    args = ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m aviary.experiments.mqar", description=DESCRIPTION, epilog=EPILOG)
+    add_arguments(ap)
+    run_command(ap.parse_args(argv), ap)
+
+
+def run_command(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
+    """Run the sweep the parsed options describe (`ap` reports bad options)."""
+    for name in ("steps", "batch_size", "jobs", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "threads" else 1):
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this machine has no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from aviary.cpu.malloc import keep_freed_memory
+
+    keep_freed_memory()  # a training loop re-allocates the same large tensors every step (aviary.cpu.malloc)
     p = PRESETS[args.preset]
     models = args.models or p["models"]
     for m in models:
