@@ -44,3 +44,15 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("checkpoint") / "tiny-v7.safetensors"
     save_random_checkpoint(path, random_config(7, n_layer=2, n_embd=64, head_size=32, vocab_size=65536), seed=5)
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: tiny matrices gain nothing from a second thread, which on a shared 2-core
+    machine only waits (use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

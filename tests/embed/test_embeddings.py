@@ -35,12 +35,7 @@ TOK = ByteTokenizer()
 TEXTS = ["a", "hello world", "The quick brown fox jumps over the lazy dog. " * 3, "xy", "naïve café, 東京"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(version: int, vocab_size: int = 300, seed: int = 0, **sizes):

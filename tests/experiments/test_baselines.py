@@ -6,13 +6,7 @@ import torch
 
 from aviary.experiments.baselines import Mamba, Transformer, selective_scan, selective_scan_reference
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _scan_inputs(dtype, Bt=2, T=9, Di=5, N=3, seed=0):

@@ -23,13 +23,7 @@ from aviary.experiments.mqar import (
     write_table,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("seq_len,n_pairs,vocab", [(64, 4, 8192), (128, 8, 8192), (32, 8, 256), (256, 16, 8192)])

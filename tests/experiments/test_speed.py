@@ -11,13 +11,7 @@ import torch
 from aviary.experiments import speed
 from aviary.experiments.speed import OPS, PRESETS, Row, crossings, make_inputs, slopes
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("op", list(OPS))

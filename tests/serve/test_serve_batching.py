@@ -31,12 +31,7 @@ ATOL = 1e-5  # float32
 LONG = "".join(f"line {i}: the quick brown fox.\n" for i in range(40))[:1000]  # 1,000 tokens of ByteTokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(version=7, seed=3, n_embd=64):

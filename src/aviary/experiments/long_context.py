@@ -90,7 +90,8 @@ class Preset:
 
 # cpu: the RWKV has the default model's shape (6 x 128, rank_g 32) and the Transformer 7 x 128 with 2 heads (1.38 M
 # parameters besides emb/head against RWKV's 1.39 M); 125 steps x 8 x 256 = 256,000 tokens, about 4 min each on
-# one idle thread, 10-14 min on a busy shared one (docs/evaluation_long_context.md). smoke: tiny models, a few
+# one idle thread, 10-14 min on a busy shared one (docs/evaluation.md, "Loss by position: RWKV against a
+# Transformer"). smoke: tiny models, a few
 # steps, 512 tokens of each novel.
 PRESETS = {
     "smoke": Preset(TrainSettings(ctx_len=32, batch=4, steps=8, warmup_steps=2),

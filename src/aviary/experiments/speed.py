@@ -21,7 +21,8 @@ counter, each point runs in a fresh subprocess that reads the kernel's resident-
 after resetting it (`/proc/self/clear_refs`), with glibc told to hand every large block straight back to the
 kernel so that the RSS follows the live tensors (see `_cpu_peak_bytes`).
 
-Run `python -m aviary.experiments.speed --help`; results and method in docs/evaluation_speed.md.
+Run `aviary experiment speed --help`; results and method in docs/evaluation.md, "Speed and memory against
+sequence length".
 """
 
 from __future__ import annotations
