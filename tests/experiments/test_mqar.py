@@ -135,6 +135,8 @@ def test_command_line(tmp_path, capsys):
           "--jobs", "2"])                                              # two worker processes
     out = capsys.readouterr().out
     assert "Attention" in out and "Eagle (RWKV-5)" in out
-    assert {p.name for p in tmp_path.iterdir()} == {"mqar.csv", "mqar.json", "mqar.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"mqar.csv", "mqar.json", "mqar.png", "mqar-rwkv5-d64-T32.log",
+                                                     "mqar-attention-d64-T32.log"}   # each worker's progress
+    assert "attention d=64 T=32" in (tmp_path / "mqar-attention-d64-T32.log").read_text()
     with pytest.raises(SystemExit):
         main(["--models", "gpt5"])

@@ -240,17 +240,22 @@ def sweep_cell(model: str, d_model: int, seq_len: int, lrs, steps: int, *, enoug
 def _cell_in_worker(args: tuple) -> list[MQARResult]:
     from aviary.cpu.malloc import keep_freed_memory
 
-    cell, lrs, steps, kwargs = args
+    cell, lrs, steps, kwargs, log_dir = args
     torch.set_num_threads(1)
     keep_freed_memory()
-    return sweep_cell(*cell, lrs, steps, log=None, **kwargs)
+    if log_dir is None:
+        return sweep_cell(*cell, lrs, steps, log=None, **kwargs)
+    # the parent hears of a cell only when all of it is done: its progress goes to a file meanwhile
+    with open(Path(log_dir) / "mqar-{}-d{}-T{}.log".format(*cell), "a", buffering=1) as f:
+        return sweep_cell(*cell, lrs, steps, log=lambda msg: print(msg, file=f), **kwargs)
 
 
 def sweep(models, d_models, seq_lens, lrs, steps: int, *, jobs: int = 1, log=print, on_result=None,
-          **kwargs) -> list[MQARResult]:
+          log_dir: str | Path | None = None, **kwargs) -> list[MQARResult]:
     """Every (model, width, length) cell with its learning-rate sweep (`sweep_cell`). jobs > 1 runs cells in that
     many worker processes of one thread each (the most expensive cells first); on_result(result) is called as
-    each run (jobs=1) or cell (jobs>1) finishes."""
+    each run (jobs=1) or cell (jobs>1) finishes. With jobs > 1, each cell's progress lines go to
+    `log_dir`/mqar-MODEL-dD-TT.log when log_dir is given."""
     cells = [(m, d, T) for m in models for d in d_models for T in seq_lens]
     if jobs <= 1:
         return [r for cell in cells for r in sweep_cell(*cell, lrs, steps, log=log, on_result=on_result, **kwargs)]
@@ -261,7 +266,7 @@ def sweep(models, d_models, seq_lens, lrs, steps: int, *, jobs: int = 1, log=pri
     cells.sort(key=lambda c: -cost.get(c[0], 0) * c[1] * c[2])
     results = []
     with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_cell_in_worker, (cell, lrs, steps, kwargs)): cell for cell in cells}
+        futures = {pool.submit(_cell_in_worker, (cell, lrs, steps, kwargs, log_dir)): cell for cell in cells}
         for f in cf.as_completed(futures):  # in the order they finish
             for r in f.result():
                 results.append(r)
@@ -421,7 +426,7 @@ def run_command(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
 
     log = (lambda *_: None) if args.quiet else print
     sweep(models, args.d_models or p["d_models"], args.seq_lens or p["seq_lens"], args.lrs or p["lrs"],
-          args.steps or p["steps"], jobs=args.jobs,
+          args.steps or p["steps"], jobs=args.jobs, log_dir=out,
           log=lambda msg: print(msg, flush=True) if not msg.startswith("  ") else log(msg), on_result=save, **kwargs)
     vocab = kwargs["vocab"]
     print(f"chance = 1/(vocab/2) = {1 / (vocab // 2):.5f}")
