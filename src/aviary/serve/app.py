@@ -151,6 +151,18 @@ class _Api:
                            code="invalid_value")
         return tokens
 
+    def token_lists(self, raw, param: str, max_items: int | None = None) -> list[list[int]]:
+        """A request's `prompt`/`input` (a string, a list of token ids, or a list of either) -> one checked
+        token list per item; `max_items` caps how many items one request may hold."""
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+            raw = [raw]
+        if not raw:
+            raise ApiError(400, f"The {param} is empty.", param=param, code="invalid_value")
+        if max_items is not None and len(raw) > max_items:
+            raise ApiError(400, f"The {param} has {len(raw)} items; this server accepts at most {max_items}.",
+                           param=param, code="invalid_value")
+        return [self.check_prompt(self.tokenizer.encode(x) if isinstance(x, str) else list(x), param) for x in raw]
+
     def sampling(self, req, max_tokens: int | None, stop: tuple[str, ...] = ()) -> SamplingParams:
         if req.unsupported():
             raise ApiError(400, f"This server does not support '{req.unsupported()}'.", param=req.unsupported(),
@@ -194,13 +206,7 @@ class _Api:
         tenant = self.authorize(request)
         req = _validate(CompletionRequest, await self.read_json(request))
         self.check_model(req.model)
-        raw = req.prompt
-        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
-            raw = [raw]
-        if not raw:
-            raise ApiError(400, "The prompt is empty.", param="prompt", code="invalid_value")
-        prompts = [self.check_prompt(self.tokenizer.encode(p) if isinstance(p, str) else list(p), "prompt")
-                   for p in raw]
+        prompts = self.token_lists(req.prompt, "prompt")
         params = self.sampling(req, req.max_tokens)
         job = Job(prompts, params, sink=None, n=req.n or 1, namespace=tenant)
         return await self.respond(request, req, job, _TextFormat())

@@ -66,15 +66,7 @@ class Embeddings:
         except ValidationError as e:
             raise validation_error(e) from None
         api.check_model(req.model)
-        raw = req.input
-        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
-            raw = [raw]
-        if not raw:
-            raise ApiError(400, "The input is empty.", param="input", code="invalid_value")
-        if len(raw) > self.max_inputs:
-            raise ApiError(400, f"The input has {len(raw)} items; this server accepts at most {self.max_inputs}.",
-                           param="input", code="invalid_value")
-        ids = [api.check_prompt(api.tokenizer.encode(x) if isinstance(x, str) else list(x), "input") for x in raw]
+        ids = api.token_lists(req.input, "input", self.max_inputs)
         method = req.method or self.default_method
         if method == "emb-rwkv" and getattr(self.model, "embedding_heads", None) is None:
             raise ApiError(400, "The method 'emb-rwkv' needs an EmbeddingRWKV checkpoint; this server's model "
