@@ -26,6 +26,10 @@ Training data renders a finished conversation (`reply_prompt=False`: no reply pr
 and trains on the reply segments only (`chat_segments` says which they are): the tokens the model learns to
 write are the ones it writes after the prompt the server feeds it.
 
+Tool calls follow the G1 templates in every format: `tools_prompt` lists the tools in the system prompt, a
+call is a ```json block (`tool_call_text`), a tool's result a "Function output:" user turn
+(`tool_output_message`); the server parses and constrains them (aviary/serve/tool_calls.py).
+
 A model's format is given by a flag, else recorded with the model (`recorded_format`), else "world"
 (`format_for`). Standard library only.
 """
@@ -40,8 +44,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["EFFORTS", "FORMATS", "ROLES", "STOP", "ChatFormat", "ChatMessage", "ReplySplitter", "chat_segments",
-           "format_for", "get_format", "prompt_segments", "prompt_tokens", "recorded_format"]
+__all__ = ["EFFORTS", "FORMATS", "ROLES", "STOP", "TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "ChatFormat", "ChatMessage",
+           "ReplySplitter", "chat_segments", "format_for", "get_format", "prompt_segments", "prompt_tokens",
+           "recorded_format", "tool_call_text", "tool_output_message", "tools_prompt"]
 
 ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}  # role -> kind
 STOP = ("\n\n",)  # the blank line that ends an assistant turn
@@ -150,6 +155,12 @@ class ChatFormat:
         if reply_prompt:
             segments += [(s, False, False) for s in self.reply_prompt(effort)]
         return segments
+
+    def answer_start(self) -> str:
+        """What the model writes after `reply_prompt("none")` before its answer: a space after "Assistant:", or
+        the think block's rest and a newline (G1: "<think>\\n</think" + ">\\n"). Constrained decoding starts
+        its grammar with it (aviary.serve.tool_calls)."""
+        return " " if self.think is None else f"{self.think.rest}\n"
 
     def _turn(self, kind: str, text: str) -> str:
         label = self.labels[kind]
@@ -279,6 +290,33 @@ def get_format(name: str | ChatFormat) -> ChatFormat:
         return FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown chat format {name!r}; the formats are {', '.join(FORMATS)}") from None
+
+
+# ---- tool calls ----------------------------------------------------------------------------------------
+# The convention of the G1 templates (RWKV7-G1x-templates.txt and the G1 function-calling data): the system
+# prompt lists the tools as compact JSON, the reply is a ```json block holding {"name": ..., "arguments": {...}},
+# and a tool's result comes back as a user turn "Function output: ...".
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "```json\n", "\n```"
+
+
+def _compact(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def tools_prompt(functions: Sequence[dict]) -> str:
+    """The system prompt that offers `functions` (OpenAI's function objects: name, description, parameters)."""
+    return f"Tools:\n{_compact(list(functions))}\nReturn only a JSON function call."
+
+
+def tool_call_text(name: str, arguments) -> str:
+    """One call as the model writes it (and as an assistant message that made it is rendered back)."""
+    return f"{TOOL_CALL_OPEN}{_compact({'name': name, 'arguments': arguments})}{TOOL_CALL_CLOSE}"
+
+
+def tool_output_message(content: str) -> ChatMessage:
+    """A tool's result (OpenAI's "tool" message) as the conversation's next turn."""
+    return ChatMessage("user", f"Function output: {content}")
 
 
 # ---- the format recorded with a model ------------------------------------------------------------------

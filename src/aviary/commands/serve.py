@@ -10,13 +10,15 @@ with its reasoning returned in reasoning_content, raven "Bob: ...\\n\\nAlice:"; 
 
 The server listens on 127.0.0.1 only, unless --host says otherwise; set AVIARY_API_KEY (or give
 --api-key-file) before exposing it, and put a reverse proxy in front (docs/serving.md, "Running it on a
-network"). Point any OpenAI client at http://HOST:PORT/v1.
+network"). Point any OpenAI client at http://HOST:PORT/v1, or a browser at http://HOST:PORT/ for a chat page
+(--no-ui turns it off).
 
 examples:
   aviary serve
   aviary serve RWKV-x070-World-1.5B.pth --port 8000 --max-batch 64
   aviary serve model.pth --state persona.state --adapter lora.pth --adapter-alpha 32
   AVIARY_API_KEY="$(cat key.txt)" aviary serve model.pth --host 0.0.0.0
+  aviary serve model.pth --ray --replicas 4 --threads 2     # pip install 'aviary[ray]'; docs/serving.md
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "MODEL-NAME", "messages": [{"role": "user", "content": "Hi!"}], "stream": true}'
 """
@@ -51,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model id clients send and /v1/models lists (default: the file name)")
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_chat_format_argument(server)
+    server.add_argument("--no-ui", action="store_true",
+                        help="do not serve the web chat page at / (the API is unchanged)")
     limits = parser.add_argument_group("batching and limits")
     limits.add_argument("--max-batch", type=int, default=32, metavar="N",
                         help="sequences decoded together at most (default 32)")
@@ -79,6 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a request's line and headers must arrive within S seconds, else 408 (default 10)")
     conns.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
                        help="a request's body must arrive within S seconds, else 408 (default 30)")
+    scale = parser.add_argument_group("scale-out on Ray Serve (pip install 'aviary[ray]'; docs/serving.md)")
+    scale.add_argument("--ray", action="store_true",
+                       help="serve N copies of the app on Ray Serve, each with its own engine and prefix cache, "
+                            "behind a router that keeps each session on one copy (the X-Aviary-Replica header)")
+    scale.add_argument("--replicas", type=int, default=None, metavar="N", help="copies of the app (default 2)")
+    scale.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this Ray cluster ('auto' on one of its nodes, or HOST:6379); default: start a "
+                            "local one, without the dashboard")
     add_model_arguments(parser)
 
 
@@ -184,12 +196,14 @@ def build(args: argparse.Namespace, limits=None):
                           max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)
     name = args.model_name or os.path.splitext(os.path.basename(path.rstrip("/")))[0]
     return create_app(scheduler, tokenizer, model_name=name, limits=limits, api_key=keys,
-                      chat_format=chat_format), scheduler
+                      chat_format=chat_format, web_ui=not args.no_ui), scheduler
 
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    if args.ray or args.replicas is not None or args.ray_address is not None:
+        return run_on_ray(args)
     check_address(args.host, args.port)  # this and every other option: before the model loads
     from aviary.serve.connections import fit_open_file_limit, make_server  # (imports torch: seconds)
 
@@ -203,11 +217,52 @@ def run(args: argparse.Namespace) -> int:
               "connections (--max-connections)", file=sys.stderr)
         limits = replace(limits, max_connections=fitting)
     app, scheduler = build(args, limits)
-    if args.host not in LOOPBACK and not (args.api_key or args.api_key_file or "AVIARY_API_KEY" in os.environ):
-        print(f"aviary serve: warning: listening on {args.host} without an API key: anyone who can reach this "
-              "port can use the model", file=sys.stderr)
+    _warn_if_open(args)
     server = make_server(app, limits, host=args.host, port=args.port, log_level=args.log_level,
                          metrics=scheduler.metrics)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn shuts down gracefully, then re-raises it
         server.run()
     return 0
+
+
+def run_on_ray(args: argparse.Namespace) -> int:
+    """--ray: the app as --replicas copies on Ray Serve (aviary/serve/ray_app.py), on a local Ray or the cluster
+    at --ray-address."""
+    keys = ray_options(args)
+    if args.port == 0:
+        raise ValueError("--port 0 does not work with --ray: Ray Serve's proxy needs a fixed port")
+    check_address(args.host, args.port)
+    try:
+        from aviary.serve import ray_app
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    _warn_if_open(args)
+    return ray_app.serve_on_ray(args, keys)
+
+
+def ray_options(args: argparse.Namespace) -> list[str]:
+    """Checks the options of `aviary serve --ray` and returns its API keys. Everything is checked here, before
+    Ray starts: a replica that fails to build is retried by Ray Serve, not reported."""
+    if not args.ray:
+        raise ValueError("--replicas and --ray-address need --ray")
+    args.replicas = 2 if args.replicas is None else args.replicas
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.max_connections is not None:
+        raise ValueError("--max-connections does not apply with --ray: Ray Serve's own HTTP proxy takes the "
+                         "connections")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be >= 1")
+    server_limits(args)
+    keys = api_keys(args)
+    from aviary.chat_format import format_for
+
+    args.model = os.path.abspath(resolve_model_path(args.model))  # the replicas' working folder is not ours
+    format_for(args.chat_format, args.model)
+    return keys
+
+
+def _warn_if_open(args: argparse.Namespace) -> None:
+    if args.host not in LOOPBACK and not (args.api_key or args.api_key_file or "AVIARY_API_KEY" in os.environ):
+        print(f"aviary serve: warning: listening on {args.host} without an API key: anyone who can reach this "
+              "port can use the model", file=sys.stderr)

@@ -6,7 +6,9 @@
 Each sequence has its own state row, so prompts of different lengths decode together without padding,
 a sequence can join the batch at any step (`add`) and leaves it when it finishes. The `Engine` is the
 whole loop; `generate` / `stream` below are the one-call front ends, and a server's scheduler drives
-`add` and `step` itself, and prefills many prompts as one batch (`begin_prefill`, `run_prefills`).
+`add` and `step` itself, and prefills many prompts as one batch (`begin_prefill`, `run_prefills`). A sequence
+may follow a grammar (`add(..., constraint=)`, aviary.generation.constraints): its forbidden tokens are masked
+before sampling, and it stops when the grammar is complete.
 
 Batched prefill cannot pad: a recurrent state takes in every token it is given, padding included, so a
 padded prompt's state is not its own (left padding too: the pads come first and shift the state). Prompts of
@@ -28,6 +30,7 @@ from typing import Protocol
 import torch
 
 from aviary.generation.cache import StateCache
+from aviary.generation.constraints import Constraint
 from aviary.generation.sampling import Penalties, SamplingParams, sample_batch
 from aviary.state import RWKVState
 
@@ -84,9 +87,11 @@ class Prefill:
 class _Running:
     """Engine-side bookkeeping of one sequence: random stream, penalties, UTF-8 and stop-string buffers."""
 
-    def __init__(self, out: SequenceOutput, vocab_size: int, generator: torch.Generator):
+    def __init__(self, out: SequenceOutput, vocab_size: int, generator: torch.Generator,
+                 constraint: Constraint | None = None):
         self.out = out
         self.generator = generator
+        self.constraint = constraint  # a grammar the text must follow (aviary.generation.constraints)
         self.penalties = Penalties(vocab_size)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending = ""  # decoded text held back because it may be the start of a stop string
@@ -119,12 +124,22 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer: TokenizerLike, *, cache: StateCache | None = None,
-                 prefill_chunk: int = 512, start_state: RWKVState | None = None):
+                 prefill_chunk: int = 512, start_state: RWKVState | None = None, cuda_graphs: bool | None = None):
         """`start_state` (a batch of one): where every prompt starts unless `add` is given a state (a state-tuned
         or prompt state); default the model's own initial state, as it is now. Prefix-cache entries are keyed
-        by it too, so engines with different start states can share a cache without mixing."""
+        by it too, so engines with different start states can share a cache without mixing.
+
+        `cuda_graphs`: run each decode step of up to 64 sequences as a replayed CUDA graph
+        (`aviary.generation.cuda_graph`). None (default): when the model is on a CUDA device; False: never;
+        True: always (a ValueError off CUDA). A CPU model decodes as before."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.graphs = None  # the GraphDecoder of the decode steps, or None (eager)
+        if cuda_graphs or (cuda_graphs is None and getattr(model, "device", None) is not None
+                           and model.device.type == "cuda"):
+            from aviary.generation.cuda_graph import GraphDecoder
+
+            self.graphs = GraphDecoder(model)
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
@@ -243,13 +258,15 @@ class Engine:
 
     def add(self, prompt: str | Sequence[int] | None, params: SamplingParams | None = None, *, tag: object = None,
             state: RWKVState | None = None, seed_offset: int = 0, cache_at: Sequence[int] = (),
-            namespace: Hashable = None, prefilled: Prefill | None = None) -> SequenceOutput:
+            namespace: Hashable = None, prefilled: Prefill | None = None,
+            constraint: Constraint | None = None) -> SequenceOutput:
         """Prefill a prompt and put it in the batch; it decodes from the next `step`.
 
         `state` continues from a given state (batch of one: a chat history); without it the prompt starts from
         the start state, through the prefix cache. `seed_offset` is added to the seed (for n samples of one
         prompt). `cache_at` and `namespace` are passed to `begin_prefill`. `prefilled`: a finished `Prefill`
         to start from instead of running the prompt (which is then ignored); several sequences may share one.
+        `constraint`: a grammar the generated text follows (`Grammar.start()`; one per sequence, never shared).
         """
         params = params or SamplingParams()
         params.check_vocab(self.vocab_size)
@@ -259,7 +276,7 @@ class Engine:
         elif not prefilled.finished:
             raise ValueError(f"the prefill has run {prefilled.done} of its {len(prefilled.tokens)} tokens")
         out = SequenceOutput(prefilled.tokens, params, tag, cached_tokens=prefilled.cached_tokens)
-        run = _Running(out, self.vocab_size, params.make_generator(seed_offset))
+        run = _Running(out, self.vocab_size, params.make_generator(seed_offset), constraint)
         if params.max_new_tokens == 0:
             out.finish_reason = "length"
             out.final_state = prefilled.state
@@ -321,11 +338,14 @@ class Engine:
             if params.banned_tokens:
                 logits[i, list(params.banned_tokens)] = -float("inf")
             run.penalties.apply(logits[i], params)
+            if run.constraint is not None:
+                run.constraint.mask(logits[i])
         tokens = sample_batch(logits, [r.out.params for r in self._running], [r.generator for r in self._running])
         events, feed, rows = [], [], []
         for i, (run, token) in enumerate(zip(self._running, tokens, strict=True)):
             out, params = run.out, run.out.params
-            if token in params.stop_token_ids:
+            # a token the grammar refuses comes only from a row it left nothing in (every token banned): stop
+            if token in params.stop_token_ids or (run.constraint is not None and not run.constraint.advance(token)):
                 out.finish_reason = "stop"
                 out.final_state = self._state.select(i)
                 events.append((out, run.release(run.utf8.decode(b"", final=True), final=True)))
@@ -334,7 +354,10 @@ class Engine:
             data = self._token_bytes(token)
             run.penalties.update(token, data.decode("utf-8", errors="replace"), params)
             piece = run.release(run.utf8.decode(data))
-            if not out.finished and len(out.tokens) >= params.max_new_tokens:
+            if not out.finished and run.constraint is not None and run.constraint.done:  # the grammar is complete
+                out.finish_reason = "stop"
+                piece += run.release(run.utf8.decode(b"", final=True), final=True)
+            elif not out.finished and len(out.tokens) >= params.max_new_tokens:
                 out.finish_reason = "length"
                 piece += run.release(run.utf8.decode(b"", final=True), final=True)
             if piece or out.finished:
@@ -343,9 +366,12 @@ class Engine:
             rows.append(i)
         # every sampled token is fed back, so a finished sequence's final state covers all its tokens
         if feed:
-            tokens = torch.tensor(feed, dtype=torch.long, device=self._state.device)[:, None]
             state = self._state.select(rows) if len(rows) != len(self._running) else self._state
-            logits, state = self.model(tokens, state, last_only=True, inplace=True)
+            if self.graphs is not None:
+                logits, state = self.graphs.step(feed, state)
+            else:
+                tokens = torch.tensor(feed, dtype=torch.long, device=self._state.device)[:, None]
+                logits, state = self.model(tokens, state, last_only=True, inplace=True)
             self._state, self._logits = state, logits[:, 0].float()
             self._running = [self._running[i] for i in rows]
         else:

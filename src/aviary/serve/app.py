@@ -5,8 +5,10 @@
     GET  /v1/models            the one model this server runs
     POST /v1/completions       prompt -> text; "stream": true for server-sent events ending with [DONE]
     POST /v1/chat/completions  messages -> reply, in the server's chat format (aviary/chat_format.py: world, g1,
-                               raven); a G1 reply's reasoning comes apart from its answer, in reasoning_content
+                               raven); a G1 reply's reasoning comes apart from its answer, in reasoning_content;
+                               tools, tool_choice, response_format: aviary/serve/tool_calls.py
     POST /v1/embeddings        input -> vectors (aviary/serve/embeddings.py)
+    GET  /, /static/NAME       the web chat page (aviary/serve/webui.py; no key needed: it holds no data)
 
 Everything a client can get wrong is answered with OpenAI's error JSON and a 4xx status: no or wrong key
 (401), an unknown route (404) or model (404), a body too large (413) or too slow to arrive (408), malformed
@@ -36,8 +38,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from aviary.chat_format import ChatFormat, ChatMessage, get_format
+from aviary.chat_format import ChatFormat, get_format
 from aviary.generation.params import SETTINGS, SamplingParams
+from aviary.serve import webui
 from aviary.serve.embeddings import Embeddings
 from aviary.serve.protocol import (
     ApiError,
@@ -48,6 +51,7 @@ from aviary.serve.protocol import (
     validation_error,
 )
 from aviary.serve.scheduler import Done, Failed, Job, Piece, QueueFull, Scheduler, SchedulerClosed
+from aviary.serve.tool_calls import ToolCallParser, grammar_param, plan_chat
 
 __all__ = ["Limits", "create_app"]
 
@@ -78,6 +82,7 @@ class _Api:
         self.limits = limits
         self.api_keys = [key.encode() for key in api_keys]
         self.vocab_size = scheduler.engine.vocab_size
+        self._grammars = None  # aviary.generation.constraints.Grammars, built on the first request that needs it
         self.created = int(time.time())
         self.metrics = scheduler.metrics
         self.metrics.counter("http_responses_total", "HTTP responses by route and status code.")
@@ -218,14 +223,33 @@ class _Api:
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise ApiError(400, "Give max_tokens or max_completion_tokens, not both.", param="max_tokens",
                            code="invalid_value")
-        chat_format, effort = self.chat_format, req.effort()
-        messages = [ChatMessage(m.role, m.text(), m.reasoning_content or "") for m in req.messages]
-        tokens, boundaries = chat_format.tokens(messages, self.tokenizer, effort=effort)
+        chat_format = self.chat_format
+        param = grammar_param(req)  # tools, tool_choice, response_format: aviary/serve/tool_calls.py
+        if param is None:
+            plan = plan_chat(req, chat_format, None)
+        else:  # compiling a grammar takes a millisecond or more: not on the event loop
+            plan = await asyncio.to_thread(plan_chat, req, chat_format, await self.grammars(param))
+        tokens, boundaries = chat_format.tokens(plan.messages, self.tokenizer, effort=plan.effort)
         self.check_prompt(tokens, "messages")
         max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
-        params = self.sampling(req, max_tokens, chat_format.stop)  # a reply never runs into the next turn
-        job = Job([tokens], params, sink=None, n=req.n or 1, cache_at=[boundaries], namespace=tenant)
-        return await self.respond(request, req, job, _ChatFormat(chat_format, effort))
+        # a reply never runs into the next turn; a constrained one ends where its grammar does
+        params = self.sampling(req, max_tokens, () if plan.grammar else chat_format.stop)
+        job = Job([tokens], params, sink=None, n=req.n or 1, cache_at=[boundaries], namespace=tenant,
+                  grammar=plan.grammar)
+        return await self.respond(request, req, job, _ChatFormat(chat_format, plan.effort, plan.tool_names))
+
+    async def grammars(self, param: str):
+        """The grammar compiler for this server's tokenizer (built once, ~0.4 s, off the event loop); a 400
+        naming `param` when llguidance is not installed."""
+        from aviary.generation import constraints
+
+        if not constraints.available():
+            raise ApiError(400, f"{param} needs constrained decoding, which this server cannot do: install "
+                                "aviary[structured] (llguidance).", param=param, code="unsupported_parameter")
+        if self._grammars is None:
+            eos = SamplingParams().stop_token_ids[0]  # the end-of-text id the server's sequences stop at
+            self._grammars = await asyncio.to_thread(constraints.Grammars, self.tokenizer, self.vocab_size, eos)
+        return self._grammars
 
     # ---- running a job ------------------------------------------------------------------------
 
@@ -327,15 +351,19 @@ class _TextFormat:
 class _ChatFormat(_TextFormat):
     """`/v1/chat/completions` objects. Each choice's text goes through the chat format's `ReplySplitter`: the
     reasoning (formats with a think block) to `reasoning_content`, the answer to `content`, both without the
-    whitespace around them (the reply's leading space after "Assistant:" is not part of it)."""
+    whitespace around them (the reply's leading space after "Assistant:" is not part of it). With `tool_names`,
+    the calls of those tools are parsed out of the answer into `tool_calls` (aviary/serve/tool_calls.py), and a
+    choice that made calls finishes with "tool_calls"."""
 
     prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, chat_format: ChatFormat, effort: str | None):
-        self.chat_format, self.effort = chat_format, effort
+    def __init__(self, chat_format: ChatFormat, effort: str | None, tool_names: frozenset[str] = frozenset()):
+        self.chat_format, self.effort, self.tool_names = chat_format, effort, tool_names
         self.reasons = chat_format.think is not None and effort != "none"  # reasoning_content in the reply
         self.splitters: dict = {}
         self.parts: dict[int, list[str]] = {}
+        self.parsers: dict[int, ToolCallParser] = {}
+        self.calls: dict[int, list[dict]] = {}
 
     def feed(self, index: int, text: str, final: bool) -> dict:
         if index not in self.splitters:
@@ -346,23 +374,40 @@ class _ChatFormat(_TextFormat):
         if final:
             more = splitter.finish()
             reasoning, content = reasoning + more[0], content + more[1]
+        calls = []
+        if self.tool_names:
+            parser = self.parsers.setdefault(index, ToolCallParser(self.tool_names))
+            content, calls = parser.feed(content)
+            content += parser.finish() if final else ""
         parts[0] += reasoning
         parts[1] += content
-        return {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+        if calls:
+            made = self.calls.setdefault(index, [])
+            delta["tool_calls"] = [{"index": len(made) + k, **call} for k, call in enumerate(calls)]
+            made += calls
+        return delta
 
     def first_chunk(self, index: int) -> dict | None:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
 
     def chunk_choice(self, index: int, delta: dict, finish_reason: str | None) -> dict:
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": self._reason(index, finish_reason)}
 
     def choice(self, index: int, finish_reason: str | None) -> dict:
         reasoning, content = self.parts.get(index, ("", ""))
-        message = {"role": "assistant", "content": content}
+        calls = self.calls.get(index)
+        message = {"role": "assistant", "content": content or (None if calls else "")}
         if self.reasons:
             message["reasoning_content"] = reasoning or None
-        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        if calls:
+            message["tool_calls"] = calls
+        return {"index": index, "message": message, "logprobs": None,
+                "finish_reason": self._reason(index, finish_reason)}
+
+    def _reason(self, index: int, finish_reason: str | None) -> str | None:
+        return "tool_calls" if finish_reason == "stop" and self.calls.get(index) else finish_reason
 
 
 def _validate(model, data: dict):
@@ -383,11 +428,13 @@ def _sse(payload: dict) -> str:
 
 
 def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, limits: Limits | None = None,
-               api_key: str | Sequence[str] | None = None, chat_format: str | ChatFormat = "world") -> Starlette:
+               api_key: str | Sequence[str] | None = None, chat_format: str | ChatFormat = "world",
+               web_ui: bool = True) -> Starlette:
     """The ASGI app. It starts the scheduler's thread on startup and stops it on shutdown.
 
     `api_key`: one key or several (each its own prefix-cache tenant); None or () serves without a key.
     `chat_format`: how chat messages become a prompt (`aviary.chat_format.FORMATS`: world, g1, raven).
+    `web_ui`: serve the web chat page at `/` (aviary/serve/webui.py); without it `/` is a 404.
     """
     keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
     if not all(isinstance(key, str) and key.strip() == key and key for key in keys):
@@ -426,6 +473,8 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, limits: Limi
         Route("/v1/chat/completions", endpoint("chat", api.chat), methods=["POST"]),
         Route("/v1/embeddings", endpoint("embeddings", Embeddings(api)), methods=["POST"]),
     ]
+    if web_ui:
+        routes += webui.routes()
 
     from contextlib import asynccontextmanager
 

@@ -146,11 +146,27 @@ class ContentPart(_Strict):
     text: str
 
 
+_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+
+
+class FunctionCall(_Strict):
+    name: Annotated[str, Field(pattern=_NAME)]
+    arguments: str  # JSON text
+
+
+class ToolCall(_Strict):
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     reasoning_content: str | None = None  # an assistant reply's reasoning, as this server returned it
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # a tool message's call
 
     def text(self) -> str:
         if self.content is None:
@@ -164,15 +180,51 @@ class ChatTemplateKwargs(_Strict):
     enable_thinking: bool | None = None
 
 
+class FunctionDef(_Strict):
+    name: Annotated[str, Field(pattern=_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of type object
+    strict: bool | None = None  # calls that tool_choice forces always match `parameters`; others are parsed
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: Annotated[str, Field(pattern=_NAME)]
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # `schema` would shadow pydantic's method
+    strict: bool | None = None  # the reply always matches the schema, strict or not
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
     logprobs: Literal[False] | None = None
     top_logprobs: None = None
-    response_format: dict[str, Any] | None = None  # accepted only as {"type": "text"}
-    tools: list[Any] | None = None  # accepted only empty
-    tool_choice: Literal["none"] | None = None
+    # tool calling and structured output (aviary.serve.tool_calls)
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     store: Literal[False] | None = None
     # thinking, for chat formats with reasoning (aviary.chat_format): "none" or enable_thinking false turns it
@@ -185,9 +237,3 @@ class ChatRequest(_Sampling):
         off = self.chat_template_kwargs is not None and self.chat_template_kwargs.enable_thinking is False
         return "none" if off else self.reasoning_effort
 
-    def unsupported(self) -> str | None:
-        if self.response_format not in (None, {"type": "text"}):
-            return "response_format"
-        if self.tools:
-            return "tools"
-        return super().unsupported()

@@ -28,6 +28,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from aviary.generation import Engine, SamplingParams, SequenceOutput
+from aviary.generation.constraints import Grammar
 from aviary.generation.engine import Prefill
 from aviary.serve.metrics import Metrics
 
@@ -80,6 +81,7 @@ class Job:
     n: int = 1
     cache_at: list[list[int]] | None = None  # per prompt: extra token counts to cache (chat message ends)
     namespace: Hashable = None  # the client's prefix-cache namespace: it never starts from another client's prefix
+    grammar: Grammar | None = None  # every choice's text follows it (aviary.generation.constraints)
     seqs: list[SequenceOutput] = field(default_factory=list)
     prefills: list[Prefill] = field(default_factory=list)  # one per prompt, while they are prefilled
     submitted_at: float = 0.0
@@ -250,7 +252,9 @@ class Scheduler:
             for i, prefill in enumerate(job.prefills):
                 for j in range(job.n):
                     index = i * job.n + j
-                    seq = self.engine.add(None, job.params, tag=(job, index), seed_offset=j, prefilled=prefill)
+                    constraint = job.grammar.start() if job.grammar is not None else None
+                    seq = self.engine.add(None, job.params, tag=(job, index), seed_offset=j, prefilled=prefill,
+                                          constraint=constraint)
                     job.seqs.append(seq)
                     if seq.finished:  # max_tokens == 0
                         self._on_piece(job, index, seq, "")
