@@ -137,7 +137,9 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
 
     dtype:          float32 or bfloat16 (CPU and GPU), float16 (GPU; v4-v6 then halve the residual
                     every `rescale_every` layers, default 6, to stay in fp16 range)
-    backend:        how sequences run: "chunked" (parallel form) or "recurrent" (reference loop)
+    backend:        how sequences run: a backend of the version's time-mix op (`aviary.ops.backends_of`):
+                    "chunked" (parallel form), "recurrent" (reference loop), or a GPU one such as "fla"
+                    (RWKV-5/6/7 on CUDA, `pip install aviary[gpu]`); a name the version lacks is a ValueError
     quantize:       None, or "int8": int8 weight-only block linears and head (`RWKV.quantize`, aviary.quant)
     huge_pages:     on a CPU, copy the large weights onto transparent huge pages where Linux offers them
                     (`aviary.hugepages`: faster single-stream decode, docs/benchmarks.md, Design

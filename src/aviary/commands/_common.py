@@ -14,6 +14,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="weight precision (float16 needs a GPU; default: float32)")
+    group.add_argument("--backend", default="chunked", metavar="NAME",
+                       help="how prompts (sequences) run: chunked (default), recurrent, or a GPU backend of the "
+                            "model's version: fla (RWKV-5/6/7 on CUDA, pip install aviary[gpu]) or triton "
+                            "(docs/training.md, Backends); one-token decode steps are the same for all")
     group.add_argument("--quantize", default=None, choices=["int8"],
                        help="int8: int8 weight-only block linears and head (faster CPU decode, small logit error; "
                             "see docs/benchmarks.md)")
@@ -147,7 +151,8 @@ def load_model(args: argparse.Namespace, model: str | None):
 
         alpha = getattr(args, "adapter_alpha", None)
         adapter = read_adapter(adapter, **({} if alpha is None else {"alpha": alpha}))
-    net = aviary.load(path, device=args.device, dtype=args.dtype, quantize=args.quantize, adapter=adapter)
+    net = aviary.load(path, device=args.device, dtype=args.dtype, quantize=args.quantize, adapter=adapter,
+                      backend=getattr(args, "backend", "chunked"))
     tokenizer = aviary.load_tokenizer(args.tokenizer, version=net.config.version)
     state = load_start_state(net, args.state, args.device) if args.state else None
     return net, tokenizer, state

@@ -32,7 +32,7 @@ from aviary.cpu.blocks import decode_blocks
 from aviary.cpu.threads import small_ops_on_one_thread
 from aviary.model import VERSIONS
 from aviary.model.common import LayerNorm, VersionSpec, token_shift
-from aviary.ops import BACKENDS
+from aviary.ops import backends_of
 from aviary.state import RWKVState, StateError, layer_major, time_state_to_wkv
 
 __all__ = ["RWKV"]
@@ -96,8 +96,10 @@ class RWKV(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+        """How sequences run: a backend of this version's time-mix op (`aviary.ops.backends_of`)."""
+        names = backends_of(self.spec.time_mix.op)
+        if name not in names:
+            raise ValueError(f"RWKV-{self.config.version} has no {name!r} backend; choose one of {', '.join(names)}")
         self._backend = name
 
     @property
@@ -165,7 +167,10 @@ class RWKV(nn.Module):
         if tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
         V = self.config.vocab_size
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+        # not while a CUDA graph captures (aviary.generation.cuda_graph checks the ids on the host): reading the
+        # minimum back to the host is a synchronisation, which a capture forbids
+        capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
+        if tokens.numel() and not capturing and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
             bad = tokens[(tokens < 0) | (tokens >= V)][0].item()
             raise ValueError(f"token id {bad} is outside this model's vocabulary [0, {V})")
         B, T = tokens.shape

@@ -42,6 +42,8 @@ def lerp(x: torch.Tensor, sx: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
 
 
 class TimeMix(nn.Module):
+    op = "wkv4"  # its aviary.ops op: the backends a model of this version can use
+
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         C = config.n_embd

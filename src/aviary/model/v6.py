@@ -41,6 +41,8 @@ __all__ = ["CPU_BLOCK", "SPEC", "ChannelMix", "TimeMix"]
 
 
 class TimeMix(nn.Module):
+    op = "gla"  # its aviary.ops op: the backends a model of this version can use
+
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         C, H, N = config.n_embd, config.n_head, config.head_size

@@ -52,6 +52,8 @@ def _vec(C: int) -> nn.Parameter:
 
 
 class TimeMix(nn.Module):
+    op = "delta_rule"  # its aviary.ops op: the backends a model of this version can use
+
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         C, H, N = config.n_embd, config.n_head, config.head_size

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from aviary.cpu import steps
 from aviary.cpu.threads import state_update_threads
 from aviary.ops._dispatch import pick
+from aviary.ops.fla import delta_rule_fla
+from aviary.ops.triton import delta_rule_triton
 
 
 def delta_rule_recurrent(r, logw, k, v, a, b, state):
@@ -119,7 +121,8 @@ def delta_rule_chunked(r, logw, k, v, a, b, state, chunk_len: int = 32):
     return y[:, :T], S
 
 
-BACKENDS = {"recurrent": delta_rule_recurrent, "chunked": delta_rule_chunked}
+BACKENDS = {"recurrent": delta_rule_recurrent, "chunked": delta_rule_chunked, "fla": delta_rule_fla,
+            "triton": delta_rule_triton}
 
 
 def delta_rule(r, logw, k, v, a, b, state, *, backend: str = "chunked", out=None):

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from aviary.cpu import steps
 from aviary.cpu.threads import state_update_threads
 from aviary.ops._dispatch import pick
+from aviary.ops.fla import gla_fla
+from aviary.ops.triton import gla_triton
 
 
 def gla_recurrent(r, k, v, logw, u, state):
@@ -96,7 +98,7 @@ def gla_chunked(r, k, v, logw, u, state, chunk_len: int = 16):
     return y[:, :T], S
 
 
-BACKENDS = {"recurrent": gla_recurrent, "chunked": gla_chunked}
+BACKENDS = {"recurrent": gla_recurrent, "chunked": gla_chunked, "fla": gla_fla, "triton": gla_triton}
 
 
 def gla(r, k, v, logw, u, state, *, backend: str = "chunked", out=None):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from aviary.ops._dispatch import pick
+from aviary.ops.triton import wkv4_triton
 
 EMPTY_PP = -1e30
 
@@ -82,7 +83,7 @@ def wkv4_chunked(w, u, k, v, state, chunk_len: int = 64):
     return torch.cat(ys, dim=1), torch.stack([aa, bb, pp], dim=1)
 
 
-BACKENDS = {"recurrent": wkv4_recurrent, "chunked": wkv4_chunked}
+BACKENDS = {"recurrent": wkv4_recurrent, "chunked": wkv4_chunked, "triton": wkv4_triton}
 
 
 def wkv4(w, u, k, v, state, *, backend: str = "chunked"):

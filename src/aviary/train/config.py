@@ -122,6 +122,10 @@ class TrainSection:
                        ("ddp", "fsdp"))
     chunk_len: int = _f(0, "run each sample in chunks of this many tokens, carrying the recurrent state from "
                            "chunk to chunk (\"infctx\"); divides data.ctx_len, a multiple of 16; 0 = off")
+    backend: str = _f("chunked", "time-mix backend (aviary.ops.backends_of): chunked (exact PyTorch, any device), "
+                                 "recurrent (the reference loop, slow), fla (RWKV-5/6/7) or triton, the GPU ones "
+                                 "(CUDA, pip install aviary[gpu]); a version takes only its time-mix op's backends "
+                                 "(RWKV-4 has no fla)")
     chunk_mode: str = _f("full", "truncated: the state is detached between chunks; full: exact gradients through "
                                  "the state, each chunk recomputed in the backward pass",
                          ("truncated", "full"))
@@ -226,6 +230,7 @@ class TrainConfig:
             problems.append(f"train.threads={t.threads} must be >= 0 (0 = torch's default)")
         if not 0 <= t.seed < 2**63:
             problems.append("train.seed must be in [0, 2**63)")
+        problems += _backend_problems(m, t)
         if not DEVICE.fullmatch(t.device):
             problems.append(f"train.device={t.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
         if self.out.save_every <= 0 or self.out.keep_last <= 0 or self.out.log_every <= 0:
@@ -268,6 +273,32 @@ class TrainConfig:
         except ValueError as e:
             problems.append(f"peft: {e}")
         return problems
+
+
+def _backend_problems(m: ModelSection, t: TrainSection) -> list[str]:
+    """train.backend against the version's time-mix op (a loaded checkpoint's version is checked when it is read),
+    and fla's needs: a CUDA device and the package."""
+    from aviary.model import VERSIONS
+    from aviary.ops import backends_of
+
+    problems = []
+    spec = VERSIONS.get(m.version)
+    if not m.load and spec is not None and t.backend not in backends_of(spec.time_mix.op):
+        problems.append(f"train.backend={t.backend!r}: RWKV-{m.version} has no {t.backend!r} backend; choose one of "
+                        f"{', '.join(backends_of(spec.time_mix.op))}")
+    if t.backend == "fla":
+        import importlib.util
+
+        import torch
+
+        from aviary.ops.fla import INSTALL
+
+        if t.device in ("cpu", "mps") or (t.device == "auto" and not torch.cuda.is_available()):
+            problems.append(f"train.backend=fla runs on CUDA only, not train.device={t.device}"
+                            + (" (no CUDA device here)" if t.device == "auto" else ""))
+        if importlib.util.find_spec("fla") is None:
+            problems.append(f"train.backend=fla needs flash-linear-attention's kernels: {INSTALL}")
+    return problems
 
 
 def _convert(value: Any, typ: type, name: str) -> Any:

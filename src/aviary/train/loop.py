@@ -257,12 +257,16 @@ def _build_model(cfg: TrainConfig, device: torch.device, vocab: CompactVocab | N
         from aviary.loading import load
 
         model = load(m.load, dtype="float32")
+        try:
+            model.backend = cfg.train.backend
+        except ValueError as e:  # a backend this checkpoint's version lacks (known once the checkpoint is read)
+            raise ConfigError(f"train.backend: {e}") from None
         model.train()
         return model.to(device)
     rows = vocab.size if vocab is not None else m.vocab_size
     ranks = {name: getattr(m, name) for name in rank_fields(m.version)}
     config = model_config(m.version, m.n_layer, m.n_embd, rows, m.head_size, m.dim_ffn, **ranks)
-    model = RWKV(config, backend="chunked").to(device)
+    model = RWKV(config, backend=cfg.train.backend).to(device)
     return init_model(model, seed=cfg.train.seed, lr_init=cfg.optim.lr_init)
 
 
