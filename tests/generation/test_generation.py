@@ -291,3 +291,20 @@ def test_ids_the_tokenizer_cannot_decode_are_never_sampled():
     m.logits[ord("x") + 1] = 20.0  # the best decodable id by far
     text = generate(m, TOK, "P", SamplingParams(temperature=1.0, max_new_tokens=5, seed=0, stop_token_ids=()))
     assert text == "xxxxx"
+
+
+@pytest.mark.parametrize("vocab", [50, 4000, 65536])
+def test_truncation_by_candidates_equals_a_full_sort(vocab, monkeypatch):
+    """top-p/top-k through the top candidates (then more, then a full sort) keep exactly what one full sort per row
+    keeps: peaked rows settle among the first candidates, flat ones (top_p 0.999) go on to the full sort."""
+    from aviary.generation import sampling
+
+    monkeypatch.setattr(sampling, "TOP_CANDIDATES", (16, 256))  # small, so every path runs at these sizes
+    g = torch.Generator().manual_seed(vocab)
+    settings = [dict(top_p=0.3), dict(top_p=0.85), dict(top_p=0.999), dict(top_p=1.0), dict(top_k=5),
+                dict(top_k=300), dict(top_p=0.9, top_k=20), dict(top_p=0.5, top_k=vocab + 1)]
+    for scale in (0.3, 3.0, 10.0):  # flat to peaked
+        probs = torch.softmax(torch.randn(len(settings), vocab, generator=g) * scale, dim=-1)
+        ps = [SamplingParams(**kw) for kw in settings]
+        torch.testing.assert_close(sampling._truncate_top(probs, ps), sampling.truncate_reference(probs, ps),
+                                   rtol=0, atol=0)

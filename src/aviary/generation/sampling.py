@@ -87,16 +87,7 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
     x = logits[rows].float()  # [R, V]
     probs = torch.softmax(x, dim=-1)
     if any(p.top_p < 1.0 or p.top_k > 0 for p in ps):
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        if any(p.top_p < 1.0 for p in ps):
-            top_p = torch.tensor([[p.top_p] for p in ps])  # [R, 1]
-            first = torch.searchsorted(torch.cumsum(sorted_probs, dim=-1), top_p).clamp(max=V - 1)
-            cutoff = torch.where(top_p < 1.0, sorted_probs.gather(1, first), 0.0)  # ties with it are kept
-            probs = torch.where(probs < cutoff, 0.0, probs)
-        if any(p.top_k > 0 for p in ps):
-            top_k = torch.tensor([[p.top_k if p.top_k > 0 else V] for p in ps])  # [R, 1]
-            drop_rank = torch.arange(V)[None] >= top_k  # [R, V], by rank
-            probs = probs.masked_fill(torch.zeros_like(drop_rank).scatter(1, order, drop_rank), 0.0)
+        probs = _truncate_top(probs, ps)
     if any(p.min_p > 0 for p in ps):
         min_p = torch.tensor([[p.min_p] for p in ps])
         probs = torch.where(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0, probs)
@@ -111,3 +102,71 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
     for i, t in zip(rows, drawn.tolist(), strict=True):
         picks[i] = t
     return picks
+
+
+# How many of the most likely tokens `_truncate_top` takes first (`topk`), then again, before a full sort. A
+# nucleus is nearly always far smaller than the first; a row whose top_p mass or top_k rank lies beyond both is
+# sorted in full. A full sort of 65,536 probabilities per row was 85 % of sampling a 64-row batch with top_p < 1
+# (0.40 s against 0.05 s without truncation, one thread; topk of 1,024: 0.03 s, of 8,192: ~0.07 s).
+TOP_CANDIDATES = (1024, 8192)
+
+
+def _truncate_top(probs: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
+    """probs [R, V] with top-p (the smallest set of most likely tokens whose mass reaches top_p, ties with the
+    cut-off kept) and top-k (the k most likely) applied, each row by its own settings.
+
+    The candidates are a row's m most likely tokens (`topk`, in descending order): their running sum is the same
+    prefix a full sort's would be, so a top-p cut-off found among them is the full sort's (bit for bit), and
+    only rows whose cut-off or top_k lies beyond them go on to more candidates, then to a full sort. (Among
+    tokens tied at the k-th probability, which ones top-k keeps may differ from a full sort's choice.)"""
+    R, V = probs.shape
+    top_p = torch.tensor([[p.top_p] for p in ps])  # [R, 1]
+    top_k = torch.tensor([[p.top_k if p.top_k > 0 else V] for p in ps])  # [R, 1]
+    out = torch.empty_like(probs)
+    pending = torch.arange(R)  # rows still to truncate
+    for m in (*(c for c in TOP_CANDIDATES if c < V), V):
+        rows = probs[pending]
+        if m < V:
+            values, order = rows.topk(m, dim=-1)  # [n, m], descending
+        else:
+            values, order = torch.sort(rows, dim=-1, descending=True)
+        p_, k_ = top_p[pending], top_k[pending]
+        # beyond these candidates: top_p mass not reached within them, or a top_k rank past them
+        deep = (((values.cumsum(-1)[:, -1:] < p_) & (p_ < 1.0)) | ((k_ > m) & (k_ < V)))[:, 0] if m < V else \
+            torch.zeros(len(pending), dtype=torch.bool)
+        if not bool(deep.any()) and len(pending) == R:  # every row settled by the first candidates
+            return _truncate_sorted(probs, values, order, top_p, top_k)
+        done = ~deep
+        out[pending[done]] = _truncate_sorted(rows[done], values[done], order[done], p_[done], k_[done])
+        pending = pending[deep]
+        if not len(pending):
+            break
+    return out
+
+
+def _truncate_sorted(probs, values, order, top_p, top_k):
+    """`_truncate_top` given each row's leading probabilities in descending order (values, order [R, m]) that
+    hold its top-p cut-off and its top-k ranks."""
+    m = values.shape[1]
+    first = torch.searchsorted(torch.cumsum(values, dim=-1), top_p).clamp(max=m - 1)
+    cutoff = torch.where(top_p < 1.0, values.gather(1, first), 0.0)  # ties with it are kept
+    probs = torch.where(probs < cutoff, 0.0, probs)
+    limited = top_k < probs.shape[1]  # [R, 1]: rows with a top_k
+    if bool(limited.any()):
+        keep_rank = torch.arange(m)[None] < top_k  # [R, m]
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, keep_rank)
+        probs = probs.masked_fill(~keep & limited, 0.0)
+    return probs
+
+
+def truncate_reference(probs: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
+    """The plain form of `_truncate_top`, one full sort per row (the reference pipeline's): the tests compare
+    the two."""
+    V = probs.shape[1]
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    top_p = torch.tensor([[p.top_p] for p in ps])
+    first = torch.searchsorted(torch.cumsum(sorted_probs, dim=-1), top_p).clamp(max=V - 1)
+    probs = torch.where(probs < torch.where(top_p < 1.0, sorted_probs.gather(1, first), 0.0), 0.0, probs)
+    top_k = torch.tensor([[p.top_k if p.top_k > 0 else V] for p in ps])
+    drop = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, torch.arange(V)[None] >= top_k)
+    return probs.masked_fill(drop, 0.0)

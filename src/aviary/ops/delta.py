@@ -63,7 +63,23 @@ MAX_CHUNK_LOG_DECAY = 40.0
 
 
 def delta_rule_chunked(r, logw, k, v, a, b, state, chunk_len: int = 32):
-    """Parallel within chunks of `chunk_len` tokens (a WY-style solve), sequential across chunks.
+    """Parallel within chunks of `chunk_len` tokens (a WY-style solve), sequential across chunks
+    (`_delta_rule_chunks`). A sequence shorter than a chunk is one chunk of its own length, and the tail after
+    the last whole chunk is a chunk of its own, so no call pays for padding (a 35-token prompt used to cost 64
+    positions: docs/benchmarks.md, "Batched prefill")."""
+    T = r.shape[1]
+    L = max(1, min(chunk_len, T))
+    tail = T % L
+    if not tail:
+        return _delta_rule_chunks(r, logw, k, v, a, b, state, L)
+    head = T - tail
+    y_head, state = _delta_rule_chunks(*(x[:, :head] for x in (r, logw, k, v, a, b)), state, L)
+    y_tail, state = _delta_rule_chunks(*(x[:, head:] for x in (r, logw, k, v, a, b)), state, tail)
+    return torch.cat([y_head, y_tail], dim=1), state
+
+
+def _delta_rule_chunks(r, logw, k, v, a, b, state, chunk_len: int):
+    """The chunked form for any T (padded to a multiple of `chunk_len`, which the caller avoids).
 
     Inside a chunk, with c_t = sum_{m<=t} logw_m and u_t = S_{t-1}^T a_t (the part of the old state
     that the "delete" term reads), unrolling the recurrence gives
