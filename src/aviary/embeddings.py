@@ -96,35 +96,19 @@ CALIBRATION_TEXTS = (
 def hidden_states(model, tokens: torch.Tensor, state: RWKVState | None = None) -> tuple[torch.Tensor, RWKVState]:
     """tokens [B, T] -> (ln_out output [B, T, C] float32, state after the tokens).
 
-    The blocks run as in `RWKV.forward` (the model's parallel backend, the fp16 rescale), without the LM head.
-    Never the one-token C decode path: T = 1 runs the parallel form too, so this can run on a thread other
+    The blocks run as in `RWKV.forward` (`RWKV.trunk`: the model's parallel backend, the fp16 rescale), without
+    the LM head. Never the one-token C decode path: T = 1 runs the blocks too, so this can run on a thread other
     than a server's scheduler thread. No autograd."""
-    from aviary.cpu import products
-
-    B, T = tokens.shape
-    state = model.init_state(B) if state is None else state
+    state = model.init_state(tokens.shape[0]) if state is None else state
     with torch.no_grad():
-        x = model.emb(tokens.to(model.device))  # [B, T, C]
-        if x.dtype == torch.bfloat16 and x.is_cpu and not products.TORCH_BF16_FAST:
-            x = x.float()  # as RWKV._run: bf16 activations are slower than float32 on a CPU without bf16 ops
-        x = model.blocks[0].ln0(x)
-        shifts, wkvs, v_first = [], [], None
-        for i, block in enumerate(model.blocks):
-            x, shift, wkv, v_first = block(x, state.shift[:, i], state.wkv[:, i], v_first, model.backend)
-            shifts.append(shift)
-            wkvs.append(wkv)
-            if model.rescale_every and (i + 1) % model.rescale_every == 0:
-                x = x / 2
+        x, shift, wkv = model.trunk(tokens.to(model.device), state, model.backend, fused_decode=False)
         h = model.ln_out(x).float()  # [B, T, C]
-    return h, RWKVState(model.config.version, torch.stack(shifts, 1), torch.stack(wkvs, 1))
+    return h, RWKVState(model.config.version, shift, wkv)
 
 
 def _state_vector(model, state: RWKVState) -> torch.Tensor:
     """[B, L, *S] wkv -> [B, D] raw state features (see the module docstring)."""
-    wkv = state.wkv.float()
-    if model.config.version == 4:  # rows aa, bb, pp (aviary.state): the ratio aa/bb, as BlinkDL suggests
-        wkv = wkv[:, :, 0] / wkv[:, :, 1].clamp_min(1e-30)
-    return wkv.flatten(1)
+    return model.spec.state_features(state.wkv.float()).flatten(1)  # RWKV-4: aa/bb (model/v4.py)
 
 
 # ---- the state method's statistics ------------------------------------------------------------------

@@ -41,7 +41,9 @@ class VersionSpec:
     supports_rescale: whether the fp16 layer rescale applies (`aviary.model.rescale`);
     cpu_block:     where the C decode block finds its fields in a Block (`aviary.cpu.blocks`);
     state_tuning:  whether a checkpoint may carry `blocks.N.att.time_state` (official [H, V, K] layout of
-                   wkv_shape; `aviary.state.time_state_to_wkv` converts)."""
+                   wkv_shape; `aviary.state.time_state_to_wkv` converts);
+    state_features: wkv [B, L, *S] float32 -> [B, L, ...]: the state as sentence-embedding features
+                   (`aviary.embeddings`, method "state"); the state itself unless a version says otherwise."""
 
     def time_state_shape(self, config: ModelConfig) -> tuple[int, ...]:
         """The official shape of one layer's `att.time_state`: wkv_shape with its last two axes swapped."""
@@ -60,6 +62,7 @@ class VersionSpec:
     supports_rescale: bool
     cpu_block: BlockRecord
     state_tuning: bool = True  # whether its wkv state can be an official state-tuning `time_state` (not v4's)
+    state_features: Callable[[torch.Tensor], torch.Tensor] = lambda wkv: wkv
 
     def __repr__(self) -> str:
         return f"VersionSpec(RWKV-{self.version})"

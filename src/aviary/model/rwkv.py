@@ -188,10 +188,13 @@ class RWKV(nn.Module):
             logits, shift_out, wkv_out = self._run(tokens, state, backend, last_only, inplace, rows)
         return logits, (state if inplace else RWKVState(self.config.version, shift_out, wkv_out))
 
-    def _run(self, tokens, state, backend, last_only, inplace, rows=None):
+    def trunk(self, tokens, state, backend, inplace=False, *, fused_decode=True):
+        """The embedding and the blocks, without `ln_out` and the head: -> (x [B, T, C], shift, wkv). `forward`
+        is this plus the head; `aviary.embeddings` reads the hidden states from it. fused_decode=False never takes
+        the one-token C decode path (which belongs to a server's scheduler thread): T = 1 runs the blocks too."""
         x = self.emb(tokens.to(self.emb.weight.device))  # [B, T, C]
         training = torch.is_grad_enabled()
-        if x.dtype == torch.bfloat16 and tokens.shape[1] > 1 and not training and x.is_cpu \
+        if x.dtype == torch.bfloat16 and (tokens.shape[1] > 1 or not fused_decode) and not training and x.is_cpu \
                 and not products.TORCH_BF16_FAST:
             # torch has no bf16 instructions on this CPU (AVX2): every bf16 op would convert on the fly, and
             # the conversions made a bf16 prefill slower than the float32 one (docs/benchmarks.md, "CPU
@@ -207,7 +210,7 @@ class RWKV(nn.Module):
             shift_out, wkv_out = _layer_major_like(state.shift), _layer_major_like(state.wkv)  # filled per layer
         v_first = None
         # a one-token step: all blocks in one C call where that runs (aviary.cpu.blocks); None: not here
-        one_call = tokens.shape[1] == 1 and not training and not self.rescale_every
+        one_call = fused_decode and tokens.shape[1] == 1 and not training and not self.rescale_every
         done = decode_blocks(self.spec.cpu_block, self.blocks, x, state.shift, state.wkv, shift_out, wkv_out) \
             if one_call else None
         if done is not None:
@@ -219,6 +222,10 @@ class RWKV(nn.Module):
                                                                    backend, None if training else wkv_out[:, i])
                 if self.rescale_every and (i + 1) % self.rescale_every == 0:
                     x = x / 2
+        return x, shift_out, wkv_out
+
+    def _run(self, tokens, state, backend, last_only, inplace, rows=None):
+        x, shift_out, wkv_out = self.trunk(tokens, state, backend, inplace)
         if last_only:
             x = x[:, -1:]
             if rows is not None:

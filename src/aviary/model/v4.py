@@ -129,8 +129,14 @@ def sizes_from_shapes(shape_of, C: int, L: int) -> dict[str, int]:
     return {"head_size": C}
 
 
+def state_features(wkv: torch.Tensor) -> torch.Tensor:
+    """[B, L, 3, C] (rows aa, bb, pp) -> [B, L, C]: the ratio aa/bb, the state's weighted mean of past values
+    (pp, a shared scale, cancels), as BlinkDL suggests for sentence embeddings from RWKV-4's state."""
+    return wkv[:, :, 0] / wkv[:, :, 1].clamp_min(1e-30)
+
+
 SPEC = VersionSpec(
     version=4, time_mix=TimeMix, channel_mix=ChannelMix, wkv_shape=wkv_shape, empty_wkv=empty_wkv,
     default_sizes=default_sizes, sizes_from_shapes=sizes_from_shapes, init=init,
     param_group=partial(group_rule_v4_v6, needs_weight=False),  # v4neo: every 2-D matrix is decayed
-    supports_rescale=True, cpu_block=CPU_BLOCK, state_tuning=False)
+    supports_rescale=True, cpu_block=CPU_BLOCK, state_tuning=False, state_features=state_features)
