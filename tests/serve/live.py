@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from aviary.serve.app import Limits
 from aviary.serve.connections import make_server
@@ -33,3 +34,30 @@ class LiveServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class ScriptedSampler:
+    """Replaces the engine's sampler (`aviary.generation.engine.sample_batch`) so a test knows what a model
+    writes: each new sequence (told apart by its random generator) writes the tokens of the text last given to
+    `say` (a string, or pieces tokenised one by one), one a step (`delay` seconds each), then the end-of-text id 0.
+    `say(None)` hands new sequences to `real`, the sampler it replaces."""
+
+    def __init__(self, tokenizer, real: Callable | None = None):
+        self.tokenizer, self.real, self.ids, self.delay, self.steps = tokenizer, real, [], 0.0, {}
+
+    def say(self, text: str | list[str] | None, delay: float = 0.0) -> None:
+        pieces = [text] if isinstance(text, str) else text
+        self.ids = None if pieces is None else [t for piece in pieces for t in self.tokenizer.encode(piece)]
+        self.delay = delay
+
+    def __call__(self, logits, params, generators) -> list[int]:
+        if self.ids is None and self.real is not None:
+            return self.real(logits, params, generators)
+        if self.delay:
+            time.sleep(self.delay)
+        out = []
+        for g in generators:
+            ids = self.steps.setdefault(g, [self.ids or [], 0])  # a new sequence takes the current script
+            out.append(ids[0][ids[1]] if ids[1] < len(ids[0]) else 0)
+            ids[1] += 1
+        return out

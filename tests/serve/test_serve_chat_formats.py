@@ -21,32 +21,13 @@ from aviary.cli import build_parser
 from aviary.generation import Engine
 from aviary.serve.app import create_app
 from aviary.serve.scheduler import Scheduler
-from live import LiveServer
+from live import LiveServer, ScriptedSampler
 
 pytest.importorskip("uvicorn")
 torch.set_num_threads(1)
 
 REPLY = [">", "\nAdd", " them", ":", " 2 + 3", " = 5.", "\n</", "think", ">\n", "The", " sum", " is 5.", "\n\n",
          "User", ":", " more"]  # the model runs on into the next turn; the stop string ends it first
-
-
-class Script:
-    """Replaces the engine's sampler: sequence k (told apart by its random generator) gets token i of `ids` at
-    its step i, then the end-of-text id 0. `say(pieces)` sets the text the next sequences write."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.steps = tokenizer, [], {}
-
-    def say(self, pieces: list[str]) -> None:
-        self.ids = [t for piece in pieces for t in self.tokenizer.encode(piece)]
-
-    def __call__(self, logits, params, generators) -> list[int]:
-        out = []
-        for g in generators:
-            ids = self.steps.setdefault(g, [self.ids, 0])  # a new sequence takes the current script
-            out.append(ids[0][ids[1]] if ids[1] < len(ids[0]) else 0)
-            ids[1] += 1
-        return out
 
 
 class Recording(Scheduler):
@@ -69,7 +50,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def script(tok):
-    script = Script(tok)
+    script = ScriptedSampler(tok)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("aviary.generation.engine.sample_batch", script)
         yield script

@@ -21,7 +21,7 @@ from aviary.generation import Engine, engine
 from aviary.serve.app import create_app
 from aviary.serve.scheduler import Scheduler
 from aviary.serve.tool_calls import ToolCallParser
-from live import LiveServer
+from live import LiveServer, ScriptedSampler
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("llguidance", reason="constrained decoding needs llguidance (pip install 'aviary[structured]')")
@@ -42,27 +42,6 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-class Script:
-    """Replaces the engine's sampler: while `ids` is set, every sequence writes those tokens, one a step, then
-    the end-of-text id 0; while it is None, the real sampler runs."""
-
-    def __init__(self, tokenizer, real):
-        self.tokenizer, self.real, self.ids, self.steps = tokenizer, real, None, {}
-
-    def say(self, text: str | None) -> None:
-        self.ids = None if text is None else self.tokenizer.encode(text)
-
-    def __call__(self, logits, params, generators) -> list[int]:
-        if self.ids is None:
-            return self.real(logits, params, generators)
-        out = []
-        for g in generators:
-            ids = self.steps.setdefault(g, [self.ids, 0])
-            out.append(ids[0][ids[1]] if ids[1] < len(ids[0]) else 0)
-            ids[1] += 1
-        return out
-
-
 class Recording(Scheduler):
     def submit(self, job):
         self.prompts.append(self.tok.decode(job.prompts[0]))
@@ -78,7 +57,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def script(tok):
-    script = Script(tok, engine.sample_batch)
+    script = ScriptedSampler(tok, engine.sample_batch)
+    script.say(None)  # the real sampler until a test scripts a reply
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("aviary.generation.engine.sample_batch", script)
         yield script

@@ -35,7 +35,7 @@ from aviary.cli import build_parser
 from aviary.generation import Engine
 from aviary.serve.app import create_app
 from aviary.serve.scheduler import Scheduler
-from live import LiveServer
+from live import LiveServer, ScriptedSampler
 
 pytest.importorskip("uvicorn")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,26 +46,6 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--disable-sync", "--no-first-run"]  # offline: no stalls
 INSTALL = ("install a browser for these tests: `apt-get install chromium` (Debian/Ubuntu) and `pip install "
            "playwright`; or `python -m playwright install chromium` where its download site is reachable")
-
-
-class Script:
-    """Replaces the engine's sampler: each new sequence writes the tokens of the text last given to `say`, one a
-    step (`delay` seconds each), then the end-of-text id 0."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.delay, self.steps = tokenizer, [], 0.0, {}
-
-    def say(self, pieces: list[str], delay: float = 0.0) -> None:
-        self.ids, self.delay = [t for piece in pieces for t in self.tokenizer.encode(piece)], delay
-
-    def __call__(self, logits, params, generators) -> list[int]:
-        time.sleep(self.delay)
-        out = []
-        for g in generators:
-            ids = self.steps.setdefault(g, [self.ids, 0])  # told apart by their random generators
-            out.append(ids[0][ids[1]] if ids[1] < len(ids[0]) else 0)
-            ids[1] += 1
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +62,7 @@ def model(checkpoint):
 
 @pytest.fixture(scope="module")
 def script(tok):
-    script = Script(tok)
+    script = ScriptedSampler(tok)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("aviary.generation.engine.sample_batch", script)
         yield script
