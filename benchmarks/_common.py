@@ -65,3 +65,12 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def model_flops_per_token(model) -> float:
+    """Training FLOPs per token of an RWKV-7: 6 x the parameters used in matmuls (every 2-D weight but the
+    embedding, a lookup) + 3 x the delta rule's own (decay, delete, write, read: 4 N^2 mul-adds per head)."""
+    cfg = model.config
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "emb.weight")
+    delta = cfg.n_layer * cfg.n_head * 4 * cfg.head_size**2 * 2
+    return 6 * matmul_params + 3 * delta

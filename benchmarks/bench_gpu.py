@@ -39,6 +39,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import model_flops_per_token  # noqa: E402
+
 # dense bf16 tensor-core peaks, TFLOP/s, by a part of torch.cuda.get_device_name() (first match wins)
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("GH200", 989.0), ("A100", 312.0),
                     ("L40S", 362.0))
@@ -206,14 +209,6 @@ def skip_reason(backend: str, device: torch.device) -> str | None:
 
 
 # ---- 2. training ---------------------------------------------------------------------------------------------------
-
-
-def model_flops_per_token(model) -> float:
-    """6 x matmul parameters + 3 x the delta rule's own FLOPs (see the module docstring)."""
-    cfg = model.config
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "emb.weight")
-    delta = cfg.n_layer * cfg.n_head * 4 * cfg.head_size**2 * 2  # decay, delete, write, read: 4 N^2 mul-adds
-    return 6 * matmul_params + 3 * delta
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float | None, str]:

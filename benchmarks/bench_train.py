@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import backend_info, decode_path  # noqa: E402
+from _common import backend_info, decode_path, model_flops_per_token  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
@@ -41,14 +41,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
-
-
-def model_flops_per_token(model) -> float:
-    cfg = model.config
-    matmul_params = sum(p.numel() for n, p in model.named_parameters()
-                        if (p.dim() == 2 and n != "emb.weight"))
-    delta = cfg.n_layer * cfg.n_head * 4 * cfg.head_size**2 * 2  # state decay, delete, write and read
-    return 6 * matmul_params + 3 * delta
 
 
 def main() -> None:
