@@ -3,6 +3,7 @@ live state, stop strings across token boundaries, seeds, and the reference pipel
 
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -214,6 +215,87 @@ def test_sample_truncations():
     # low temperature sharpens, high flattens (never adds tokens that truncation removed)
     cold = [sample(logits, SamplingParams(temperature=0.01), g) for _ in range(200)]
     assert cold.count(0) > 190  # p0 / p4 = e^(0.05 / 0.01) ~ 148
+
+
+SAMPLER_SETTINGS = [dict(), dict(temperature=0.7), dict(temperature=1.6), dict(min_p=0.05),
+                    dict(min_p=0.1, temperature=0.5), dict(top_p=0.9), dict(top_k=40, temperature=0.8),
+                    dict(top_p=0.5, min_p=0.2, temperature=1.3), dict(temperature=0)]
+
+
+@pytest.mark.parametrize("vocab", [50, 257, 1000, 65536])
+@pytest.mark.parametrize("truncating", [True, False])
+def test_sample_batch_equals_the_reference_pipeline(vocab, truncating):
+    """The batched sampler (exp(x - max) with the temperature in the exponent, blocked inverse CDF) draws the same
+    tokens as the reference pipeline step by step (softmax, truncation, min-p, ** 1/T, one float64 cumulative
+    sum), from the same random streams: flat to peaked rows, banned tokens, a vocabulary that is not a multiple of
+    the draw's block, batches with and without top-p/top-k (which take different paths).
+
+    Without truncation the two round differently (exp((x - max) / T) against softmax ** (1 / T)), so a uniform
+    number within rounding of a boundary between two tokens may pick either: a differing pick must sit on such a
+    boundary of the exact (float64) distribution, and be rare."""
+    from aviary.generation import sampling
+
+    settings = [kw for kw in SAMPLER_SETTINGS if truncating or not ({"top_p", "top_k"} & kw.keys())]
+    g = torch.Generator().manual_seed(vocab)
+    differ = total = 0
+    for scale in (0.5, 3.0, 10.0):
+        logits = torch.randn(3 * len(settings), vocab, generator=g) * scale
+        logits[0, ::3] = -float("inf")
+        ps = [SamplingParams(**settings[i % len(settings)]) for i in range(len(logits))]
+        for rep in range(12):
+            seeds = [rep * 1000 + i for i in range(len(ps))]
+            ours = sampling.sample_batch(logits, ps, [torch.Generator().manual_seed(s) for s in seeds])
+            ref = sampling.sample_batch_reference(logits, ps, [torch.Generator().manual_seed(s) for s in seeds])
+            total += len(ours)
+            for i in (i for i, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b):
+                differ += 1
+                p, row = ps[i], logits[i].double()
+                assert not truncating, (scale, rep, i)  # the same probabilities, the same truncation
+                probs = torch.softmax(row, dim=-1)
+                probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs) ** (1 / p.temperature)
+                cdf = probs.cumsum(0) / probs.sum()
+                u = float(torch.rand((), generator=torch.Generator().manual_seed(seeds[i])))
+                assert abs(float(cdf[min(ours[i], ref[i])]) - u) < 1e-5, (scale, rep, i)
+    assert differ <= total // 200, differ
+
+
+def test_blocked_draw_equals_one_cumulative_sum():
+    """`draw` against `draw_reference`: zero weights are never drawn (a row with a single nonzero weight, the last
+    of a block or of a padded tail), u at 0 and just below 1, and empty rows report a total of 0."""
+    from aviary.generation import sampling
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (1, 7, 256, 300, 65536):
+        w = torch.rand(6, vocab, generator=g)
+        w[1] = 0.0
+        w[1, -1] = 0.25  # only the last id
+        w[2, : vocab // 2] = 0.0  # the first half truncated
+        w[3] = 0.0  # nothing left
+        w[4, torch.rand(vocab, generator=g) < 0.9] = 0.0
+        w[4, vocab // 2] = 0.5  # sparse, never empty
+        for u in (torch.zeros(6), torch.full((6,), 1 - 2**-24), torch.rand(6, generator=g)):
+            ids, total = sampling.draw(w, u)
+            ref_ids, ref_total = sampling.draw_reference(w, u)
+            torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=0)
+            assert total[3] == 0
+            live = [0, 1, 2, 4, 5] if vocab > 1 else [0, 1, 5]
+            assert ids[live].tolist() == ref_ids[live].tolist(), (vocab, u)
+            assert bool((w[live].gather(1, ids[live, None]) > 0).all())
+
+
+def test_nonfinite_logits_warn_and_fall_back_to_argmax():
+    from aviary.generation import sampling
+
+    logits = torch.randn(3, 100)
+    logits[1, 5] = float("nan")
+    logits[2] = -float("inf")  # every token banned: not a fault, no warning of its own
+    with pytest.warns(RuntimeWarning, match="NaN or"):
+        picks = sampling.sample_batch(logits, [SamplingParams()] * 3, [torch.Generator().manual_seed(i)
+                                                                       for i in range(3)])
+    assert all(0 <= t < 100 for t in picks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampling.sample_batch(logits[[0, 2]], [SamplingParams()] * 2, [None, None])
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),

@@ -20,6 +20,7 @@ random, this library takes the first).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -27,7 +28,7 @@ import torch
 
 from aviary.generation.params import SamplingParams
 
-__all__ = ["Penalties", "SamplingParams", "sample", "sample_batch"]
+__all__ = ["Penalties", "SamplingParams", "draw", "sample", "sample_batch"]
 
 NONFINITE_LOGITS = ("the model's logits are NaN or +Inf, so what it generates is meaningless (often nothing): "
                     "its weights or its starting state hold NaN/Inf values or overflow in this precision")
@@ -69,38 +70,113 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
     """One token id per row of logits [B, V], row i with its own settings and random stream.
 
     The truncations run on the whole batch at once; each row then draws one uniform number from its
-    own generator and inverts its cumulative distribution, so what a row draws does not depend on the
-    other rows (a batch gives the same tokens as its rows one by one).
+    own generator and inverts its cumulative distribution (`draw`), so what a row draws does not depend on
+    the other rows (a batch gives the same tokens as its rows one by one).
+
+    The weights drawn from are the softmax without its division, exp(x - max): the draw scales by the total
+    anyway. Without top-p/top-k the temperature goes into the exponent, exp((x - max) / T), which is
+    softmax ** (1 / T) up to that scale, and min-p compares against min_p ** (1 / T) (the largest weight is
+    1). With top-p or top-k in the batch the probabilities are formed, truncated, then raised to 1 / T, as in
+    the reference. `sample_batch_reference` is the same pipeline step by step; the tests compare the two.
     """
     B, V = logits.shape
-    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):  # -inf is a banned token, not a fault
+    x = logits.float()
+    top = x.amax(-1)  # [B]; NaN and +inf propagate to it
+    if bool((torch.isnan(top) | torch.isposinf(top)).any()):  # -inf is a banned token, not a fault
         warnings.warn(NONFINITE_LOGITS, RuntimeWarning, stacklevel=2)
     picks = [0] * B
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
-        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+        for i, t in zip(greedy, (x if len(greedy) == B else x[greedy]).argmax(-1).tolist(), strict=True):
             picks[i] = t
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return picks
     ps = [params[i] for i in rows]
-    x = logits[rows].float()  # [R, V]
-    probs = torch.softmax(x, dim=-1)
+    if len(rows) < B:
+        x, top = x[rows], top[rows]
+    inv_t = torch.tensor([[1.0 / p.temperature] for p in ps]) if any(p.temperature != 1.0 for p in ps) else None
     if any(p.top_p < 1.0 or p.top_k > 0 for p in ps):
-        probs = _truncate_top(probs, ps)
-    if any(p.min_p > 0 for p in ps):
-        min_p = torch.tensor([[p.min_p] for p in ps])
-        probs = torch.where(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0, probs)
-    if any(p.temperature != 1.0 for p in ps):
-        probs = probs ** torch.tensor([[1.0 / p.temperature] for p in ps])
-    cdf = torch.cumsum(probs, dim=-1)
-    total = cdf[:, -1:]
-    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows])[:, None]  # [R, 1] in [0, 1)
-    drawn = torch.searchsorted(cdf, u * total, right=True).clamp(max=V - 1)[:, 0]  # skips zero-probability ids
-    broken = ~(torch.isfinite(total[:, 0]) & (total[:, 0] > 0))  # every token banned, or an overflow
-    drawn = torch.where(broken, x.argmax(-1), drawn)
+        w = _truncate_top(torch.softmax(x, dim=-1), ps)
+        if any(p.min_p > 0 for p in ps):
+            min_p = torch.tensor([[p.min_p] for p in ps])
+            w = torch.where(w < min_p * w.amax(dim=-1, keepdim=True), 0.0, w)
+        if inv_t is not None:
+            w = w ** inv_t
+    else:
+        w = x - top[:, None]  # [R, V], <= 0
+        if inv_t is not None:
+            w.mul_(inv_t)
+        w.exp_()
+        if any(p.min_p > 0 for p in ps):
+            floor = torch.tensor([[p.min_p] for p in ps])
+            w = torch.where(w < (floor if inv_t is None else floor ** inv_t), 0.0, w)
+    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows])  # [R] in [0, 1)
+    drawn, total = draw(w, u)
+    broken = ~(torch.isfinite(total) & (total > 0))  # every token banned, or an overflow
+    if bool(broken.any()):
+        drawn = torch.where(broken, x.argmax(-1), drawn)
     for i, t in zip(rows, drawn.tolist(), strict=True):
         picks[i] = t
+    return picks
+
+
+# Tokens per block of `draw`: it sums blocks of this many weights, finds the block of the draw among the block
+# totals, and runs a cumulative sum only inside that block. A cumulative sum over 65,536 weights per row was
+# the largest part of sampling a 64-row batch (torch's cumsum does not vectorise); block sums do.
+DRAW_BLOCK = 256
+
+
+def draw(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF draw: per row of weights [R, V] (>= 0, unnormalised) the first id whose cumulative weight
+    exceeds u * total (u [R] in [0, 1)), so a zero-weight id is never drawn. Returns (ids [R], totals [R]); a
+    row whose total is 0, NaN or inf gets a meaningless id (the caller checks the total).
+
+    Two levels, the same ids as one cumulative sum over the whole row (`draw_reference`) up to float32 rounding
+    at a boundary."""
+    R, V = weights.shape
+    n = -(-V // DRAW_BLOCK)
+    if n * DRAW_BLOCK != V:
+        weights = torch.nn.functional.pad(weights, (0, n * DRAW_BLOCK - V))
+    blocks = weights.view(R, n, DRAW_BLOCK)
+    cum = blocks.sum(-1).cumsum(-1)  # [R, n]
+    total = cum[:, -1]
+    target = (u * total)[:, None]  # [R, 1]
+    b = torch.searchsorted(cum, target, right=True).clamp(max=n - 1)  # the block holding the draw
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, b[:, :, None].expand(R, 1, DRAW_BLOCK))[:, 0].cumsum(-1)  # [R, DRAW_BLOCK]
+    # rounding may leave the rest at or past the block's own total: keep it inside, on the last nonzero weight
+    rest = torch.minimum(target - before, inner[:, -1:] * (1 - 2**-20))
+    j = torch.searchsorted(inner, rest, right=True).clamp(max=DRAW_BLOCK - 1)
+    return (b * DRAW_BLOCK + j)[:, 0].clamp(max=V - 1), total
+
+
+def draw_reference(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw` with one cumulative sum over the whole row, in float64 (a float32 running sum over 65,536 weights
+    drifts by up to ~1e-3 of the total, which the blocks of `draw` avoid)."""
+    cdf = torch.cumsum(weights.double(), dim=-1)
+    total = cdf[:, -1]
+    drawn = torch.searchsorted(cdf, (u.double() * total)[:, None], right=True).clamp(max=weights.shape[1] - 1)[:, 0]
+    return drawn, total.to(weights.dtype)
+
+
+def sample_batch_reference(logits: torch.Tensor, params: Sequence[SamplingParams],
+                           generators: Sequence[torch.Generator | None]) -> list[int]:
+    """`sample_batch` as the reference pipeline writes it: softmax, truncations, min-p, probabilities ** (1 / T),
+    one cumulative sum per row. The same uniform numbers as `sample_batch`, so the same tokens up to rounding."""
+    picks = []
+    for row, p, g in zip(logits.float(), params, generators, strict=True):
+        if p.greedy:
+            picks.append(int(row.argmax()))
+            continue
+        probs = torch.softmax(row, dim=-1)[None]
+        if p.top_p < 1.0 or p.top_k > 0:
+            probs = truncate_reference(probs, [p])
+        if p.min_p > 0:
+            probs = torch.where(probs < p.min_p * probs.amax(), 0.0, probs)
+        probs = probs ** (1.0 / p.temperature)
+        drawn, total = draw_reference(probs, torch.rand((), generator=g)[None])
+        picks.append(int(drawn) if math.isfinite(total) and total > 0 else int(row.argmax()))
     return picks
 
 
