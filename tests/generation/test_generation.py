@@ -197,6 +197,26 @@ def test_stop_token_ends_without_text():
     assert seq.text == "ab" and seq.finish_reason == "stop" and seq.tokens == TOK.encode("ab")
 
 
+def test_step_emits_its_text_before_the_forward():
+    """`step(emit=)` hands over the step's events once the tokens are sampled, before the model runs them (a server
+    streams them meanwhile); the list is the one `step` returns, and finished sequences get their final state after
+    the forward."""
+    model = scripted("abc")
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: (calls.append("forward"), forward(*a, **k))[1]
+    engine = Engine(model, TOK)
+    seq = engine.add("P", SamplingParams(temperature=0, max_new_tokens=3, stop_token_ids=()))
+    calls.clear()
+    seen = []
+    while engine.has_work:
+        returned = engine.step(emit=lambda events: (calls.append("emit"), seen.append(list(events))))
+        assert returned == seen[-1]
+    assert calls == ["emit", "forward"] * 3
+    assert [piece for events in seen for _, piece in events] == ["a", "b", "c"]
+    assert seq.finish_reason == "length" and seq.final_state is not None
+
+
 # ---- sampling ---------------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -92,7 +92,9 @@ class _Running:
         self.out = out
         self.generator = generator
         self.constraint = constraint  # a grammar the text must follow (aviary.generation.constraints)
-        self.penalties = Penalties(vocab_size)
+        # presence/frequency counts only where a penalty reads them (two [V] tensors, updated every token)
+        self.penalties = Penalties(vocab_size) if out.params.presence_penalty or out.params.frequency_penalty \
+            else None
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending = ""  # decoded text held back because it may be the start of a stop string
         self.hold = max((len(s) for s in out.params.stop), default=1) - 1
@@ -322,22 +324,29 @@ class Engine:
         return data
 
     @torch.no_grad()
-    def step(self) -> list[tuple[SequenceOutput, str]]:
+    def step(self, emit: Callable[[list[tuple[SequenceOutput, str]]], None] | None = None
+             ) -> list[tuple[SequenceOutput, str]]:
         """Sample one token for every running sequence, then advance them all by one recurrent step.
 
-        Returns (sequence, newly released text) for every sequence that produced text or finished.
+        Returns (sequence, newly released text) for every sequence that produced text or finished. `emit`, if
+        given, is called with the same list as soon as the tokens are sampled, before the model runs them: a
+        server streams this step's text while the forward runs, instead of after it (each token reaches its
+        client one forward earlier). A finished sequence's `final_state` is set only after the forward.
         """
         self._join()
         if not self._running:
             return []
-        logits = self._logits.clone()  # [B, V]
+        # masked in place: the batch's logits are the engine's own (the forward's output or a concatenation of
+        # the joining prompts', never the prefix cache's) and the next forward replaces them
+        logits = self._logits  # [B, V]
         if self._undecodable:
             logits[:, self._undecodable] = -float("inf")
         for i, run in enumerate(self._running):
             params = run.out.params
             if params.banned_tokens:
                 logits[i, list(params.banned_tokens)] = -float("inf")
-            run.penalties.apply(logits[i], params)
+            if run.penalties is not None:
+                run.penalties.apply(logits[i], params)
             if run.constraint is not None:
                 run.constraint.mask(logits[i])
         tokens = sample_batch(logits, [r.out.params for r in self._running], [r.generator for r in self._running])
@@ -352,7 +361,8 @@ class Engine:
                 continue
             out.tokens.append(token)
             data = self._token_bytes(token)
-            run.penalties.update(token, data.decode("utf-8", errors="replace"), params)
+            if run.penalties is not None:
+                run.penalties.update(token, data.decode("utf-8", errors="replace"), params)
             piece = run.release(run.utf8.decode(data))
             if not out.finished and run.constraint is not None and run.constraint.done:  # the grammar is complete
                 out.finish_reason = "stop"
@@ -364,6 +374,8 @@ class Engine:
                 events.append((out, piece))
             feed.append(token)
             rows.append(i)
+        if emit is not None:
+            emit(events)
         # every sampled token is fed back, so a finished sequence's final state covers all its tokens
         if feed:
             state = self._state.select(rows) if len(rows) != len(self._running) else self._state

@@ -3,7 +3,8 @@
     submit(job) --bounded queue--> [scheduler thread]  admit:   while the batch has room (prefix cache first)
                                                        prefill: the admitted prompts together, as one batch,
                                                                 `max_prefill_tokens` at most; finished ones join
-                                                       step:    one token for every running sequence
+                                                       step:    one token for every running sequence, its
+                                                                text sent before the model runs the tokens
                                    job.sink(event) <-- text pieces, then Done (usage) or Failed
 
 A request (`Job`) is one or more sequences: its prompts times `n` samples. Waiting jobs are admitted while
@@ -257,6 +258,7 @@ class Scheduler:
                                           constraint=constraint)
                     job.seqs.append(seq)
                     if seq.finished:  # max_tokens == 0
+                        seq.final_state = None
                         self._on_piece(job, index, seq, "")
             job.prefills = []
             self._finish_if_done(job)
@@ -269,16 +271,22 @@ class Scheduler:
         t0 = time.perf_counter()
         rows = self.engine.batch_size
         try:
-            events = self.engine.step()
+            events = self.engine.step(emit=self._emit)  # the text goes out before the model runs the tokens
         except Exception as e:  # never leave clients hanging: fail everything that was running
             log.exception("decode step failed")
             for job in list(self._active):
                 self._deliver(job, Failed(f"decode failed: {e}"))
                 self._drop(job, "failed")
             return
+        for seq, _ in events:
+            if seq.finished:
+                seq.final_state = None  # the server never continues from it; free the memory now
         self.metrics.observe("step_seconds", time.perf_counter() - t0)
         self.metrics.inc("steps_total")
         self.metrics.inc("step_rows_total", rows)
+
+    def _emit(self, events: list[tuple[SequenceOutput, str]]) -> None:
+        """A step's sampled text, to the jobs (called by `Engine.step` before its forward)."""
         touched = {}
         for seq, piece in events:
             job, index = seq.tag
@@ -293,8 +301,6 @@ class Scheduler:
             job.first_token_at = time.perf_counter()
             self.metrics.observe("time_to_first_token_seconds", job.first_token_at - job.submitted_at)
         self._deliver(job, Piece(index, text, seq.finish_reason))
-        if seq.finished:
-            seq.final_state = None  # the server never continues from it; free the memory now
 
     def _finish_if_done(self, job: Job) -> None:
         if not job.cancelled and not job.finished and len(job.seqs) == job.width \
