@@ -297,6 +297,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     p.add_argument("--cache-mb", type=float, default=32,
                    help="the server's prefix cache (every distinct prompt is cached: it fills during the levels)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="the server's --max-prefill-tokens (default: the server's own default)")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--prompt-words", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -322,6 +324,8 @@ def main() -> int:
         cmd = [sys.executable, "-m", "aviary", "serve", model, "--port", str(port), "--model-name", "bench",
                "--max-batch", str(max(64, *args.levels, args.soak_streams)), "--max-queue", "1024",
                "--threads", str(args.threads), "--cache-mb", str(args.cache_mb), "--log-level", "warning"]
+        if args.max_prefill_tokens is not None:
+            cmd += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
         server = subprocess.Popen(cmd)
         try:
             import httpx

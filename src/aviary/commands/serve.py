@@ -61,10 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-queue", type=int, default=128, metavar="N",
                         help="requests waiting for a slot at most; beyond it clients get 429 (default 128)")
     limits.add_argument("--max-prompt-tokens", type=int, default=8192, metavar="N", help="(default 8192)")
-    limits.add_argument("--max-prefill-tokens", type=int, default=4096, metavar="N",
+    limits.add_argument("--max-prefill-tokens", type=int, default=1024, metavar="N",
                         help="prompt tokens prefilled (together, as one batch) between two decode steps at most: a "
-                             "longer prompt is prefilled over several steps while the running streams go on "
-                             "(default 4096)")
+                             "longer prompt, or a burst of prompts, is prefilled over several steps while the "
+                             "running streams go on. Lower: the first requests of a burst start sooner and streams "
+                             "pause less; higher: fewer, larger passes (default 1024)")
     limits.add_argument("--max-tokens", type=int, default=2048, metavar="N",
                         help="the largest max_tokens a request may ask for, and chat's default (default 2048)")
     limits.add_argument("--max-request-bytes", type=int, default=1 << 20, metavar="N",
@@ -217,12 +218,38 @@ def run(args: argparse.Namespace) -> int:
               "connections (--max-connections)", file=sys.stderr)
         limits = replace(limits, max_connections=fitting)
     app, scheduler = build(args, limits)
+    settle_for_serving()
     _warn_if_open(args)
     server = make_server(app, limits, host=args.host, port=args.port, log_level=args.log_level,
                          metrics=scheduler.metrics)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn shuts down gracefully, then re-raises it
         server.run()
     return 0
+
+
+def settle_for_serving() -> None:
+    """Process settings for a long-running server, once everything is loaded.
+
+    - What is loaded now (the model, the tokenizer's vocabulary, torch's and the web stack's modules: about
+      300,000 objects) lives as long as the server: `gc.freeze()` moves it out of the garbage collector's
+      view. A full collection walked all of it, about 130 ms on a 2-core EPYC, and stalled the scheduler's
+      thread wherever it struck: a prefill pass of 36 prompts took 274 ms instead of ~100, and the time to
+      first token of a whole burst moved with it (docs/benchmarks.md, Serving).
+    - Freed tensor memory stays in the process (`aviary.cpu.malloc.keep_freed_memory`): every prefill pass and
+      decode step allocates the same activations and logits again, and without this each one page-faulted
+      them in afresh (10,000-30,000 faults a pass). Resident memory stays at its peak, which the batch bounds.
+    """
+    import atexit
+    import gc
+
+    from aviary.cpu.malloc import keep_freed_memory
+
+    gc.collect()
+    gc.freeze()
+    # back in view at exit, so the interpreter's last collections free them (frozen, triton's nanobind bindings
+    # reported "leaked instances" on the way out)
+    atexit.register(gc.unfreeze)
+    keep_freed_memory()
 
 
 def run_on_ray(args: argparse.Namespace) -> int:

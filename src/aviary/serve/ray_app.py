@@ -67,10 +67,11 @@ class AppReplica:
     """One copy of the `aviary serve` app (its own engine and prefix cache), built from the command's options."""
 
     async def __init__(self, options: dict, name: str):
-        from aviary.commands.serve import build
+        from aviary.commands.serve import build, settle_for_serving
 
         self.name = name
         self.app, self.scheduler = build(argparse.Namespace(**options))
+        settle_for_serving()  # this replica's process serves from now on
         self.lifespan = _Lifespan(self.app)
         await self.lifespan.startup()  # starts the scheduler's thread
 

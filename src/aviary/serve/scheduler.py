@@ -100,7 +100,7 @@ class Scheduler:
     """Owns `engine` on a thread of its own. `start()`, `submit(job)`, `cancel(job)`, `close()`."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 32, max_queue: int = 128,
-                 max_prefill_tokens: int = 4096, metrics: Metrics | None = None):
+                 max_prefill_tokens: int = 1024, metrics: Metrics | None = None):
         if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise ValueError("max_batch and max_prefill_tokens must be >= 1, max_queue >= 0")
         self.engine = engine
