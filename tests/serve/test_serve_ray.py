@@ -169,9 +169,14 @@ def test_a_killed_replica_fails_over_and_comes_back(url, client):
         assert time.time() < deadline, f"the router did not see {victim} go down"
         time.sleep(0.05)
 
-    # meanwhile its session moves to the other replica, which keeps serving every session
+    # meanwhile its session moves to the other replica, which keeps serving every session; unless Ray Serve has
+    # already started the replacement (this model loads in about a second) and the router found it: then the
+    # session is back where it belongs
     moved = chat(client, "Hi", "victim")[0]
-    assert moved == other, f"answered by {moved} while it was down: {health(url)}"
+    if moved != other:
+        report = health(url)["replicas"][victim]
+        assert moved == victim and report["status"] == "ok" and report["replica_id"] != before, \
+            f"answered by {moved} while it was down: {health(url)}"
     with ThreadPoolExecutor(8) as pool:
         assert set(pool.map(lambda i: chat(client, "Hi", f"after-{i}")[0], range(8))) <= REPLICAS
 
