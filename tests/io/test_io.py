@@ -320,3 +320,25 @@ def test_state_from_another_model():
             v7(tokens(B=2), wide_state)
         with pytest.raises(StateError, match="batch size"):
             v7(tokens(B=1), state7)
+
+
+def test_loading_a_checkpoint_does_not_import_torch_dynamo(tmp_path):
+    """The model a checkpoint is loaded into is built on the meta device; torch's `normal_` on a meta tensor (the
+    default init of an embedding) imports torch._dynamo, ~1.4 s of every model load. In a fresh interpreter."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.safetensors"
+    aviary.testing.save_random_checkpoint(path, random_config(7, n_layer=2, n_embd=64, vocab_size=300))
+    code = ("import sys, aviary\n"
+            f"aviary.load({str(path)!r})\n"
+            "assert 'torch._dynamo' not in sys.modules, 'loading imported torch._dynamo'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_an_embedding_built_on_a_device_is_still_initialised():
+    from aviary.model.rwkv import RWKV
+
+    torch.manual_seed(0)
+    w = RWKV(random_config(7, n_layer=1, n_embd=64, vocab_size=300)).emb.weight
+    assert 0.9 < float(w.std()) < 1.1  # nn.Embedding's N(0, 1)

@@ -89,6 +89,16 @@ def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return torch.cat([prev[:, None].to(x.dtype), x[:, :-1]], dim=1)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding (same parameter and state dict) that leaves a weight on the meta device alone: a model built
+    there (to load a checkpoint into, `aviary.loading`) has nothing to initialise, and torch's `normal_` on a meta
+    tensor imports torch._dynamo, about 1.4 s of every model load."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters and state dict) that also normalises an input of another float dtype
     than its parameters, which it then casts: a bfloat16 model's prefill runs in float32 activations where

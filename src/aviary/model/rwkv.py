@@ -31,7 +31,7 @@ from aviary.cpu import DecodePath, Linear, decode_path, products
 from aviary.cpu.blocks import decode_blocks
 from aviary.cpu.threads import small_ops_on_one_thread
 from aviary.model import VERSIONS
-from aviary.model.common import LayerNorm, VersionSpec, token_shift
+from aviary.model.common import Embedding, LayerNorm, VersionSpec, token_shift
 from aviary.ops import backends_of
 from aviary.state import RWKVState, StateError, layer_major, time_state_to_wkv
 
@@ -79,7 +79,7 @@ class RWKV(nn.Module):
         self.config = config
         self.spec = VERSIONS[config.version]
         C, V = config.n_embd, config.vocab_size
-        self.emb = nn.Embedding(V, C)
+        self.emb = Embedding(V, C)
         self.blocks = nn.ModuleList(Block(config, i, self.spec) for i in range(config.n_layer))
         self.ln_out = LayerNorm(C)
         self.head = Linear(C, V, bias=False)
