@@ -241,6 +241,22 @@ def test_training_config_checks_the_backend():
     assert "RWKV-7 has no" not in str(e.value)
 
 
+def test_training_config_checks_the_triton_backend(monkeypatch):
+    """train.backend=triton on a CPU is refused before anything runs, unless Triton's interpreter is on."""
+    from aviary.train.config import ConfigError, TrainConfig, _backend_problems
+
+    cfg = TrainConfig()
+    cfg.model.version, cfg.train.backend, cfg.train.device = 7, "triton", "cpu"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match=r"train.backend=triton runs on CUDA, not train.device=cpu; .*"
+                                          r"TRITON_INTERPRET=1"):
+        cfg.validate()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    problems = _backend_problems(cfg.model, cfg.train)
+    assert problems == ([] if importlib.util.find_spec("triton") else
+                        ["train.backend=triton needs Triton: pip install aviary[gpu]"])
+
+
 # ---- the real kernels, on a GPU ---------------------------------------------------------------------------------
 
 # fla multiplies float32 inputs in TF32 inside a chunk (about 1e-3 relative per product): the error is measured as

@@ -277,7 +277,7 @@ class TrainConfig:
 
 def _backend_problems(m: ModelSection, t: TrainSection) -> list[str]:
     """train.backend against the version's time-mix op (a loaded checkpoint's version is checked when it is read),
-    and fla's needs: a CUDA device and the package."""
+    and the GPU backends' needs: a CUDA device and the package (fla; triton, whose interpreter also runs on a CPU)."""
     from aviary.model import VERSIONS
     from aviary.ops import backends_of
 
@@ -298,6 +298,22 @@ def _backend_problems(m: ModelSection, t: TrainSection) -> list[str]:
                             + (" (no CUDA device here)" if t.device == "auto" else ""))
         if importlib.util.find_spec("fla") is None:
             problems.append(f"train.backend=fla needs flash-linear-attention's kernels: {INSTALL}")
+    if t.backend == "triton":
+        import importlib.util
+        import os
+
+        import torch
+
+        from aviary.ops.triton import INSTALL
+
+        # Triton's interpreter (its own environment variable) runs the kernels on CPU tensors: the tests use it
+        on_cpu = t.device in ("cpu", "mps") or (t.device == "auto" and not torch.cuda.is_available())
+        if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            problems.append(f"train.backend=triton runs on CUDA, not train.device={t.device}"
+                            + (" (no CUDA device here)" if t.device == "auto" else "")
+                            + "; on a CPU only under Triton's interpreter (TRITON_INTERPRET=1), which is for tests")
+        if importlib.util.find_spec("triton") is None:
+            problems.append(f"train.backend=triton needs Triton: {INSTALL}")
     return problems
 
 
