@@ -3,10 +3,13 @@ uvicorn server (`aviary.serve.connections.make_server`) that the command runs.""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+import pytest
 
 from aviary.serve.app import Limits
 from aviary.serve.connections import make_server
@@ -61,3 +64,12 @@ class ScriptedSampler:
             out.append(ids[0][ids[1]] if ids[1] < len(ids[0]) else 0)
             ids[1] += 1
         return out
+
+
+@contextlib.contextmanager
+def scripted_sampling(tokenizer, real: Callable | None = None) -> Iterator[ScriptedSampler]:
+    """A `ScriptedSampler` in place of the engine's sampler while the block runs (a module fixture yields it)."""
+    script = ScriptedSampler(tokenizer, real)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("aviary.generation.engine.sample_batch", script)
+        yield script

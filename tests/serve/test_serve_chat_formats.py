@@ -21,7 +21,7 @@ from aviary.cli import build_parser
 from aviary.generation import Engine
 from aviary.serve.app import create_app
 from aviary.serve.scheduler import Scheduler
-from live import LiveServer, ScriptedSampler
+from live import LiveServer, scripted_sampling
 
 pytest.importorskip("uvicorn")
 torch.set_num_threads(1)
@@ -50,9 +50,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def script(tok):
-    script = ScriptedSampler(tok)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("aviary.generation.engine.sample_batch", script)
+    with scripted_sampling(tok) as script:
         yield script
 
 

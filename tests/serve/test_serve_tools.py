@@ -21,7 +21,7 @@ from aviary.generation import Engine, engine
 from aviary.serve.app import create_app
 from aviary.serve.scheduler import Scheduler
 from aviary.serve.tool_calls import ToolCallParser
-from live import LiveServer, ScriptedSampler
+from live import LiveServer, scripted_sampling
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("llguidance", reason="constrained decoding needs llguidance (pip install 'aviary[structured]')")
@@ -57,10 +57,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def script(tok):
-    script = ScriptedSampler(tok, engine.sample_batch)
-    script.say(None)  # the real sampler until a test scripts a reply
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("aviary.generation.engine.sample_batch", script)
+    with scripted_sampling(tok, engine.sample_batch) as script:
+        script.say(None)  # the real sampler until a test scripts a reply
         yield script
 
 

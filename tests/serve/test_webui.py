@@ -35,7 +35,7 @@ from aviary.cli import build_parser
 from aviary.generation import Engine
 from aviary.serve.app import create_app
 from aviary.serve.scheduler import Scheduler
-from live import LiveServer, ScriptedSampler
+from live import LiveServer, scripted_sampling
 
 pytest.importorskip("uvicorn")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -62,9 +62,7 @@ def model(checkpoint):
 
 @pytest.fixture(scope="module")
 def script(tok):
-    script = ScriptedSampler(tok)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("aviary.generation.engine.sample_batch", script)
+    with scripted_sampling(tok) as script:
         yield script
 
 
