@@ -73,3 +73,23 @@ def scripted_sampling(tokenizer, real: Callable | None = None) -> Iterator[Scrip
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("aviary.generation.engine.sample_batch", script)
         yield script
+
+
+def recording_server(model, tokenizer, *, model_name: str, **app_options) -> LiveServer:
+    """A live app over `model` whose `.prompts` lists the prompt text of every request it was sent (what the chat
+    format rendered), in order. `app_options` go to `create_app` (chat_format, web_ui, ...)."""
+    from aviary.generation import Engine
+    from aviary.serve.app import create_app
+    from aviary.serve.scheduler import Scheduler
+
+    prompts: list[str] = []
+
+    class Recording(Scheduler):
+        def submit(self, job):
+            prompts.append(tokenizer.decode(job.prompts[0]))
+            return super().submit(job)
+
+    live = LiveServer(create_app(Recording(Engine(model, tokenizer)), tokenizer, model_name=model_name,
+                                 **app_options))
+    live.prompts = prompts
+    return live

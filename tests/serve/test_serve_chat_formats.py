@@ -18,26 +18,13 @@ import torch
 import aviary
 from aviary.chat_format import ChatMessage, get_format
 from aviary.cli import build_parser
-from aviary.generation import Engine
-from aviary.serve.app import create_app
-from aviary.serve.scheduler import Scheduler
-from live import LiveServer, scripted_sampling
+from live import LiveServer, recording_server, scripted_sampling
 
 pytest.importorskip("uvicorn")
 torch.set_num_threads(1)
 
 REPLY = [">", "\nAdd", " them", ":", " 2 + 3", " = 5.", "\n</", "think", ">\n", "The", " sum", " is 5.", "\n\n",
          "User", ":", " more"]  # the model runs on into the next turn; the stop string ends it first
-
-
-class Recording(Scheduler):
-    """Keeps the prompt text of every request."""
-
-    prompts: list[str]
-
-    def submit(self, job):
-        self.prompts.append(self.tok.decode(job.prompts[0]))
-        return super().submit(job)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +47,7 @@ def model(checkpoint):
 
 
 def scripted_server(model, tok, chat_format: str):
-    scheduler = Recording(Engine(model, tok))
-    scheduler.prompts, scheduler.tok = [], tok
-    live = LiveServer(create_app(scheduler, tok, model_name="scripted", chat_format=chat_format))
-    live.prompts = scheduler.prompts
-    return live
+    return recording_server(model, tok, model_name="scripted", chat_format=chat_format)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,9 @@ import pytest
 
 import aviary
 from aviary.chat_format import ChatMessage, get_format, tool_call_text, tools_prompt
-from aviary.generation import Engine, engine
-from aviary.serve.app import create_app
-from aviary.serve.scheduler import Scheduler
+from aviary.generation import engine
 from aviary.serve.tool_calls import ToolCallParser
-from live import LiveServer, scripted_sampling
+from live import recording_server, scripted_sampling
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("llguidance", reason="constrained decoding needs llguidance (pip install 'aviary[structured]')")
@@ -40,12 +38,6 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "minimum": 0, "maximum": 120}, "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 2}},
           "required": ["name", "age", "pets"], "additionalProperties": False}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-class Recording(Scheduler):
-    def submit(self, job):
-        self.prompts.append(self.tok.decode(job.prompts[0]))
-        return super().submit(job)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +60,7 @@ def model(checkpoint):
 
 
 def start(model, tok, chat_format="world"):
-    scheduler = Recording(Engine(model, tok))
-    scheduler.prompts, scheduler.tok = [], tok
-    live = LiveServer(create_app(scheduler, tok, model_name="tiny", chat_format=chat_format, web_ui=False))
-    live.prompts = scheduler.prompts
-    return live
+    return recording_server(model, tok, model_name="tiny", chat_format=chat_format, web_ui=False)
 
 
 @pytest.fixture(scope="module")
